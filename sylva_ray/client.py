@@ -1,0 +1,106 @@
+"""One client's work -- train a round, evaluate -- on a model that is built once and reused.
+
+``ClientWorker`` holds the pre-trained backbone wrapped with LoRA and the data pools; the
+personal state of *any* client (its head) is passed in and handed back, never kept here.
+That is what lets one worker (and later one Ray actor) serve many virtual clients, and lets a
+restarted worker pick up where the last one left off: the caller owns the state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+from sylva_ray.config import ExperimentConfig
+from sylva_ray.data import ClientData, DataSource, Partition, client_data
+from sylva_ray.models import (
+    add_lora,
+    build_pretrained_model,
+    full_model_nbytes,
+    load_adapter_state,
+    personal_state,
+    resolve_device,
+    shared_state,
+)
+from sylva_ray.seeding import derive_seed, torch_seeded
+from sylva_ray.training import EvalResult, RoundMetrics, adversarial_round, evaluate
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientState:
+    """A client's personal state: its head, and the adapter it last trained (for algorithms that keep one)."""
+
+    head: State
+    local_adapter: Optional[State] = None
+    rounds_trained: int = 0
+
+
+@dataclass
+class ClientUpdate:
+    """What a client returns after a round: the adapter to upload and how it got there."""
+
+    client_id: int
+    adapter: State
+    num_samples: int
+    metrics: RoundMetrics
+    state: ClientState = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+class ClientWorker:
+    """Builds the model once; trains and evaluates any client given that client's state."""
+
+    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.partition = partition
+        self.device = resolve_device(cfg.runtime.device)
+        if cfg.runtime.torch_threads is not None:
+            torch.set_num_threads(cfg.runtime.torch_threads)
+        base = build_pretrained_model(cfg.model, cfg.data, source)
+        self.full_model_bytes = full_model_nbytes(base)
+        # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.
+        with torch_seeded(derive_seed(cfg.runtime.seed, "lora-init")):
+            self.model = add_lora(base, cfg.lora).to(self.device)
+        self.model.eval()
+        self.initial_adapter = shared_state(self.model)
+        self.initial_head = personal_state(self.model)
+        self._data_cache: dict[int, ClientData] = {}
+
+    def data(self, client_id: int) -> ClientData:
+        if client_id not in self._data_cache:
+            self._data_cache[client_id] = client_data(self.source, self.partition, client_id)
+        return self._data_cache[client_id]
+
+    def initial_state(self) -> ClientState:
+        return ClientState(head={k: v.clone() for k, v in self.initial_head.items()})
+
+    def _load(self, adapter: Mapping[str, torch.Tensor], state: ClientState) -> None:
+        load_adapter_state(self.model, {**adapter, **state.head})
+
+    def train(self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int) -> ClientUpdate:
+        """Start from the global adapter and the client's own head, train one local round."""
+        self._load(global_adapter, state)
+        data = self.data(client_id).train
+        metrics = adversarial_round(
+            self.model, data, self.cfg.loss, self.cfg.train, self.cfg.attack,
+            seed=derive_seed(self.cfg.runtime.seed, "train", round_index, client_id),
+            device=self.device, global_shared=global_adapter,
+        )
+        adapter = shared_state(self.model)
+        new_state = ClientState(head=personal_state(self.model), local_adapter=adapter, rounds_trained=state.rounds_trained + 1)
+        return ClientUpdate(client_id, adapter, len(data), metrics, new_state)
+
+    def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], attack_name: Optional[str] = None) -> EvalResult:
+        """The client's personalised model (given adapter + own head) on its own test split."""
+        self._load(adapter, state)
+        return evaluate(
+            self.model, self.data(client_id).test, self.cfg.attack, self.cfg.train.eval_batch_size,
+            seed=derive_seed(self.cfg.runtime.seed, "eval", client_id), device=self.device, attack_name=attack_name,
+        )

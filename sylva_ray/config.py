@@ -1,0 +1,391 @@
+"""Typed experiment configuration: one dataclass per concern, YAML in/out, CLI overrides.
+
+Why pydantic dataclasses: they *are* dataclasses (``dataclasses.asdict`` works, code receives plain
+typed objects), and pydantic turns a wrong YAML value into an error that names the field, the bad
+value and what is allowed -- before any work starts. Library code receives the narrow section it
+needs (``DataConfig``, ``AttackConfig``, ...), never the whole tree.
+
+Resolution order, later wins: built-in defaults -> named preset -> ``--config FILE`` -> ``--set k=v``.
+The defaults are the *embedded default* (scikit-learn digits) measured in ``../shared/METHOD.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+#: L-inf radius used for CIFAR in CalFAT / SFAT: 8 grey levels out of 255.
+CIFAR_EPS = 8 / 255
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every offending field and the fix."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    """Which data, and how it is split among clients."""
+
+    name: Annotated[str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, synthetic")] = "digits"
+    root: Annotated[Optional[str], Field(description="local folder for cifar10/cifar100/imagefolder; nothing is downloaded")] = None
+    num_clients: Annotated[int, Field(ge=1, description="number of clients the private data is split among")] = 10
+    partition: Annotated[str, Field(description="partitioner registry name: iid, dirichlet, shards, quantity")] = "dirichlet"
+    alpha: Annotated[float, Field(gt=0, description="Dirichlet concentration for dirichlet (label skew) and quantity (size skew); 0.1 extreme, 1.0 mild")] = 0.1
+    shards_per_client: Annotated[int, Field(ge=1, description="classes per client for the shards partitioner")] = 2
+    min_samples_per_client: Annotated[int, Field(ge=2, description="every client gets at least this many samples (train + test)")] = 10
+    test_fraction: Annotated[float, Field(gt=0, lt=1, description="fraction of each client's samples held out as its own test split")] = 0.2
+    public_fraction: Annotated[float, Field(ge=0, lt=1, description="digits/synthetic: seeded slice used only to pre-train the backbone")] = 0.3
+    public_seed: Annotated[int, Field(ge=0, description="seed of the public/private split; fixed apart from runtime.seed so seeds share one pre-trained backbone")] = 0
+    max_samples: Annotated[Optional[int], Field(ge=1, description="cap on the private pool (seeded subsample) for quick runs on large datasets")] = None
+    image_size: Annotated[int, Field(ge=1, description="imagefolder: images are resized to this square size at load time")] = 32
+    verify_checksums: Annotated[bool, Field(description="cifar: check torchvision's md5 of the official files")] = True
+    synthetic_num_samples: Annotated[int, Field(ge=1, description="synthetic: total samples")] = 800
+    synthetic_num_classes: Annotated[int, Field(ge=2, description="synthetic: number of classes")] = 10
+    synthetic_image_size: Annotated[int, Field(ge=2, description="synthetic: square image size")] = 8
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    """The timm backbone and where its pre-trained weights come from."""
+
+    name: Annotated[str, Field(description="timm model name; vit_pico_patch4_16 is this package's CPU-sized ViT")] = "vit_pico_patch4_16"
+    kwargs: Annotated[dict[str, Any], Field(description="extra keyword arguments for timm.create_model")] = field(default_factory=dict)
+    pretrained: Annotated[
+        Literal["embedded", "timm", "checkpoint", "none"],
+        Field(description="embedded: pre-train on the public slice once and cache; timm: hub weights; checkpoint: local file"),
+    ] = "embedded"
+    checkpoint: Annotated[Optional[str], Field(description="path of a .safetensors (or .pt/.pth, loaded weights_only) file for pretrained=checkpoint")] = None
+    cache_dir: Annotated[Optional[str], Field(description="where embedded pre-training is cached; default $SYLVA_RAY_CACHE or ~/.cache/sylva_ray")] = None
+    mean: Annotated[Optional[list[float]], Field(description="normalisation mean inside the model; default from the timm pretrained config")] = None
+    std: Annotated[Optional[list[float]], Field(description="normalisation std inside the model; default from the timm pretrained config")] = None
+    pretrain_epochs: Annotated[int, Field(ge=1, description="embedded pre-training epochs on the public slice")] = 100
+    pretrain_lr: Annotated[float, Field(gt=0, description="embedded pre-training AdamW learning rate")] = 1e-3
+    pretrain_weight_decay: Annotated[float, Field(ge=0, description="embedded pre-training AdamW weight decay")] = 0.05
+    pretrain_batch_size: Annotated[int, Field(ge=1, description="embedded pre-training batch size")] = 64
+
+
+@dataclass(config=_STRICT)
+class LoRAConfig:
+    """peft LoRA adapters: the only tensors that travel in Sylva's Phase 1."""
+
+    rank: Annotated[int, Field(ge=1, description="LoRA rank r")] = 8
+    alpha: Annotated[Optional[float], Field(gt=0, description="LoRA alpha; scaling is alpha / r. None: alpha = r (scale 1, peft's default ratio), so a rank sweep keeps the step size; alpha = 2r with SGD lr 0.05 wrecked the pre-trained digits model within 4 steps")] = None
+    dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout")] = 0.0
+    target_modules: Annotated[
+        list[str],
+        Field(min_length=1, description="module-name suffixes to adapt: attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (a bare 'proj' would also hit patch_embed.proj)"),
+    ] = field(default_factory=lambda: ["attn.qkv"])
+
+
+@dataclass(config=_STRICT)
+class AttackConfig:
+    """L-inf attacks in the data's own [0, 1] pixel space (normalisation lives inside the model)."""
+
+    eps: Annotated[float, Field(gt=0, le=1, description="L-inf radius in [0,1] pixel space; 0.05 for 8x8 digits (METHOD.md), 8/255 for CIFAR")] = 0.05
+    train_attack: Annotated[str, Field(description="attack registry name used to make training examples: pgd, trades_kl")] = "pgd"
+    train_steps: Annotated[int, Field(ge=1, description="attack iterations during training")] = 5
+    train_step_size: Annotated[Optional[float], Field(gt=0, description="training step; default eps/4")] = None
+    random_start: Annotated[bool, Field(description="PGD random start inside the eps ball")] = True
+    eval_attack: Annotated[str, Field(description="attack registry name for evaluation: pgd, autoattack")] = "pgd"
+    eval_steps: Annotated[int, Field(ge=1, description="PGD iterations at evaluation (PGD-20 convention)")] = 20
+    eval_step_size: Annotated[Optional[float], Field(gt=0, description="evaluation step; default eps/4 (2/255 at eps 8/255)")] = None
+    eval_max_samples: Annotated[Optional[int], Field(ge=1, description="attack at most this many test samples per client (fixed subset); clean accuracy uses all")] = None
+    autoattack_steps: Annotated[int, Field(ge=1, description="APGD/APGD-T/FAB iterations in AutoAttack (reference strength: 100)")] = 100
+    autoattack_square_queries: Annotated[int, Field(ge=1, description="Square queries in AutoAttack (reference: 5000)")] = 5000
+
+    def train_step(self) -> float:
+        return self.train_step_size if self.train_step_size is not None else self.eps / 4
+
+    def eval_step(self) -> float:
+        return self.eval_step_size if self.eval_step_size is not None else self.eps / 4
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """The optimiser and budget of one client's local round."""
+
+    optimizer: Annotated[Literal["sgd", "adamw"], Field(description="local optimiser")] = "sgd"
+    lr: Annotated[float, Field(gt=0, description="local learning rate")] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, description="weight decay on trainable tensors")] = 0.0
+    local_epochs: Annotated[int, Field(ge=1, description="passes over the client's train split per round")] = 1
+    local_steps: Annotated[Optional[int], Field(ge=1, description="cap on optimiser steps per round (None: full epochs)")] = None
+    batch_size: Annotated[int, Field(ge=1, description="local batch size")] = 32
+    eval_batch_size: Annotated[int, Field(ge=1, description="batch size for evaluation and attacks at evaluation")] = 256
+
+
+@dataclass(config=_STRICT)
+class LossConfig:
+    """Sylva's local objective; every term has a weight so baselines are the same loop.
+
+    total = w_adv * CE_w(f(x_adv), y) + w_ben * CE(f(x), y) + w_sim * KL(f(x) || f(x_adv))
+            + mu/2 * ||LoRA - LoRA_global||^2
+    Defaults are the *softened* form METHOD.md measured as stable: effective-number class weights
+    clipped at 10x, a benign CE anchor, a smaller similarity weight with a detached benign target.
+    """
+
+    adversarial_weight: Annotated[float, Field(ge=0, description="weight of the class-balanced adversarial CE (L_A)")] = 1.0
+    benign_weight: Annotated[float, Field(ge=0, description="weight of a benign CE anchor (not in the paper's figure; prevents collapse, METHOD.md)")] = 1.0
+    similarity_weight: Annotated[float, Field(ge=0, description="weight of KL(benign || adversarial) logits (L_S, TRADES-style)")] = 0.5
+    similarity_target: Annotated[
+        Literal["detached", "both"],
+        Field(description="detached: benign logits are a fixed target; both: gradients through both branches (TRADES)"),
+    ] = "detached"
+    proximal_mu: Annotated[float, Field(ge=0, description="mu of mu/2 ||LoRA - global LoRA||^2 (L_R); 0 turns it off")] = 0.01
+    class_weighting: Annotated[
+        Literal["effective_number", "inverse_frequency", "none"],
+        Field(description="class-balanced weights from the client's own label counts (Cui et al. 2019 effective number by default)"),
+    ] = "effective_number"
+    class_weight_beta: Annotated[float, Field(ge=0, lt=1, description="beta of the effective number (1 - beta^n) / (1 - beta)")] = 0.999
+    class_weight_max_ratio: Annotated[float, Field(ge=1, description="largest class weight is at most this many times the smallest")] = 10.0
+
+
+@dataclass(config=_STRICT)
+class FederationConfig:
+    """Rounds, participation and aggregation of Phase 1."""
+
+    rounds: Annotated[int, Field(ge=1, description="communication rounds of Phase 1")] = 10
+    participation: Annotated[float, Field(gt=0, le=1, description="fraction of clients sampled per round (seeded)")] = 1.0
+    aggregation: Annotated[str, Field(description="aggregator registry name: balltree (Sylva), fedavg")] = "balltree"
+    balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
+    eval_every: Annotated[int, Field(ge=1, description="evaluate every k rounds (the last round always)")] = 1
+
+
+@dataclass(config=_STRICT)
+class LayerSelectionConfig:
+    """Phase 2 benign fine-tuning of selected layers plus the head."""
+
+    finetune_lr: Annotated[float, Field(gt=0, description="benign fine-tuning learning rate (small: METHOD.md saw 0.01 keep robustness)")] = 0.01
+    finetune_steps: Annotated[int, Field(ge=1, description="benign fine-tuning optimiser steps")] = 30
+
+
+@dataclass(config=_STRICT)
+class RuntimeConfig:
+    """Where and how the simulation runs."""
+
+    seed: Annotated[int, Field(ge=0, description="global seed; every other seed is derived from (seed, round, client, ...)")] = 0
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto picks cuda when present")] = "auto"
+    torch_threads: Annotated[Optional[int], Field(ge=1, description="torch intra-op threads per process (None: torch's default)")] = None
+    address: Annotated[Optional[str], Field(description="Ray cluster address to join (None: start a local cluster)")] = None
+    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}")] = field(
+        default_factory=lambda: {"num_cpus": 1.0}
+    )
+
+
+@dataclass(config=_STRICT)
+class OutputConfig:
+    """Run directory and what is written into it."""
+
+    root: Annotated[str, Field(description="parent folder of timestamped run directories")] = "runs"
+    save_models: Annotated[bool, Field(description="save each client's final personalised adapter + head")] = True
+
+
+@dataclass(config=_STRICT)
+class ExperimentConfig:
+    """The root: one experiment = one run directory."""
+
+    name: Annotated[str, Field(description="free-form experiment name, used in the run directory name")] = "sylva"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    layer_selection: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- presets -------------------------------------------------------------------------------------
+#: Named starting points; ``--config`` and ``--set`` apply on top. Values are overrides of the
+#: defaults above, so each preset reads as "what differs from the embedded default".
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded-default main job (METHOD.md's measured setup).
+    "default": {},
+    # A complete run in seconds: few clients, milder skew, short pre-training, weak attacks.
+    "smoke": {
+        "name": "smoke",
+        "data": {"num_clients": 4, "alpha": 0.5},
+        "model": {"pretrain_epochs": 40},
+        "attack": {"train_steps": 2, "eval_steps": 5, "eval_max_samples": 64},
+        "train": {"local_steps": 4},
+        "federation": {"rounds": 2},
+        "layer_selection": {"finetune_steps": 5},
+    },
+    # The paper's scale: CIFAR-10 from a local folder, ImageNet ViT-B/16 from timm, CalFAT/SFAT attack.
+    "paper": {
+        "name": "paper",
+        "data": {"name": "cifar10", "root": "data/cifar10", "num_clients": 10, "alpha": 0.1},
+        "model": {"name": "vit_base_patch16_224", "pretrained": "timm"},
+        "lora": {"rank": 8, "target_modules": ["attn.qkv"]},
+        "attack": {"eps": CIFAR_EPS, "train_steps": 10, "eval_steps": 20, "eval_max_samples": 1000},
+        "train": {"lr": 0.01, "batch_size": 64, "eval_batch_size": 128},
+        "federation": {"rounds": 50},
+        "runtime": {"client_resources": {"num_cpus": 4.0, "num_gpus": 0.25}},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _OPAQUE_DICTS:
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# dict-valued *fields* are replaced whole by an override, not merged key by key.
+_OPAQUE_DICTS = {"kwargs", "client_resources"}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"lora.rank=16"`` -> ``(["lora", "rank"], 16)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set federation.rounds=5")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key; e.g. --set lora.rank=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "unexpected_keyword_argument":
+            parent = ".".join(str(p) for p in error["loc"][:-1]) or "<root>"
+            lines.append(f"{where}: unknown field under {parent}; check the spelling (see README 'Configuration')")
+        else:
+            lines.append(f"{where} = {error.get('input')!r}: {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks)."""
+    try:
+        cfg = TypeAdapter(ExperimentConfig).validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    problems = semantic_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> ExperimentConfig:
+    """Defaults -> preset -> YAML file -> ``--set`` overrides, validated once at the end."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    raw: dict[str, Any] = copy.deepcopy(PRESETS[preset])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(path)!r}: expected a YAML mapping at the top level")
+        raw = _deep_merge(raw, loaded)
+    for item in overrides or []:
+        path_parts, value = parse_override(item)
+        raw = _deep_merge(raw, _nest(path_parts, value))
+    return build_config(raw)
+
+
+def semantic_problems(cfg: ExperimentConfig) -> list[str]:
+    """Checks that span fields or need the registries; each message names the field and the fix."""
+    # Registries are imported here (not at module top) so that config stays importable alone.
+    from sylva_ray.aggregation import AGGREGATORS
+    from sylva_ray.attacks import ATTACKS
+    from sylva_ray.data import DATASETS, PARTITIONERS
+
+    problems: list[str] = []
+
+    def check_name(where: str, value: str, registry: Any) -> None:
+        if value not in registry:
+            problems.append(f"{where} = {value!r}: unknown; choose one of {sorted(registry.names())}")
+
+    check_name("data.name", cfg.data.name, DATASETS)
+    check_name("data.partition", cfg.data.partition, PARTITIONERS)
+    check_name("attack.train_attack", cfg.attack.train_attack, ATTACKS)
+    check_name("attack.eval_attack", cfg.attack.eval_attack, ATTACKS)
+    check_name("federation.aggregation", cfg.federation.aggregation, AGGREGATORS)
+
+    if cfg.data.name in {"cifar10", "cifar100", "imagefolder"}:
+        if not cfg.data.root:
+            problems.append(f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder")
+        elif not Path(cfg.data.root).is_dir():
+            problems.append(f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files there)")
+    if cfg.model.pretrained == "checkpoint":
+        if not cfg.model.checkpoint:
+            problems.append("model.checkpoint is required with model.pretrained='checkpoint': --set model.checkpoint=/path/weights.safetensors")
+        elif not Path(cfg.model.checkpoint).is_file():
+            problems.append(f"model.checkpoint = {cfg.model.checkpoint!r}: no such file")
+    if cfg.model.pretrained == "embedded" and cfg.data.public_fraction <= 0:
+        problems.append("data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': set it > 0 or use another source")
+    if cfg.model.pretrained == "embedded" and cfg.data.name not in {"digits", "synthetic"}:
+        problems.append(f"model.pretrained='embedded' pre-trains on a public slice of digits/synthetic only, not {cfg.data.name!r}: use timm or checkpoint")
+    if (cfg.model.mean is None) != (cfg.model.std is None):
+        problems.append("model.mean and model.std must be given together (or both left unset)")
+    for entry in cfg.lora.target_modules:
+        if entry.split(".")[-1] == entry and entry in {"proj", "qkv", "fc1", "fc2"}:
+            problems.append(
+                f"lora.target_modules entry {entry!r} is a bare suffix: peft would also match e.g. patch_embed.proj; "
+                f"qualify it ('attn.{entry}' or 'mlp.{entry}')"
+            )
+    for key, value in cfg.runtime.client_resources.items():
+        if key not in {"num_cpus", "num_gpus", "memory"} and not key.startswith("custom:"):
+            problems.append(f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus or memory")
+        if not math.isfinite(value) or value < 0:
+            problems.append(f"runtime.client_resources.{key} = {value}: must be a finite number >= 0")
+    return problems
+
+
+def config_field_docs() -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, description) for every field: the README table is made from it."""
+    rows: list[tuple[str, str, Any, str]] = []
+    defaults = ExperimentConfig()
+    for section in dataclasses.fields(ExperimentConfig):
+        sub = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(sub):
+            info = ExperimentConfig.__pydantic_fields__[section.name]
+            rows.append((section.name, str(info.annotation), sub, info.description or ""))
+            continue
+        for name, info in type(sub).__pydantic_fields__.items():
+            annotation = str(info.annotation).replace("typing.", "")
+            rows.append((f"{section.name}.{name}", annotation, getattr(sub, name), info.description or ""))
+    return rows

@@ -1,0 +1,49 @@
+"""Shared fixtures: a private weight cache per session, small configs, tiny models and data.
+
+Ray (when a test needs it) is started once per session by the ``ray_cluster`` fixture with
+``ray.init(num_cpus=..., include_dashboard=False)``; token authentication stays at Ray's default.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import pytest
+import torch
+
+from sylva_ray.config import ExperimentConfig, LoRAConfig, ModelConfig, load_config
+from sylva_ray.data import ArrayDataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Embedded pre-training writes to a per-session cache, never the user's ~/.cache."""
+    os.environ["SYLVA_RAY_CACHE"] = str(tmp_path_factory.mktemp("sylva_cache"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smoke_config() -> ExperimentConfig:
+    return load_config("smoke")
+
+
+@pytest.fixture
+def blank_model_cfg() -> ModelConfig:
+    """The default ViT without any pre-training: for tests that only need shapes and roles."""
+    return ModelConfig(pretrained="none")
+
+
+@pytest.fixture
+def lora_cfg() -> LoRAConfig:
+    return LoRAConfig(rank=4)
+
+
+@pytest.fixture
+def tiny_dataset() -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 8)
+    images = rng.uniform(0, 1, size=(len(labels), 3, 8, 8)).astype(np.float32)
+    return ArrayDataset(images, labels.astype(np.int64), 10)  # 4 classes present out of 10

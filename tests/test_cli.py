@@ -1,0 +1,56 @@
+"""End to end through the ``sylva-ray`` entry point, in-process (the Ray engine is the next issue)."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from sylva_ray.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_run_directory_holds_what_the_readme_promises(smoke_run):
+    for name in ("config.yaml", "partition.json", "metrics.csv", "rounds.csv", "summary.json", "accuracy.png"):
+        assert (smoke_run / name).is_file(), name
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for key in ("clean_acc", "robust_acc"):
+        assert 0 <= summary["final"][key] <= 1 and key in summary["phase1"]
+    comm = summary["communication"]
+    assert comm["bytes_up"] > 0 and comm["full_model_bytes"] > 30 * comm["adapter_bytes"]
+    assert len(summary["per_client"]) == 4
+    metrics = pd.read_csv(smoke_run / "metrics.csv")
+    assert set(metrics["round"]) == {0, 1} and set(metrics["client"]) == {0, 1, 2, 3}
+    models = sorted((smoke_run / "models").glob("*.safetensors"))
+    assert len(models) == 4 and any("lora_A" in k for k in load_file(str(models[0])))
+
+
+def test_smoke_run_learns_above_the_majority_floor(smoke_run):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["final"]["clean_acc"] > summary["sanity"]["majority_rate"]
+    assert summary["final"]["robust_acc"] <= summary["final"]["clean_acc"]
+
+
+def test_existing_run_directory_is_never_overwritten(smoke_run, caplog):
+    before = {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()}
+    assert main(["run", "--preset", "smoke", "--out", str(smoke_run)]) == 2
+    assert "not empty" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in smoke_run.iterdir()} == before
+
+
+def test_bad_override_fails_before_any_work(tmp_path, caplog):
+    out = tmp_path / "never"
+    assert main(["run", "--preset", "smoke", "--set", "data.alpha=-2", "--out", str(out)]) == 2
+    assert "data.alpha" in caplog.text and not out.exists()
+
+
+def test_config_command_prints_resolved_yaml(capsys):
+    assert main(["config", "--preset", "smoke", "--set", "lora.rank=16"]) == 0
+    assert "rank: 16" in capsys.readouterr().out

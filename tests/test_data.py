@@ -1,0 +1,167 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sylva_ray.config import DataConfig
+from sylva_ray.data import (
+    DATASETS,
+    PARTITIONERS,
+    Partition,
+    PartitionError,
+    client_data,
+    load_source,
+    make_partition,
+)
+from sylva_ray.seeding import numpy_rng
+
+
+def _labels(n_per_class=50, classes=10):
+    return np.repeat(np.arange(classes), n_per_class)
+
+
+@pytest.mark.parametrize("name", PARTITIONERS.names())
+def test_partition_is_disjoint_complete_and_seeded(name):
+    labels = _labels()
+    cfg = DataConfig(num_clients=8, partition=name, alpha=0.3, shards_per_client=2, min_samples_per_client=10)
+    parts = PARTITIONERS.get(name)(labels, cfg, numpy_rng(1, "p"))
+    flat = np.concatenate(parts)
+    assert len(parts) == 8
+    assert len(flat) == len(np.unique(flat)) == len(labels)  # disjoint and complete
+    assert min(len(p) for p in parts) >= cfg.min_samples_per_client
+    again = PARTITIONERS.get(name)(labels, cfg, numpy_rng(1, "p"))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def _mean_classes_per_client(parts, labels):
+    return np.mean([len(np.unique(labels[p])) for p in parts])
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    labels = _labels(100)
+    def classes(alpha):
+        cfg = DataConfig(num_clients=10, alpha=alpha)
+        return _mean_classes_per_client(PARTITIONERS.get("dirichlet")(labels, cfg, numpy_rng(0, "p")), labels)
+    iid = _mean_classes_per_client(PARTITIONERS.get("iid")(labels, DataConfig(num_clients=10), numpy_rng(0, "p")), labels)
+    assert classes(0.05) < classes(1.0) < iid + 1e-9
+    assert iid == 10
+
+
+def test_shards_gives_at_most_k_classes():
+    labels = _labels()
+    cfg = DataConfig(num_clients=10, partition="shards", shards_per_client=2)
+    parts = PARTITIONERS.get("shards")(labels, cfg, numpy_rng(0, "p"))
+    assert max(len(np.unique(labels[p])) for p in parts) <= 2
+
+
+def test_quantity_skew_varies_sizes_not_labels():
+    labels = _labels(100)
+    cfg = DataConfig(num_clients=10, partition="quantity", alpha=0.2)
+    sizes = [len(p) for p in PARTITIONERS.get("quantity")(labels, cfg, numpy_rng(0, "p"))]
+    assert max(sizes) > 3 * min(sizes)
+
+
+@pytest.mark.parametrize("name", PARTITIONERS.names())
+def test_impossible_partition_is_a_clear_error(name):
+    labels = _labels(2, 5)  # 10 samples
+    cfg = DataConfig(num_clients=4, partition=name, min_samples_per_client=5)
+    with pytest.raises(PartitionError, match="num_clients"):
+        PARTITIONERS.get(name)(labels, cfg, numpy_rng(0, "p"))
+
+
+def test_digits_source_public_private_split():
+    source = load_source(DataConfig(public_fraction=0.3))
+    assert source.private.images.shape[1:] == (3, 8, 8)
+    assert source.private.images.min() >= 0 and source.private.images.max() <= 1
+    assert len(np.unique(source.private.images)) == 17  # 0..16 grey levels kept exactly
+    assert len(source.public) + len(source.private) == 1797
+    assert len(source.public) == pytest.approx(0.3 * 1797, abs=1)
+
+
+def test_client_splits_and_partition_file_round_trip(tmp_path):
+    cfg = DataConfig(num_clients=5, alpha=0.5)
+    source = load_source(cfg)
+    partition = make_partition(source, cfg, seed=3)
+    for cid in range(5):
+        train, test = partition.train[cid], partition.test[cid]
+        assert len(test) >= 1 and len(train) >= 1 and not set(train) & set(test)
+    everything = np.concatenate(partition.train + partition.test)
+    assert sorted(everything) == list(range(len(source.private)))
+    partition.save(tmp_path / "partition.json")
+    loaded = Partition.load(tmp_path / "partition.json", expected_fingerprint=source.fingerprint())
+    data = client_data(source, loaded, 2)
+    assert np.array_equal(data.train.labels, source.private.labels[partition.train[2]])
+    other = load_source(DataConfig(name="synthetic"))
+    with pytest.raises(PartitionError, match="fingerprint"):
+        Partition.load(tmp_path / "partition.json", expected_fingerprint=other.fingerprint())
+
+
+def test_majority_class_rate():
+    cfg = DataConfig(num_clients=3, partition="shards", shards_per_client=1)
+    source = load_source(cfg)
+    data = client_data(source, make_partition(source, cfg, 0), 0)
+    majority = np.argmax(data.train.class_counts())
+    assert data.majority_class_rate() == pytest.approx(np.mean(data.test.labels == majority))
+
+
+def _write_cifar(root: Path, which: str, n_train: int = 20, n_test: int = 10) -> None:
+    """Tiny files in torchvision's python CIFAR format (the tests write their own data)."""
+    rng = np.random.default_rng(0)
+    if which == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        key = "labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        sizes = [n_train // 5] * 5 + [n_test]
+        meta_name, meta = "batches.meta", {"label_names": [f"c{i}" for i in range(10)]}
+        classes = 10
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        key = "fine_labels"
+        files, sizes = ["train", "test"], [n_train, n_test]
+        meta_name, meta = "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}
+        classes = 100
+    for name, size in zip(files, sizes):
+        batch = {"data": rng.integers(0, 256, size=(size, 3072), dtype=np.uint8), key: rng.integers(0, classes, size).tolist()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    with open(folder / meta_name, "wb") as handle:
+        pickle.dump(meta, handle)
+
+
+@pytest.mark.parametrize("which, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loader_reads_local_files(tmp_path, which, classes):
+    _write_cifar(tmp_path, which)
+    source = load_source(DataConfig(name=which, root=str(tmp_path), verify_checksums=False))
+    assert source.private.images.shape == (20, 3, 32, 32)
+    assert source.official_test is not None and len(source.official_test) == 10
+    assert source.num_classes == classes
+    assert 0 <= source.private.images.min() and source.private.images.max() <= 1
+    with pytest.raises(RuntimeError, match="corrupted"):  # torchvision's md5 check rejects our tiny files
+        load_source(DataConfig(name=which, root=str(tmp_path), verify_checksums=True))
+
+
+def test_cifar_missing_folder_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_source(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_imagefolder_loader(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "owl"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    source = load_source(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12))
+    assert source.private.images.shape == (9, 3, 12, 12)
+    assert source.num_classes == 3 and sorted(np.unique(source.private.labels)) == [0, 1, 2]
+
+
+def test_every_dataset_is_registered():
+    assert set(DATASETS.names()) >= {"digits", "cifar10", "cifar100", "imagefolder", "synthetic"}
+    with pytest.raises(ValueError, match="already registered"):
+        DATASETS.register("digits")(lambda cfg: None)

@@ -1,6 +1,7 @@
 """``sylva-ray`` entry point: parse -> config -> run. Nothing else lives here.
 
-    sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR]
+    sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
+    sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
     sylva-ray config [same options]          print the resolved configuration as YAML
     sylva-ray bench comm                     adapter vs full-model bytes, measured
 """
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from sylva_ray.config import PRESETS, ConfigError, ExperimentConfig, load_config
@@ -29,17 +31,27 @@ def _config_from(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.preset, args.config_file, args.overrides)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from sylva_ray.federation import run_inprocess
-    from sylva_ray.results import create_run_dir
-
-    cfg = _config_from(args)
-    run_dir = create_run_dir(cfg, args.out)
-    log.info("run directory: %s", run_dir)
-    summary = run_inprocess(cfg, run_dir)
+def _report(run_dir: object, summary: dict) -> int:
     log.info("final client means: clean %.4f robust %.4f (%s)", summary["final"]["clean_acc"], summary["final"]["robust_acc"], run_dir)
     print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sylva_ray.results import create_run_dir
+    from sylva_ray.simulation import run
+
+    overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
+    cfg = load_config(args.preset, args.config_file, overrides)
+    run_dir = create_run_dir(cfg, args.out)
+    log.info("run directory: %s", run_dir)
+    return _report(run_dir, run(cfg, run_dir))
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from sylva_ray.simulation import resume
+
+    return _report(args.run_dir, resume(args.run_dir, address=args.address))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -64,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment into a new run directory")
     _add_config_options(run)
     run.add_argument("--out", help="run directory (must be new or empty); default runs/<timestamp>-<name>")
+    run.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
     run.set_defaults(handler=_cmd_run)
+
+    again = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    again.add_argument("run_dir", type=Path)
+    again.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    again.set_defaults(handler=_cmd_resume)
 
     show = sub.add_parser("config", help="print the resolved configuration")
     _add_config_options(show)
@@ -85,9 +103,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except FileExistsError as exc:
+    except (FileExistsError, ConnectionError) as exc:
         log.error("%s", exc)
         return 2
+    except Exception as exc:  # PlacementError and friends: say it plainly, exit non-zero
+        from sylva_ray.placement import PlacementError
+
+        if isinstance(exc, PlacementError):
+            log.error("%s", exc)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

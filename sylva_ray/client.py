@@ -35,10 +35,9 @@ State = dict[str, torch.Tensor]
 
 @dataclass
 class ClientState:
-    """A client's personal state: its head, and the adapter it last trained (for algorithms that keep one)."""
+    """A client's personal state (its head); it lives with the driver, never in a worker."""
 
     head: State
-    local_adapter: Optional[State] = None
     rounds_trained: int = 0
 
 
@@ -56,14 +55,21 @@ class ClientUpdate:
 class ClientWorker:
     """Builds the model once; trains and evaluates any client given that client's state."""
 
-    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        source: DataSource,
+        partition: Partition,
+        backbone_state: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> None:
+        """``backbone_state``: pre-trained weights resolved once by the driver; None resolves them here."""
         self.cfg = cfg
         self.source = source
         self.partition = partition
         self.device = resolve_device(cfg.runtime.device)
         if cfg.runtime.torch_threads is not None:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        base = build_pretrained_model(cfg.model, cfg.data, source)
+        base = build_pretrained_model(cfg.model, cfg.data, source, backbone_state)
         self.full_model_bytes = full_model_nbytes(base)
         # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.
         with torch_seeded(derive_seed(cfg.runtime.seed, "lora-init")):
@@ -94,7 +100,7 @@ class ClientWorker:
             device=self.device, global_shared=global_adapter,
         )
         adapter = shared_state(self.model)
-        new_state = ClientState(head=personal_state(self.model), local_adapter=adapter, rounds_trained=state.rounds_trained + 1)
+        new_state = ClientState(head=personal_state(self.model), rounds_trained=state.rounds_trained + 1)
         return ClientUpdate(client_id, adapter, len(data), metrics, new_state)
 
     def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], attack_name: Optional[str] = None) -> EvalResult:

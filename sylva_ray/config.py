@@ -159,6 +159,7 @@ class FederationConfig:
     aggregation: Annotated[str, Field(description="aggregator registry name: balltree (Sylva), fedavg")] = "balltree"
     balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
     eval_every: Annotated[int, Field(ge=1, description="evaluate every k rounds (the last round always)")] = 1
+    round_timeout_s: Annotated[Optional[float], Field(gt=0, description="round deadline in seconds: clients not done by then are dropped for the round (None: wait)")] = None
 
 
 @dataclass(config=_STRICT)
@@ -176,10 +177,14 @@ class RuntimeConfig:
     seed: Annotated[int, Field(ge=0, description="global seed; every other seed is derived from (seed, round, client, ...)")] = 0
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto picks cuda when present")] = "auto"
     torch_threads: Annotated[Optional[int], Field(ge=1, description="torch intra-op threads per process (None: torch's default)")] = None
-    address: Annotated[Optional[str], Field(description="Ray cluster address to join (None: start a local cluster)")] = None
-    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}")] = field(
+    engine: Annotated[Literal["ray", "inprocess"], Field(description="ray: client actors + driver actor; inprocess: one process, no Ray (debugging)")] = "ray"
+    address: Annotated[Optional[str], Field(description="Ray cluster to join: host:port, ray://host:port or auto (None: start a local cluster)")] = None
+    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}; a GPU request is dropped on a cluster without GPUs")] = field(
         default_factory=lambda: {"num_cpus": 1.0}
     )
+    num_actors: Annotated[Optional[int], Field(ge=1, description="client actors to start (None: one per client, capped by what the cluster can place); extra clients become virtual clients")] = None
+    max_actor_restarts: Annotated[int, Field(ge=0, description="times Ray restarts a dead client actor (its clients' state lives with the driver)")] = 3
+    client_retries: Annotated[int, Field(ge=0, description="retries of a failed client job in a round before it is recorded as dropped")] = 1
 
 
 @dataclass(config=_STRICT)
@@ -369,9 +374,18 @@ def semantic_problems(cfg: ExperimentConfig) -> list[str]:
             )
     for key, value in cfg.runtime.client_resources.items():
         if key not in {"num_cpus", "num_gpus", "memory"} and not key.startswith("custom:"):
-            problems.append(f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus or memory")
+            problems.append(f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus, memory or custom:NAME")
         if not math.isfinite(value) or value < 0:
             problems.append(f"runtime.client_resources.{key} = {value}: must be a finite number >= 0")
+    if not any(v > 0 for v in cfg.runtime.client_resources.values()):
+        problems.append("runtime.client_resources needs a positive num_cpus or num_gpus, e.g. {num_cpus: 1}: "
+                        "without one Ray could start an unbounded number of client actors")
+    if cfg.runtime.address is not None:
+        from sylva_ray.placement import address_problem
+
+        problem = address_problem(cfg.runtime.address)
+        if problem:
+            problems.append(f"runtime.address = {cfg.runtime.address!r}: {problem}")
     return problems
 
 

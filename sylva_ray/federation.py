@@ -1,32 +1,43 @@
-"""Phase 1's round loop, in-process: sample -> broadcast -> train -> aggregate -> evaluate -> record.
+"""Phase 1's round loop, Ray-free: sample -> broadcast -> train -> aggregate -> evaluate -> record.
 
-This is the same loop the Ray engine distributes; here one ``ClientWorker`` serves every client in
-turn. The pieces that do not depend on where clients run (participant sampling, bookkeeping,
-summaries) live here so that both engines share them.
+``Federation`` owns the federation's state (global adapter, every client's personal state, the
+metrics so far) and runs one round at a time. *Where* client work runs is an executor's business:
+``InProcessExecutor`` below calls one ``ClientWorker`` in turn; the Ray engine
+(``sylva_ray.actors.RayExecutor``) fans jobs out to client actors and copes with failures. Updates
+are ordered by client id before aggregation, so results never depend on completion order.
+
+One round, as data:
+    driver --(global adapter as safetensors bytes, one copy)--> clients
+    clients --(their adapter bytes + metrics; head stays in ClientState)--> driver
+    driver: aggregate in client-id order -> new global adapter -> evaluate -> checkpoint
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+import torch
 
 from sylva_ray.aggregation import aggregate
 from sylva_ray.client import ClientState, ClientWorker
 from sylva_ray.config import ExperimentConfig
-from sylva_ray.data import load_source, make_partition
+from sylva_ray.data import DataSource, Partition
 from sylva_ray.models import decode_state, encode_state
-from sylva_ray.results import plot_accuracy, write_config, write_json, write_table
+from sylva_ray.results import plot_accuracy, write_json, write_table
 from sylva_ray.seeding import numpy_rng
-from sylva_ray.storage import atomic_write_bytes
+from sylva_ray.storage import atomic_write_bytes, atomic_write_with
 
 log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def sample_participants(num_clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
@@ -41,21 +52,136 @@ def is_eval_round(round_index: int, cfg: ExperimentConfig) -> bool:
     return last or (round_index + 1) % cfg.federation.eval_every == 0
 
 
+# --- what executors take and give back ------------------------------------------------------------
 @dataclass
-class RunLog:
-    """Rows of metrics.csv and the communication totals, accumulated over rounds."""
+class Job:
+    """One unit of client work: which client, with which personal state."""
 
+    client_id: int
+    state: ClientState
+
+
+@dataclass
+class Outcome:
+    """A job's result. ``upload`` is the client's adapter exactly as serialised for the wire."""
+
+    client_id: int
+    attempts: int = 1
+    upload: Optional[bytes] = None
+    state: Optional[ClientState] = None
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class WorkerInfo:
+    """What the driver learns from a freshly built worker: the common starting point."""
+
+    initial_adapter: State
+    initial_head: State
+    full_model_bytes: int
+    majority_rates: dict[int, float]
+    num_train: dict[int, int]
+
+
+class ClientExecutor(Protocol):
+    def info(self) -> WorkerInfo: ...
+    def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
+    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def shutdown(self) -> None: ...
+
+
+def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
+    return WorkerInfo(
+        initial_adapter=worker.initial_adapter,
+        initial_head=worker.initial_head,
+        full_model_bytes=worker.full_model_bytes,
+        majority_rates={c: worker.data(c).majority_class_rate() for c in range(num_clients)},
+        num_train={c: len(worker.data(c).train) for c in range(num_clients)},
+    )
+
+
+def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_index: int) -> Outcome:
+    """The body of a training job, wherever it runs (in-process or inside an actor)."""
+    update = worker.train(job.client_id, job.state, global_adapter, round_index)
+    return Outcome(
+        client_id=job.client_id, upload=encode_state(update.adapter), state=update.state,
+        num_samples=update.num_samples, metrics=update.metrics.as_dict("train_"),
+    )
+
+
+def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
+    result = worker.evaluate(job.client_id, job.state, adapter)
+    return Outcome(client_id=job.client_id, metrics=result.as_dict())
+
+
+class InProcessExecutor:
+    """Every job on one ``ClientWorker`` in this process, one after another (debugging, baselines)."""
+
+    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition) -> None:
+        self.worker = ClientWorker(cfg, source, partition)
+        self.num_clients = cfg.data.num_clients
+
+    def info(self) -> WorkerInfo:
+        return worker_info(self.worker, self.num_clients)
+
+    def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]:
+        adapter = decode_state(global_payload)
+        return [run_train_job(self.worker, job, adapter, round_index) for job in jobs]
+
+    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter = decode_state(adapter_payload)
+        return [run_eval_job(self.worker, job, adapter) for job in jobs]
+
+    def shutdown(self) -> None:
+        pass
+
+
+# --- the federation -------------------------------------------------------------------------------
+@dataclass
+class FederationState:
+    """Everything needed to continue a run: what a checkpoint holds."""
+
+    next_round: int
+    global_adapter: State
+    client_states: dict[int, ClientState]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    round_rows: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    last_eval: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
+    def save(self, path: Path) -> None:
+        """One file, written atomically; loadable with ``torch.load(weights_only=True)``."""
+        payload = {
+            "next_round": self.next_round,
+            "global_adapter": self.global_adapter,
+            "heads": {str(c): s.head for c, s in self.client_states.items()},
+            "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
+            "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval}),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "seconds": self.seconds,
+        }
+        atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
-    def round_means(self) -> pd.DataFrame:
-        frame = self.frame()
-        numeric = [c for c in frame.columns if c not in {"client", "participated"} and pd.api.types.is_numeric_dtype(frame[c])]
-        return frame.groupby("round", as_index=False)[[c for c in numeric if c != "round"]].mean()
+    @classmethod
+    def load(cls, path: Path) -> "FederationState":
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        tables = json.loads(payload["tables"])
+        return cls(
+            next_round=int(payload["next_round"]),
+            global_adapter=payload["global_adapter"],
+            client_states={int(c): ClientState(head=h, rounds_trained=int(payload["rounds_trained"][c])) for c, h in payload["heads"].items()},
+            rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"],
+            bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
+        )
 
 
 def client_means(evaluation: pd.DataFrame) -> dict[str, float]:
@@ -68,90 +194,146 @@ def client_means(evaluation: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def summarise(final_eval: pd.DataFrame, run_log: RunLog, full_model_bytes: int, adapter_bytes: int, rounds: int, seconds: float) -> dict[str, Any]:
-    """summary.json: client means of the final personalised models, communication, per-client rows."""
-    means = client_means(final_eval)
-    below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
-    return {
-        "final": means,
-        "phase1": dict(means),
-        "sanity": {
-            "majority_rate": float(final_eval["majority_rate"].mean()),
-            "clients_below_majority_rate": below,
-        },
-        "communication": {
-            "bytes_up": run_log.bytes_up,
-            "bytes_down": run_log.bytes_down,
-            "adapter_bytes": adapter_bytes,
-            "full_model_bytes": full_model_bytes,
-            "full_over_adapter": full_model_bytes / adapter_bytes,
-            "rounds": rounds,
-        },
-        "seconds": seconds,
-        "per_client": final_eval.to_dict(orient="records"),
-    }
+class Federation:
+    """Phase 1 on any executor: one call per round, a checkpoint after each."""
 
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.executor = executor
+        self.info = executor.info()
+        self.adapter_bytes = len(encode_state(self.info.initial_adapter))
+        checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
+        if resume and checkpoint.is_file():
+            self.state = FederationState.load(checkpoint)
+            log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
+        else:
+            self.state = FederationState(
+                next_round=0,
+                global_adapter=self.info.initial_adapter,
+                client_states={c: ClientState(head={k: v.clone() for k, v in self.info.initial_head.items()})
+                               for c in range(cfg.data.num_clients)},
+            )
 
-def run_inprocess(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Run Phase 1 in this process and write the run directory; returns the summary."""
-    started = time.perf_counter()
-    write_config(run_dir, cfg)
-    source = load_source(cfg.data)
-    partition = make_partition(source, cfg.data, cfg.runtime.seed)
-    partition.save(run_dir / "partition.json")
-    worker = ClientWorker(cfg, source, partition)
-    states: dict[int, ClientState] = {cid: worker.initial_state() for cid in range(cfg.data.num_clients)}
-    global_adapter = worker.initial_adapter
-    run_log = RunLog()
-    last_eval: pd.DataFrame | None = None
+    @property
+    def done(self) -> bool:
+        return self.state.next_round >= self.cfg.federation.rounds
 
-    progress = tqdm(range(cfg.federation.rounds), desc="phase 1 rounds")
-    for round_index in progress:
-        participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, round_index)
-        payload = encode_state(global_adapter)  # what the broadcast ships, byte for byte
-        received = decode_state(payload)
-        updates = [worker.train(cid, states[cid], received, round_index) for cid in participants]
-        uploads = [encode_state(u.adapter) for u in updates]
-        global_adapter, weights = aggregate(
-            cfg.federation.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates], cfg.federation
-        )
+    def run_round(self, round_index: Optional[int] = None, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        """One communication round; returns its client means (the progress line)."""
+        r = self.state.next_round if round_index is None else round_index
+        if r != self.state.next_round:
+            raise ValueError(f"round {r} requested but the federation is at round {self.state.next_round}")
+        started = time.perf_counter()
+        cfg, st = self.cfg, self.state
+        participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
+        payload = encode_state(st.global_adapter)  # one copy per round, whatever the number of clients
+        outcomes = sorted(self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
+                          key=lambda o: o.client_id)
+        done = [o for o in outcomes if o.ok]
+        if done:
+            uploads = [decode_state(o.upload) for o in done]  # type: ignore[arg-type]
+            st.global_adapter, weights = aggregate(cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation)
+        else:
+            log.warning("round %d: every participant dropped; the global adapter is unchanged", r + 1)
+            weights = np.zeros(0)
         rows: dict[int, dict[str, Any]] = {}
-        for update, upload, weight in zip(updates, uploads, weights):
-            states[update.client_id] = update.state
-            rows[update.client_id] = {
-                "round": round_index, "client": update.client_id, "participated": True,
-                "bytes_up": len(upload), "bytes_down": len(payload), "agg_weight": float(weight),
-                **update.metrics.as_dict("train_"),
-            }
-            run_log.bytes_up += len(upload)
-            run_log.bytes_down += len(payload)
-        if is_eval_round(round_index, cfg):
-            evaluation = []
-            for cid in range(cfg.data.num_clients):
-                result = worker.evaluate(cid, states[cid], global_adapter)
-                row = rows.setdefault(cid, {"round": round_index, "client": cid, "participated": False})
-                row.update(result.as_dict(), majority_rate=worker.data(cid).majority_class_rate())
-                evaluation.append({"client": cid, "num_train": len(worker.data(cid).train), **row})
-            last_eval = pd.DataFrame(evaluation)[["client", "num_train", "num_clean", "num_robust", "clean_acc", "robust_acc", "majority_rate"]]
-        run_log.rows.extend(rows[c] for c in sorted(rows))
-        means = run_log.round_means().iloc[-1]
-        progress.set_postfix(clean=f"{means.get('clean_acc', float('nan')):.3f}", robust=f"{means.get('robust_acc', float('nan')):.3f}")
-        log.info(
-            "round %d/%d clients=%d loss=%.4f clean=%.4f robust=%.4f up=%dB",
-            round_index + 1, cfg.federation.rounds, len(participants), float(means.get("train_loss", np.nan)),
-            float(means.get("clean_acc", np.nan)), float(means.get("robust_acc", np.nan)), sum(len(u) for u in uploads),
-        )
+        for outcome in outcomes:
+            row: dict[str, Any] = {"round": r, "client": outcome.client_id, "participated": True,
+                                   "dropped": not outcome.ok, "attempts": outcome.attempts,
+                                   "bytes_down": len(payload), "bytes_up": len(outcome.upload or b"")}
+            if outcome.ok:
+                st.client_states[outcome.client_id] = outcome.state  # type: ignore[assignment]
+                row.update(outcome.metrics)
+            else:
+                row["error"] = (outcome.error or "").strip().splitlines()[-1][:200] if outcome.error else ""
+            st.bytes_up += row["bytes_up"]
+            st.bytes_down += len(payload)
+            rows[outcome.client_id] = row
+        for outcome, weight in zip(done, weights):
+            rows[outcome.client_id]["agg_weight"] = float(weight)
 
-    assert last_eval is not None  # the last round always evaluates
-    write_table(run_dir / "metrics.csv", run_log.frame())
-    write_table(run_dir / "rounds.csv", run_log.round_means())
-    plot_accuracy(run_dir, run_log.round_means())
-    if cfg.output.save_models:
-        for cid, state in states.items():
-            atomic_write_bytes(run_dir / "models" / f"client_{cid:04d}.safetensors", encode_state({**global_adapter, **state.head}))
-    summary = summarise(last_eval, run_log, worker.full_model_bytes, len(encode_state(global_adapter)), cfg.federation.rounds,
-                        time.perf_counter() - started)
-    if summary["sanity"]["clients_below_majority_rate"]:
-        log.warning("clients %s end below their majority-class rate (a collapsed model)", summary["sanity"]["clients_below_majority_rate"])
-    write_json(run_dir / "summary.json", summary)
-    return summary
+        if evaluate if evaluate is not None else is_eval_round(r, cfg):
+            st.last_eval = self._evaluate_all(rows, r)
+        st.rows.extend(rows[c] for c in sorted(rows))
+        seconds = time.perf_counter() - started
+        st.seconds += seconds
+        summary = self._round_summary(r, rows, seconds, len(participants))
+        st.round_rows.append(summary)
+        st.next_round = r + 1
+        self._persist()
+        log.info("round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
+                 r + 1, cfg.federation.rounds, len(participants), summary["dropped"], summary.get("train_loss", float("nan")),
+                 summary.get("clean_acc", float("nan")), summary.get("robust_acc", float("nan")), summary["bytes_up"], seconds)
+        return summary
+
+    def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int) -> list[dict[str, Any]]:
+        """Each client's personalised model (global adapter + own head) on its own test split."""
+        st = self.state
+        jobs = [Job(c, st.client_states[c]) for c in range(self.cfg.data.num_clients)]
+        results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
+        evaluation = []
+        for outcome in results:
+            if not outcome.ok:
+                log.warning("evaluation of client %d failed: %s", outcome.client_id, outcome.error)
+                continue
+            row = rows.setdefault(outcome.client_id, {"round": r, "client": outcome.client_id, "participated": False})
+            majority = self.info.majority_rates[outcome.client_id]
+            row.update(outcome.metrics, majority_rate=majority)
+            evaluation.append({"client": outcome.client_id, "num_train": self.info.num_train[outcome.client_id],
+                               **outcome.metrics, "majority_rate": majority})
+        return evaluation
+
+    def _round_summary(self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int) -> dict[str, Any]:
+        frame = pd.DataFrame(list(rows.values()))
+        summary: dict[str, Any] = {"round": r, "participants": participants, "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
+                                   "bytes_up": int(frame["bytes_up"].fillna(0).sum()), "seconds": seconds}
+        for column in ("train_loss", "train_adversarial", "train_benign", "train_similarity", "train_proximal",
+                       "clean_acc", "robust_acc", "majority_rate"):
+            if column in frame and frame[column].notna().any():
+                summary[column] = float(frame[column].mean())
+        return summary
+
+    def _persist(self) -> None:
+        """Checkpoint and tables after every round: an interruption loses at most one round."""
+        self.state.save(self.run_dir / "checkpoints" / CHECKPOINT_NAME)
+        write_table(self.run_dir / "metrics.csv", pd.DataFrame(self.state.rows))
+        write_table(self.run_dir / "rounds.csv", pd.DataFrame(self.state.round_rows))
+
+    def finish(self) -> dict[str, Any]:
+        """Final models, plot and summary.json (client means of the final personalised models)."""
+        st, cfg = self.state, self.cfg
+        if not st.last_eval:
+            raise RuntimeError("no evaluation was recorded; the last round always evaluates")
+        final_eval = pd.DataFrame(st.last_eval)
+        plot_accuracy(self.run_dir, pd.DataFrame(st.round_rows))
+        if cfg.output.save_models:
+            for cid, client in st.client_states.items():
+                atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors", encode_state({**st.global_adapter, **client.head}))
+        means = client_means(final_eval)
+        below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
+        summary = {
+            "final": means,
+            "phase1": dict(means),
+            "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()), "clients_below_majority_rate": below},
+            "communication": {
+                "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "adapter_bytes": self.adapter_bytes,
+                "full_model_bytes": self.info.full_model_bytes,
+                "full_over_adapter": self.info.full_model_bytes / self.adapter_bytes, "rounds": cfg.federation.rounds,
+            },
+            "dropped_client_rounds": int(sum(bool(r.get("dropped")) for r in st.rows)),
+            "seconds": st.seconds,
+            "per_client": st.last_eval,
+        }
+        if below:
+            log.warning("clients %s end below their majority-class rate (a collapsed model)", below)
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def run_inprocess(cfg: ExperimentConfig, run_dir: Path, source: DataSource, partition: Partition) -> dict[str, Any]:
+    """Phase 1 with every client in this process (no Ray): the reference the engine is checked against."""
+    federation = Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition))
+    while not federation.done:
+        federation.run_round()
+    return federation.finish()

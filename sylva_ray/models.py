@@ -213,8 +213,21 @@ def embedded_weights(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataS
         return state
 
 
-def build_pretrained_model(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource) -> PixelSpaceModel:
-    """The pre-trained model in pixel space, before any adapter: the same for every client."""
+def build_pretrained_model(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    source: DataSource,
+    backbone_state: Optional[Mapping[str, torch.Tensor]] = None,
+) -> PixelSpaceModel:
+    """The pre-trained model in pixel space, before any adapter: the same for every client.
+
+    With ``backbone_state`` (weights the driver resolved once and shared through the object store)
+    no hub, file or cache is touched here, so client actors on other nodes need none of them.
+    """
+    if backbone_state is not None:
+        backbone = timm.create_model(model_cfg.name, pretrained=False, num_classes=source.num_classes, **model_cfg.kwargs)
+        load_backbone_weights(backbone, backbone_state, "driver-resolved weights")
+        return _pixel_model(backbone, model_cfg).eval()
     backbone = create_backbone(model_cfg, source.num_classes)
     if model_cfg.pretrained == "checkpoint":
         load_backbone_weights(backbone, read_checkpoint(model_cfg.checkpoint), f"model.checkpoint={model_cfg.checkpoint!r}")

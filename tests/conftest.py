@@ -47,3 +47,13 @@ def tiny_dataset() -> ArrayDataset:
     labels = np.repeat(np.arange(4), 8)
     images = rng.uniform(0, 1, size=(len(labels), 3, 8, 8)).astype(np.float32)
     return ArrayDataset(images, labels.astype(np.int64), 10)  # 4 classes present out of 10
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole session (token authentication at Ray's default)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -11,7 +11,7 @@ from sylva_ray.cli import main
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
     return out

@@ -1,0 +1,223 @@
+"""The Ray engine: client actors, the executor that fans jobs out to them, and the driver actor.
+
+Ray lives here and in ``simulation.py`` only; the math (``federation``, ``aggregation``,
+``training``) is Ray-free. Following Ray's own patterns:
+  * large inputs (the data pools, the pre-trained weights) are ``ray.put`` once and every actor
+    receives the same object reference; the backbone is built once per actor, never shipped per call;
+  * the global adapter is ``ray.put`` once per round, not re-pickled per client;
+  * results are collected with ``ray.wait`` as they finish, then ordered by client id;
+  * a client's personal state travels with its job and comes back with the result, so a restarted
+    actor (which re-runs ``__init__``) or a re-assigned client loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import psutil
+import ray
+import torch
+from ray.exceptions import RayError
+
+from sylva_ray.client import ClientWorker
+from sylva_ray.config import ExperimentConfig
+from sylva_ray.data import DataSource, Partition
+from sylva_ray.federation import Federation, Job, Outcome, WorkerInfo, run_eval_job, run_train_job, worker_info
+from sylva_ray.models import build_pretrained_model, decode_state
+from sylva_ray.placement import PoolPlan, plan_pool, threads_for
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_MB = 1024 * 1024
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside a client job on purpose (fault drills and tests)."""
+
+
+@ray.remote
+class ClientActor:
+    """Hosts one ``ClientWorker`` (model built once) and runs jobs for any client."""
+
+    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition,
+                 backbone_state: dict[str, torch.Tensor], threads: int, gpu_fraction: float) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        torch.set_num_threads(threads)
+        if gpu_fraction > 0 and torch.cuda.is_available():
+            # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it.
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction))
+        self.worker = ClientWorker(cfg, source, partition, backbone_state)
+        self._decoded: tuple[Optional[int], dict[str, torch.Tensor]] = (None, {})
+
+    def _adapter(self, payload: bytes) -> dict[str, torch.Tensor]:
+        """Decode each broadcast once per actor, however many virtual clients use it."""
+        key = hash(payload)
+        if self._decoded[0] != key:
+            self._decoded = (key, decode_state(payload))
+        return self._decoded[1]
+
+    def info(self, num_clients: int) -> WorkerInfo:
+        return worker_info(self.worker, num_clients)
+
+    def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
+        if fault == "raise":
+            raise InjectedFault(f"injected fault in client {job.client_id}, round {round_index + 1}")
+        outcome = run_train_job(self.worker, job, self._adapter(global_payload), round_index)
+        outcome.metrics["actor_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
+        outcome.metrics["actor_pid"] = os.getpid()
+        return outcome
+
+    def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
+        return run_eval_job(self.worker, job, self._adapter(adapter_payload))
+
+
+@dataclass
+class FaultPlan:
+    """Faults to inject, for drills and tests: (round, client) -> what to do and how many times."""
+
+    kills: dict[tuple[int, int], int] = field(default_factory=dict)
+    raises: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
+class RayExecutor:
+    """Runs jobs on a pool of client actors; retries failed clients, drops them after that."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: PoolPlan, source_ref: ray.ObjectRef, partition: Partition,
+                 backbone_ref: ray.ObjectRef, faults: Optional[FaultPlan] = None) -> None:
+        self.cfg = cfg
+        self.faults = faults or FaultPlan()
+        # Held for the executor's lifetime: a restarted actor re-reads its constructor arguments
+        # from the object store, so they must not go out of scope.
+        self._pinned = (source_ref, backbone_ref)
+        threads = threads_for(cfg.runtime.client_resources, cfg.runtime.torch_threads)
+        options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
+        self.actors = [
+            ClientActor.options(**options).remote(cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction)
+            for _ in range(plan.size)
+        ]
+        log.info("started %d client actors (%s each, %d torch threads) for %d clients",
+                 plan.size, plan.actor_options, threads, cfg.data.num_clients)
+
+    def info(self) -> WorkerInfo:
+        return ray.get(self.actors[0].info.remote(self.cfg.data.num_clients))
+
+    def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]:
+        payload_ref = ray.put(global_payload)  # one copy in the object store for every client this round
+
+        def submit(actor: Any, job: Job) -> ray.ObjectRef:
+            fault = self._take(self.faults.raises, round_index, job.client_id) and "raise"
+            ref = actor.train.remote(job, payload_ref, round_index, fault or None)
+            if self._take(self.faults.kills, round_index, job.client_id):
+                log.warning("fault drill: killing the actor running client %d in round %d", job.client_id, round_index + 1)
+                ray.kill(actor, no_restart=False)
+            return ref
+
+        return self._run(jobs, submit, self.cfg.federation.round_timeout_s)
+
+    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        payload_ref = ray.put(adapter_payload)
+        return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None)
+
+    @staticmethod
+    def _take(budget: dict[tuple[int, int], int], round_index: int, client_id: int) -> bool:
+        key = (round_index, client_id)
+        if budget.get(key, 0) > 0:
+            budget[key] -= 1
+            return True
+        return False
+
+    def _run(self, jobs: Sequence[Job], submit: Callable[[Any, Job], ray.ObjectRef], timeout_s: Optional[float]) -> list[Outcome]:
+        """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the client."""
+        pending: deque[Job] = deque(jobs)
+        idle: deque[int] = deque(range(len(self.actors)))
+        attempts: dict[int, int] = {job.client_id: 0 for job in jobs}
+        in_flight: dict[ray.ObjectRef, tuple[int, Job]] = {}
+        outcomes: dict[int, Outcome] = {}
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        while pending or in_flight:
+            while pending and idle:
+                index, job = idle.popleft(), pending.popleft()
+                attempts[job.client_id] += 1
+                in_flight[submit(self.actors[index], job)] = (index, job)
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
+            if not ready:
+                self._drop_stragglers(in_flight, pending, attempts, outcomes)
+                break
+            for ref in ready:
+                index, job = in_flight.pop(ref)
+                idle.append(index)
+                try:
+                    outcome = ray.get(ref)
+                    outcome.attempts = attempts[job.client_id]
+                    outcomes[job.client_id] = outcome
+                except RayError as exc:
+                    tries = attempts[job.client_id]
+                    log.error("client %d failed on actor %d (attempt %d):\n%s", job.client_id, index, tries, exc)
+                    if tries <= self.cfg.runtime.client_retries:
+                        pending.appendleft(job)
+                    else:
+                        outcomes[job.client_id] = Outcome(job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}")
+        return [outcomes[job.client_id] for job in jobs]
+
+    def _drop_stragglers(self, in_flight: dict, pending: deque, attempts: dict[int, int], outcomes: dict[int, Outcome]) -> None:
+        """Deadline passed: drop unfinished clients; restart the busy actors (a running task cannot be cancelled)."""
+        for index, job in in_flight.values():
+            outcomes[job.client_id] = Outcome(job.client_id, attempts=attempts[job.client_id], error="round deadline exceeded")
+            ray.kill(self.actors[index], no_restart=False)
+        for job in pending:
+            outcomes[job.client_id] = Outcome(job.client_id, attempts=attempts[job.client_id], error="round deadline exceeded (not started)")
+        log.warning("round deadline: dropped clients %s", sorted(j.client_id for _, j in in_flight.values()) + [j.client_id for j in pending])
+        in_flight.clear()
+        pending.clear()
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+@ray.remote(num_cpus=0)
+class DriverActor:
+    """Owns the federation: data and weights resolved once, client actors, the round loop, the run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
+        from sylva_ray.simulation import prepare_data
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self.faults = FaultPlan()
+        source, partition = prepare_data(cfg, Path(run_dir), resume)
+        base = build_pretrained_model(cfg.model, cfg.data, source)  # embedded pre-training / hub / file, once
+        backbone_ref = ray.put({k: v.detach().cpu() for k, v in base.backbone.state_dict().items()})
+        source_ref = ray.put(source)
+        self.plan = plan_pool(ray.cluster_resources(), cfg.runtime.client_resources, cfg.data.num_clients, cfg.runtime.num_actors)
+        executor = RayExecutor(cfg, self.plan, source_ref, partition, backbone_ref, self.faults)
+        self.federation = Federation(cfg, Path(run_dir), executor, resume=resume)
+
+    def status(self) -> dict[str, Any]:
+        return {"next_round": self.federation.state.next_round, "rounds": self.federation.cfg.federation.rounds,
+                "actors": self.plan.size, "done": self.federation.done}
+
+    def inject_faults(self, kills: dict[tuple[int, int], int], raises: dict[tuple[int, int], int]) -> None:
+        """Fault drill: kill the actor running (round, client), or make the job raise, n times."""
+        self.faults.kills.update(kills)
+        self.faults.raises.update(raises)
+
+    def run_round(self) -> dict[str, Any]:
+        summary = self.federation.run_round()
+        summary["driver_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
+        return summary
+
+    def finish(self) -> dict[str, Any]:
+        try:
+            return self.federation.finish()
+        finally:
+            self.federation.executor.shutdown()
+
+    def shutdown(self) -> None:
+        self.federation.executor.shutdown()

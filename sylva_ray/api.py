@@ -1,0 +1,55 @@
+"""Analysis API over a finished run directory.
+
+    model = sylva_ray.load_client_model("runs/...", client_id=3)   # eval mode, takes [0,1] images
+    test = sylva_ray.load_client_split("runs/...", client_id=3, split="test")
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean()
+
+The model is the client's final personalised model: the pre-trained backbone with the run's final
+global LoRA merged in (peft ``merge_and_unload``) and the client's own head, resize and
+normalisation inside, so torchattacks can attack it directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from sylva_ray.data import ArrayDataset, Partition, client_data, load_source
+from sylva_ray.models import add_lora, build_pretrained_model, load_adapter_state
+from sylva_ray.simulation import load_run_config
+
+SPLITS = ("train", "test")
+
+
+def _model_file(run_dir: Path, client_id: int) -> Path:
+    path = Path(run_dir) / "models" / f"client_{client_id:04d}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved model for client {client_id} (finished run? output.save_models on?)")
+    return path
+
+
+def load_client_model(run_dir: str | Path, client_id: int) -> nn.Module:
+    """Client ``client_id``'s final personalised model, merged, in eval mode, on the CPU."""
+    cfg = load_run_config(Path(run_dir))
+    if not 0 <= client_id < cfg.data.num_clients:
+        raise IndexError(f"client_id={client_id}: the run has clients 0..{cfg.data.num_clients - 1}")
+    state = load_file(str(_model_file(Path(run_dir), client_id)))
+    source = load_source(cfg.data)
+    model = add_lora(build_pretrained_model(cfg.model, cfg.data, source), cfg.lora)
+    load_adapter_state(model, state)
+    return model.merge_and_unload().eval()
+
+
+def load_client_split(run_dir: str | Path, client_id: int, split: str = "test") -> ArrayDataset:
+    """Client ``client_id``'s own ``train`` or ``test`` split, exactly as the run used it."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    cfg = load_run_config(Path(run_dir))
+    source = load_source(cfg.data)
+    partition = Partition.load(Path(run_dir) / "partition.json", expected_fingerprint=source.fingerprint())
+    if not 0 <= client_id < partition.num_clients:
+        raise IndexError(f"client_id={client_id}: the run has clients 0..{partition.num_clients - 1}")
+    return getattr(client_data(source, partition, client_id), split)

@@ -1,0 +1,166 @@
+"""The main process: start or join Ray, start the driver actor, show progress. No math here.
+
+    run(cfg, run_dir)      a new run (the run directory is new or empty)
+    resume(run_dir)        continue from the run's last checkpoint, with the run's own config
+
+The driver actor is pinned to this node (the run directory is on this node's disk). With
+``runtime.engine = inprocess`` the same ``Federation`` runs here without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from tqdm.auto import tqdm
+
+from sylva_ray.config import ConfigError, ExperimentConfig, build_config
+from sylva_ray.data import DataSource, Partition, load_source, make_partition
+from sylva_ray.federation import CHECKPOINT_NAME, Federation, InProcessExecutor
+from sylva_ray.results import read_json, write_config
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a TCP answer from a cluster address before calling it unreachable.
+CONNECT_PROBE_TIMEOUT_S = 3.0
+
+
+def prepare_data(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> tuple[DataSource, Partition]:
+    """Load the data; make and save the partition for a new run, reload it when resuming."""
+    source = load_source(cfg.data)
+    partition_path = run_dir / "partition.json"
+    if resume and partition_path.is_file():
+        return source, Partition.load(partition_path, expected_fingerprint=source.fingerprint())
+    partition = make_partition(source, cfg.data, cfg.runtime.seed)
+    partition.save(partition_path)
+    return source, partition
+
+
+def connect(address: Optional[str]) -> None:
+    """Join a running cluster, or start a local one; reuse Ray if this process already started it.
+
+    A ``host:port`` address is probed with a short TCP connect first: an unreachable cluster is a
+    clear error in seconds instead of Ray's minutes of retries.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address and address not in {"auto", "local"}:
+        probe_address(address)
+    ray.init(address=address, log_to_driver=True)
+
+
+def probe_address(address: str) -> None:
+    """Raise ``ConnectionError`` unless something accepts a TCP connection at ``host:port``."""
+    host, port = address.removeprefix("ray://").rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"runtime.address / --address {address!r}: nothing answers there ({exc}); start the cluster with "
+            "`ray start --head` (or `ray up`) and pass the address it prints, or omit --address to run locally"
+        ) from None
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_after: Optional[int] = None,
+        faults: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """Run (or continue) Phase 1 into ``run_dir``; returns the summary, or None if stopped early.
+
+    ``stop_after`` ends the session after that many rounds in total, as an interruption would
+    (the checkpoint is written after every round); ``faults`` is a fault drill for the Ray engine.
+    """
+    if not resume:
+        write_config(run_dir, cfg)
+    if cfg.runtime.engine == "inprocess":
+        source, partition = prepare_data(cfg, run_dir, resume)
+        return _drive(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume), stop_after)
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from sylva_ray.actors import DriverActor
+
+    connect(cfg.runtime.address)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    driver = DriverActor.options(scheduling_strategy=here).remote(cfg, str(run_dir), resume)
+    try:
+        if faults:
+            ray.get(driver.inject_faults.remote(faults.get("kills", {}), faults.get("raises", {})))
+        status = ray.get(driver.status.remote())
+        log.info("driver ready: %d client actors for %d clients", status["actors"], cfg.data.num_clients)
+        return _drive(_RemoteFederation(driver), stop_after)
+    finally:
+        try:
+            ray.get(driver.shutdown.remote())
+        except Exception:  # the driver may already be gone; nothing to clean then
+            pass
+        ray.kill(driver)
+
+
+class _RemoteFederation:
+    """The driver actor seen through the ``Federation`` interface the progress loop uses."""
+
+    def __init__(self, driver: Any) -> None:
+        import ray
+
+        self._ray, self._driver = ray, driver
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self._ray.get(self._driver.status.remote())
+
+    def run_round(self) -> dict[str, Any]:
+        return self._ray.get(self._driver.run_round.remote())
+
+    def finish(self) -> dict[str, Any]:
+        return self._ray.get(self._driver.finish.remote())
+
+
+def _drive(federation: Any, stop_after: Optional[int]) -> Optional[dict[str, Any]]:
+    """The progress loop: one call per round, a bar with the latest client means."""
+    if isinstance(federation, Federation):
+        start, total = federation.state.next_round, federation.cfg.federation.rounds
+    else:
+        status = federation.status
+        start, total = status["next_round"], status["rounds"]
+    with tqdm(total=total, initial=start, desc="phase 1 rounds") as bar:
+        for done_rounds in range(start + 1, total + 1):
+            summary = federation.run_round()
+            bar.update(1)
+            bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("clean_acc", "robust_acc") if k in summary})
+            if stop_after is not None and done_rounds >= stop_after and done_rounds < total:
+                log.info("stopping after round %d (checkpoint written)", done_rounds)
+                return None
+    return federation.finish()
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml here; is this a sylva-ray run directory?")
+    return build_config(yaml.safe_load(path.read_text()))
+
+
+def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Continue an interrupted run from its last checkpoint; a finished run just returns its summary."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if address is not None:
+        from sylva_ray.placement import address_problem
+
+        problem = address_problem(address)
+        if problem:
+            raise ConfigError(f"--address {address!r}: {problem}")
+        cfg.runtime.address = address
+    if (run_dir / "summary.json").is_file():
+        log.info("%s is already complete", run_dir)
+        return read_json(run_dir / "summary.json")
+    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file():
+        log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
+    return run(cfg, run_dir, resume=True, stop_after=stop_after)

@@ -1,0 +1,125 @@
+"""The Ray engine on a real local cluster: end to end, determinism, resume, faults, API."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sylva_ray
+from sylva_ray.config import ConfigError, load_config
+from sylva_ray.simulation import probe_address, resume, run
+
+#: Columns that measure the machine, not the experiment.
+TIMING = ["train_seconds", "actor_rss_mb", "actor_pid", "seconds"]
+
+
+def _cfg(*overrides):
+    return load_config("smoke", overrides=["federation.rounds=3", *overrides])
+
+
+def _metrics(run_dir):
+    frame = pd.read_csv(run_dir / "metrics.csv")
+    return frame.drop(columns=[c for c in TIMING if c in frame]).sort_values(["round", "client"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def two_actor_run(ray_cluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("engine") / "two"
+    run_dir.mkdir()
+    summary = run(_cfg("runtime.num_actors=2"), run_dir)
+    return run_dir, summary
+
+
+def test_end_to_end_run_directory(two_actor_run):
+    run_dir, summary = two_actor_run
+    for name in ("config.yaml", "partition.json", "metrics.csv", "rounds.csv", "summary.json", "checkpoints/checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["final"] == summary["final"]
+    for block in ("final", "phase1"):
+        assert {"clean_acc", "robust_acc"} <= set(on_disk[block])
+    assert {"bytes_up", "bytes_down", "full_model_bytes"} <= set(on_disk["communication"])
+    assert len(on_disk["per_client"]) == 4
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["actor_pid"].dropna().astype(int)) and (metrics["bytes_up"] > 0).all()
+    assert summary["final"]["clean_acc"] > summary["sanity"]["majority_rate"]  # it learned something
+
+
+def test_same_seed_same_results_with_one_actor(two_actor_run, tmp_path):
+    run_dir, _ = two_actor_run
+    one = tmp_path / "one"
+    one.mkdir()
+    run(_cfg("runtime.num_actors=1"), one)
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(one))
+    assert len(set(pd.read_csv(one / "metrics.csv")["actor_pid"].dropna())) == 1
+    for cid in range(4):
+        a = load_file(str(run_dir / "models" / f"client_{cid:04d}.safetensors"))
+        b = load_file(str(one / "models" / f"client_{cid:04d}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(two_actor_run, tmp_path):
+    run_dir, summary = two_actor_run
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    assert run(_cfg("runtime.num_actors=2"), cut, stop_after=1) is None
+    assert len(pd.read_csv(cut / "rounds.csv")) == 1 and not (cut / "summary.json").exists()
+    resumed = resume(cut)
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(cut))
+    assert resumed["final"] == summary["final"]
+    assert resume(cut)["final"] == summary["final"]  # a finished run just reports
+
+
+def test_killed_actor_is_restarted_and_client_retried_then_dropped(ray_cluster, tmp_path):
+    # round 1: client 0's actor is killed once (retry succeeds); round 2: killed twice (dropped);
+    # round 3: client 1's job raises twice (dropped, error recorded)
+    faults = {"kills": {(0, 0): 1, (1, 0): 2}, "raises": {(2, 1): 2}}
+    summary = run(_cfg("runtime.num_actors=2"), tmp_path, faults=faults)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    row = lambda r, c: metrics[(metrics["round"] == r) & (metrics["client"] == c)].iloc[0]
+    assert row(0, 0)["attempts"] == 2 and not row(0, 0)["dropped"]
+    assert row(1, 0)["attempts"] == 2 and row(1, 0)["dropped"] and "Actor" in row(1, 0)["error"]
+    assert row(2, 1)["dropped"] and "InjectedFault" in row(2, 1)["error"]
+    assert row(1, 1)["dropped"] == False  # noqa: E712  (the others finished the round)
+    assert summary["dropped_client_rounds"] == 2
+    assert len(pd.read_csv(tmp_path / "rounds.csv")) == 3
+
+
+def test_round_deadline_drops_stragglers(ray_cluster, tmp_path):
+    summary = run(_cfg("federation.rounds=1", "federation.round_timeout_s=0.001", "runtime.num_actors=2"), tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["dropped"].all() and metrics["error"].str.contains("deadline").all()
+    assert summary["communication"]["bytes_up"] == 0
+    assert 0 <= summary["final"]["clean_acc"] <= 1  # evaluation still ran after the restarts
+
+
+def test_analysis_api_reproduces_the_summary(two_actor_run):
+    run_dir, summary = two_actor_run
+    for row in summary["per_client"][:2]:
+        model = sylva_ray.load_client_model(run_dir, row["client"])
+        test = sylva_ray.load_client_split(run_dir, row["client"], "test")
+        with torch.no_grad():
+            accuracy = float(np.mean(model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels))
+        assert accuracy == pytest.approx(row["clean_acc"], abs=1e-9)
+        assert not model.training
+    train = sylva_ray.load_client_split(run_dir, 0, "train")
+    assert len(train) == summary["per_client"][0]["num_train"]
+    with pytest.raises(ValueError, match="split"):
+        sylva_ray.load_client_split(run_dir, 0, "validation")
+    with pytest.raises(IndexError):
+        sylva_ray.load_client_model(run_dir, 99)
+
+
+def test_unreachable_address_is_a_quick_clear_error():
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionError, match="nothing answers"):
+        probe_address(f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="runtime.address"):
+        load_config("smoke", overrides=["runtime.address=127.0.0.1"])

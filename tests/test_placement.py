@@ -1,0 +1,59 @@
+import pytest
+
+from sylva_ray.config import ConfigError, load_config
+from sylva_ray.placement import PlacementError, address_problem, plan_pool, threads_for
+
+CPU_BOX = {"CPU": 2.0, "memory": 8e9}
+GPU_BOX = {"CPU": 16.0, "GPU": 2.0}
+
+
+def test_one_actor_per_client_capped_by_cpu_slots():
+    assert plan_pool(CPU_BOX, {"num_cpus": 1}, num_clients=10).size == 2
+    assert plan_pool(CPU_BOX, {"num_cpus": 1}, num_clients=1).size == 1
+    assert plan_pool(CPU_BOX, {"num_cpus": 0.5}, num_clients=10).size == 4
+    assert plan_pool(CPU_BOX, {"num_cpus": 0.5}, num_clients=10, num_actors=3).size == 3
+
+
+def test_fractional_gpus_on_a_gpu_box():
+    plan = plan_pool(GPU_BOX, {"num_cpus": 1, "num_gpus": 0.25}, num_clients=20)
+    assert plan.size == 8 and plan.gpu_fraction == 0.25  # 2 GPUs / 0.25
+    assert plan.actor_options == {"num_cpus": 1, "num_gpus": 0.25}
+
+
+def test_gpu_request_dropped_without_gpus(caplog):
+    plan = plan_pool(CPU_BOX, {"num_cpus": 1, "num_gpus": 0.25}, num_clients=4)
+    assert "num_gpus" not in plan.actor_options and plan.gpu_fraction == 0.0
+    assert "no GPU" in caplog.text
+
+
+def test_unplaceable_request_names_the_field():
+    with pytest.raises(PlacementError, match="runtime.client_resources"):
+        plan_pool(CPU_BOX, {"num_cpus": 4}, num_clients=4)
+    with pytest.raises(PlacementError, match="no positive resource"):
+        plan_pool(CPU_BOX, {"num_gpus": 1}, num_clients=4)  # GPU dropped, nothing left
+
+
+def test_custom_resources_are_passed_through():
+    plan = plan_pool({"CPU": 4, "trainer": 2}, {"num_cpus": 1, "custom:trainer": 1}, num_clients=4)
+    assert plan.size == 2 and plan.actor_options["resources"] == {"trainer": 1}
+
+
+def test_threads_follow_the_cpu_share():
+    assert threads_for({"num_cpus": 2}, None) == 2
+    assert threads_for({"num_cpus": 0.5}, None) == 1
+    assert threads_for({"num_cpus": 2}, 3) == 3
+
+
+@pytest.mark.parametrize("address, ok", [
+    ("127.0.0.1:6379", True), ("ray://head.example:10001", True), ("auto", True), ("[::1]:6379", True),
+    ("localhost", False), ("http://x:1", False), ("1.2.3.4:99999", False), ("", False),
+])
+def test_address_format(address, ok):
+    assert (address_problem(address) is None) == ok
+
+
+def test_bad_address_and_resources_fail_at_config_time():
+    with pytest.raises(ConfigError, match="runtime.address"):
+        load_config("smoke", overrides=["runtime.address=not-an-address"])
+    with pytest.raises(ConfigError, match="runtime.client_resources"):
+        load_config("smoke", overrides=["runtime.client_resources={num_cpus: 0}"])

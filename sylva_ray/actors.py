@@ -208,8 +208,8 @@ class DriverActor:
         self.faults.kills.update(kills)
         self.faults.raises.update(raises)
 
-    def run_round(self) -> dict[str, Any]:
-        summary = self.federation.run_round()
+    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        summary = self.federation.run_round(evaluate=evaluate)
         summary["driver_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
         return summary
 

@@ -1,24 +1,39 @@
 """``sylva-ray bench``: figures measured side by side in one run, reported as ratios.
 
-``comm``: serialised bytes of one LoRA upload vs one full-model upload, for the configured model
-and for ViT-B/16 (rank 8 on ``attn.qkv``, METHOD.md's arithmetic: ~0.29M LoRA parameters vs ~86M).
-Models are built without weights (byte counts do not depend on the values).
+``comm``   serialised bytes of one LoRA upload vs one full-model upload, for the configured model and
+           for ViT-B/16 (rank 8 on ``attn.qkv``; METHOD.md's arithmetic: ~0.29M vs ~86M parameters).
+``engine`` the same Phase-1 training rounds (same model, data, clients, steps, seeds; no evaluation)
+           done three ways in one process session: a plain in-process Python loop over one
+           ``ClientWorker``, the Ray engine with 1 client actor, and with 2. Each uses one torch
+           thread per worker. Setup (model build, actor start) is timed apart from the rounds.
+``scale``  1,000 virtual clients at 5% participation on the tiny model: seconds per round and the
+           driver's / client actors' resident memory per round (flat = no growth with rounds).
+Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
+import time
+from pathlib import Path
 
 import pandas as pd
+import torch
 
-from sylva_ray.config import ExperimentConfig, LoRAConfig, ModelConfig
-from sylva_ray.models import add_lora, count_parameters, create_backbone, _pixel_model, full_model_nbytes, shared_state, encode_state
+from sylva_ray.aggregation import aggregate
+from sylva_ray.client import ClientState, ClientWorker
+from sylva_ray.config import ExperimentConfig, LoRAConfig, ModelConfig, build_config
+from sylva_ray.federation import sample_participants
+from sylva_ray.models import _pixel_model, add_lora, count_parameters, create_backbone, encode_state, full_model_nbytes, shared_state
 
 log = logging.getLogger(__name__)
 
-#: The paper-scale reference point named in the issue: ViT-B/16, LoRA rank 8 on the fused qkv.
+#: The paper-scale reference point: ViT-B/16, LoRA rank 8 on the fused qkv.
 VIT_B16 = ("vit_base_patch16_224", LoRAConfig(rank=8, target_modules=["attn.qkv"]))
+#: The scale benchmark's shape (issue 3): 1,000 virtual clients, 5% of them per round.
+SCALE_CLIENTS, SCALE_PARTICIPATION = 1000, 0.05
 
 
 def communication_row(model_cfg: ModelConfig, lora_cfg: LoRAConfig, num_classes: int) -> dict[str, object]:
@@ -39,15 +54,93 @@ def communication_row(model_cfg: ModelConfig, lora_cfg: LoRAConfig, num_classes:
     }
 
 
-def bench_comm(cfg: ExperimentConfig) -> pd.DataFrame:
-    rows = [communication_row(cfg.model, cfg.lora, 10)]
+def bench_comm(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     name, lora = VIT_B16
-    rows.append(communication_row(ModelConfig(name=name, pretrained="none"), lora, 10))
-    return pd.DataFrame(rows)
+    return pd.DataFrame([communication_row(cfg.model, cfg.lora, 10),
+                         communication_row(ModelConfig(name=name, pretrained="none"), lora, 10)])
 
 
-BENCHES = {"comm": bench_comm}
+def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
+    """The reference: Phase-1 rounds as a plain loop in this process (setup s, rounds s)."""
+    from sylva_ray.simulation import prepare_data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            source, partition = prepare_data(cfg, Path(tmp), resume=False)
+        worker = ClientWorker(cfg, source, partition)
+        heads = {c: ClientState(head=dict(worker.initial_head)) for c in range(cfg.data.num_clients)}
+        adapter = worker.initial_adapter
+        setup = time.perf_counter() - started
+        started = time.perf_counter()
+        for r in range(cfg.federation.rounds):
+            participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
+            updates = [worker.train(c, heads[c], adapter, r) for c in participants]
+            for update in updates:
+                heads[update.client_id] = update.state
+            adapter, _ = aggregate(cfg.federation.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates], cfg.federation)
+        return setup, time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
 
 
-def run_bench(which: str, cfg: ExperimentConfig) -> pd.DataFrame:
-    return BENCHES[which](cfg)
+def _engine(cfg: ExperimentConfig, actors: int) -> tuple[float, float, list[dict]]:
+    """The same rounds through the Ray engine with ``actors`` client actors (setup s, rounds s, per-round rows)."""
+    from sylva_ray.simulation import remote_federation
+
+    cfg = build_config({**cfg.to_dict(), "runtime": {**cfg.to_dict()["runtime"], "num_actors": actors, "torch_threads": 1}})
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        with remote_federation(cfg, Path(tmp)) as federation:
+            actors = federation.status["actors"]  # blocks until the driver and its actors are built
+            log.info("engine bench: %d client actors ready", actors)
+            setup = time.perf_counter() - started
+            started = time.perf_counter()
+            rows = [federation.run_round(evaluate=False) for _ in range(cfg.federation.rounds)]
+            return setup, time.perf_counter() - started, rows
+
+
+def bench_engine(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    plain_setup, plain = _plain_loop(cfg)
+    one_setup, one, _ = _engine(cfg, 1)
+    two_setup, two, _ = _engine(cfg, 2)
+    rounds = cfg.federation.rounds
+    return pd.DataFrame([
+        {"variant": "plain in-process loop", "setup_s": plain_setup, "rounds_s": plain, "s_per_round": plain / rounds, "vs_plain": 1.0},
+        {"variant": "ray engine, 1 actor", "setup_s": one_setup, "rounds_s": one, "s_per_round": one / rounds, "vs_plain": one / plain},
+        {"variant": "ray engine, 2 actors", "setup_s": two_setup, "rounds_s": two, "s_per_round": two / rounds, "vs_plain": two / plain,
+         "speedup_vs_1_actor": one / two},
+    ]).round(3)
+
+
+def bench_scale(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    """1,000 virtual clients, 5% per round, synthetic 8x8 data, the tiny ViT, 2 local steps."""
+    base = cfg.to_dict()
+    base["data"].update(name="synthetic", num_clients=SCALE_CLIENTS, partition="iid", synthetic_num_samples=20000,
+                        min_samples_per_client=10, max_samples=None)
+    base["model"].update(pretrain_epochs=5)
+    base["federation"].update(participation=SCALE_PARTICIPATION)
+    base["train"].update(local_steps=2)
+    base["attack"].update(train_steps=2)
+    scale_cfg = build_config(base)
+    _, seconds, rows = _engine(scale_cfg, actors=scale_cfg.runtime.num_actors or 2)
+    frame = pd.DataFrame(rows)[["round", "participants", "seconds", "driver_rss_mb", "actor_rss_mb_max"]]
+    frame["round"] += 1
+    log.info("scale: %d rounds in %.1fs", len(rows), seconds)
+    return frame.round(2)
+
+
+BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale}
+
+
+def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:
+    from sylva_ray.results import write_table
+
+    out = Path(out) if out else Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = BENCHES[which](cfg, out)
+    write_table(out / f"bench_{which}.csv", frame)
+    log.info("bench %s written to %s", which, out / f"bench_{which}.csv")
+    return frame

@@ -3,7 +3,7 @@
     sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
     sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
     sylva-ray config [same options]          print the resolved configuration as YAML
-    sylva-ray bench comm                     adapter vs full-model bytes, measured
+    sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from sylva_ray.bench import run_bench
 
     cfg = _config_from(args)
-    frame = run_bench(args.which, cfg)
+    frame = run_bench(args.which, cfg, args.out)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
 
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_cmd_config)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
-    bench.add_argument("which", nargs="?", default="comm", choices=["comm"])
+    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale"])
+    bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -155,6 +155,7 @@ class FederationState:
     bytes_up: int = 0
     bytes_down: int = 0
     last_eval: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def save(self, path: Path) -> None:
@@ -164,7 +165,8 @@ class FederationState:
             "global_adapter": self.global_adapter,
             "heads": {str(c): s.head for c, s in self.client_states.items()},
             "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
-            "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval}),
+            "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval,
+                                  "initial": self.initial}),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "seconds": self.seconds,
@@ -179,7 +181,7 @@ class FederationState:
             next_round=int(payload["next_round"]),
             global_adapter=payload["global_adapter"],
             client_states={int(c): ClientState(head=h, rounds_trained=int(payload["rounds_trained"][c])) for c, h in payload["heads"].items()},
-            rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"],
+            rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"], initial=tables["initial"],
             bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
         )
 
@@ -226,6 +228,9 @@ class Federation:
             raise ValueError(f"round {r} requested but the federation is at round {self.state.next_round}")
         started = time.perf_counter()
         cfg, st = self.cfg, self.state
+        if r == 0 and not st.initial and (evaluate is None or evaluate):
+            # The reference a run must beat: the pre-trained model (LoRA B = 0) with its pre-trained head.
+            st.initial = client_means(pd.DataFrame(self._evaluate_all({}, r)))
         participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
         payload = encode_state(st.global_adapter)  # one copy per round, whatever the number of clients
         outcomes = sorted(self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
@@ -292,6 +297,8 @@ class Federation:
                        "clean_acc", "robust_acc", "majority_rate"):
             if column in frame and frame[column].notna().any():
                 summary[column] = float(frame[column].mean())
+        if "actor_rss_mb" in frame and frame["actor_rss_mb"].notna().any():
+            summary["actor_rss_mb_max"] = float(frame["actor_rss_mb"].max())
         return summary
 
     def _persist(self) -> None:
@@ -315,6 +322,7 @@ class Federation:
         summary = {
             "final": means,
             "phase1": dict(means),
+            "initial": st.initial,
             "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()), "clients_below_majority_rate": below},
             "communication": {
                 "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "adapter_bytes": self.adapter_bytes,

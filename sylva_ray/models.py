@@ -13,18 +13,17 @@ Roles of parameters (``parameter_roles``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import filelock
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,11 @@ from sylva_ray.storage import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the embedded pre-training recipe changes, so stale cache entries are not reused.
-PRETRAIN_RECIPE_VERSION = 1
+PRETRAIN_RECIPE_VERSION = 2
+#: Embedded pre-training always runs on this many torch threads: CPU float reductions depend on the
+#: thread count, and 100 epochs amplify the difference, so the cached weights would otherwise depend
+#: on which process (main, or a Ray actor with OMP_NUM_THREADS=1) trained them first.
+PRETRAIN_THREADS = 1
 #: Module types that LoRA may adapt here; a match on anything else (e.g. patch_embed's Conv2d) is refused.
 LORA_TARGET_TYPES = (nn.Linear,)
 
@@ -164,6 +167,17 @@ def embedded_cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block on ``count`` torch threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def pretrain_on_public(model: PixelSpaceModel, public: ArrayDataset, cfg: ModelConfig, seed: int) -> None:
     """Clean full-model pre-training on the public slice: AdamW + cosine schedule, in place."""
     device = next(model.parameters()).device
@@ -174,7 +188,7 @@ def pretrain_on_public(model: PixelSpaceModel, public: ArrayDataset, cfg: ModelC
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.pretrain_epochs * steps_per_epoch)
     generator = torch_generator(seed)
     model.train()
-    with torch_seeded(seed):
+    with torch_threads(PRETRAIN_THREADS), torch_seeded(seed):
         for _ in tqdm(range(cfg.pretrain_epochs), desc="pre-training on the public slice", leave=False):
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(labels), cfg.pretrain_batch_size):

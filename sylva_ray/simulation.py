@@ -9,11 +9,12 @@ The driver actor is pinned to this node (the run directory is on this node's dis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from tqdm.auto import tqdm
@@ -81,6 +82,16 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
         source, partition = prepare_data(cfg, run_dir, resume)
         return _drive(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume), stop_after)
 
+    with remote_federation(cfg, run_dir, resume) as federation:
+        if faults:
+            federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}))
+        log.info("driver ready: %d client actors for %d clients", federation.status["actors"], cfg.data.num_clients)
+        return _drive(federation, stop_after)
+
+
+@contextlib.contextmanager
+def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> Iterator["RemoteFederation"]:
+    """A driver actor on this node, torn down (with its client actors) on exit."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -90,11 +101,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = DriverActor.options(scheduling_strategy=here).remote(cfg, str(run_dir), resume)
     try:
-        if faults:
-            ray.get(driver.inject_faults.remote(faults.get("kills", {}), faults.get("raises", {})))
-        status = ray.get(driver.status.remote())
-        log.info("driver ready: %d client actors for %d clients", status["actors"], cfg.data.num_clients)
-        return _drive(_RemoteFederation(driver), stop_after)
+        yield RemoteFederation(driver)
     finally:
         try:
             ray.get(driver.shutdown.remote())
@@ -103,7 +110,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
         ray.kill(driver)
 
 
-class _RemoteFederation:
+class RemoteFederation:
     """The driver actor seen through the ``Federation`` interface the progress loop uses."""
 
     def __init__(self, driver: Any) -> None:
@@ -115,11 +122,14 @@ class _RemoteFederation:
     def status(self) -> dict[str, Any]:
         return self._ray.get(self._driver.status.remote())
 
-    def run_round(self) -> dict[str, Any]:
-        return self._ray.get(self._driver.run_round.remote())
+    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        return self._ray.get(self._driver.run_round.remote(evaluate))
 
     def finish(self) -> dict[str, Any]:
         return self._ray.get(self._driver.finish.remote())
+
+    def inject_faults(self, kills: dict, raises: dict) -> None:
+        self._ray.get(self._driver.inject_faults.remote(kills, raises))
 
 
 def _drive(federation: Any, stop_after: Optional[int]) -> Optional[dict[str, Any]]:

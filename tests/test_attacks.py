@@ -2,7 +2,6 @@ import dataclasses
 
 import pytest
 import torch
-import torchattacks
 
 from sylva_ray.attacks import ATTACKS, build_attack, perturb
 from sylva_ray.config import AttackConfig

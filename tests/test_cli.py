@@ -1,7 +1,6 @@
 """End to end through the ``sylva-ray`` entry point, in-process (the Ray engine is the next issue)."""
 
 import json
-import os
 
 import pandas as pd
 import pytest

@@ -1,7 +1,4 @@
-import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

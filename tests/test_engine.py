@@ -46,6 +46,7 @@ def test_end_to_end_run_directory(two_actor_run):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["actor_pid"].dropna().astype(int)) and (metrics["bytes_up"] > 0).all()
     assert summary["final"]["clean_acc"] > summary["sanity"]["majority_rate"]  # it learned something
+    assert 0 <= on_disk["initial"]["robust_acc"] <= on_disk["initial"]["clean_acc"] <= 1  # the pre-trained reference
 
 
 def test_same_seed_same_results_with_one_actor(two_actor_run, tmp_path):

@@ -9,7 +9,6 @@ from sylva_ray.config import DataConfig, LoRAConfig, ModelConfig
 from sylva_ray.data import load_source
 from sylva_ray.models import (
     ModelSourceError,
-    PixelSpaceModel,
     Role,
     add_lora,
     build_pretrained_model,

@@ -28,13 +28,26 @@ from ray.exceptions import RayError
 from sylva_ray.client import ClientWorker
 from sylva_ray.config import ExperimentConfig
 from sylva_ray.data import DataSource, Partition
-from sylva_ray.federation import Federation, Job, Outcome, WorkerInfo, run_eval_job, run_train_job, worker_info
+from sylva_ray.federation import (
+    Federation,
+    Job,
+    Outcome,
+    WorkerInfo,
+    payload_key,
+    run_coalition_job,
+    run_eval_job,
+    run_tailor_job,
+    run_train_job,
+    worker_info,
+)
 from sylva_ray.models import build_pretrained_model, decode_state
 from sylva_ray.placement import PoolPlan, plan_pool, threads_for
 
 log = logging.getLogger(__name__)
 
 BYTES_PER_MB = 1024 * 1024
+#: After a deadline kill: up to 30 pings, 60 s each, 0.5 s apart, before giving up on waiting.
+RESTART_PING_TRIES, RESTART_PING_TIMEOUT_S, RESTART_PING_PAUSE_S = 30, 60.0, 0.5
 
 
 class InjectedFault(RuntimeError):
@@ -53,17 +66,20 @@ class ClientActor:
             # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it.
             torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction))
         self.worker = ClientWorker(cfg, source, partition, backbone_state)
-        self._decoded: tuple[Optional[int], dict[str, torch.Tensor]] = (None, {})
+        self._decoded: tuple[Optional[str], dict[str, torch.Tensor]] = (None, {})
 
     def _adapter(self, payload: bytes) -> dict[str, torch.Tensor]:
         """Decode each broadcast once per actor, however many virtual clients use it."""
-        key = hash(payload)
+        key = payload_key(payload)
         if self._decoded[0] != key:
             self._decoded = (key, decode_state(payload))
         return self._decoded[1]
 
     def info(self, num_clients: int) -> WorkerInfo:
         return worker_info(self.worker, num_clients)
+
+    def ping(self) -> int:
+        return os.getpid()
 
     def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
         if fault == "raise":
@@ -75,6 +91,14 @@ class ClientActor:
 
     def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
         return run_eval_job(self.worker, job, self._adapter(adapter_payload))
+
+    def coalition(self, job: Job, adapter_payload: bytes) -> Outcome:
+        adapter = self._adapter(adapter_payload)
+        return run_coalition_job(self.worker, job, adapter, self._decoded[0] or "")
+
+    def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
+        adapter = self._adapter(adapter_payload)
+        return run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")
 
 
 @dataclass
@@ -124,6 +148,15 @@ class RayExecutor:
         payload_ref = ray.put(adapter_payload)
         return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None)
 
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        """Phase 2 coalition evaluations of every client at once, spread over all actors."""
+        payload_ref = ray.put(adapter_payload)
+        return self._run(jobs, lambda actor, job: actor.coalition.remote(job, payload_ref), None)
+
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        payload_ref = ray.put(adapter_payload)
+        return self._run(jobs, lambda actor, job: actor.tailor.remote(job, payload_ref), None)
+
     @staticmethod
     def _take(budget: dict[tuple[int, int], int], round_index: int, client_id: int) -> bool:
         key = (round_index, client_id)
@@ -133,49 +166,62 @@ class RayExecutor:
         return False
 
     def _run(self, jobs: Sequence[Job], submit: Callable[[Any, Job], ray.ObjectRef], timeout_s: Optional[float]) -> list[Outcome]:
-        """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the client."""
-        pending: deque[Job] = deque(jobs)
+        """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the job."""
+        pending: deque[int] = deque(range(len(jobs)))
         idle: deque[int] = deque(range(len(self.actors)))
-        attempts: dict[int, int] = {job.client_id: 0 for job in jobs}
-        in_flight: dict[ray.ObjectRef, tuple[int, Job]] = {}
+        attempts = [0] * len(jobs)
+        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (actor index, job index)
         outcomes: dict[int, Outcome] = {}
         deadline = time.monotonic() + timeout_s if timeout_s else None
         while pending or in_flight:
             while pending and idle:
-                index, job = idle.popleft(), pending.popleft()
-                attempts[job.client_id] += 1
-                in_flight[submit(self.actors[index], job)] = (index, job)
+                actor_index, job_index = idle.popleft(), pending.popleft()
+                attempts[job_index] += 1
+                in_flight[submit(self.actors[actor_index], jobs[job_index])] = (actor_index, job_index)
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
             if not ready:
-                self._drop_stragglers(in_flight, pending, attempts, outcomes)
+                self._drop_stragglers(jobs, in_flight, pending, attempts, outcomes)
                 break
             for ref in ready:
-                index, job = in_flight.pop(ref)
-                idle.append(index)
+                actor_index, job_index = in_flight.pop(ref)
+                idle.append(actor_index)
+                job = jobs[job_index]
                 try:
                     outcome = ray.get(ref)
-                    outcome.attempts = attempts[job.client_id]
-                    outcomes[job.client_id] = outcome
+                    outcome.attempts = attempts[job_index]
+                    outcomes[job_index] = outcome
                 except RayError as exc:
-                    tries = attempts[job.client_id]
-                    log.error("client %d failed on actor %d (attempt %d):\n%s", job.client_id, index, tries, exc)
+                    tries = attempts[job_index]
+                    log.error("client %d failed on actor %d (attempt %d):\n%s", job.client_id, actor_index, tries, exc)
                     if tries <= self.cfg.runtime.client_retries:
-                        pending.appendleft(job)
+                        pending.appendleft(job_index)
                     else:
-                        outcomes[job.client_id] = Outcome(job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}")
-        return [outcomes[job.client_id] for job in jobs]
+                        outcomes[job_index] = Outcome(job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}")
+        return [outcomes[i] for i in range(len(jobs))]
 
-    def _drop_stragglers(self, in_flight: dict, pending: deque, attempts: dict[int, int], outcomes: dict[int, Outcome]) -> None:
-        """Deadline passed: drop unfinished clients; restart the busy actors (a running task cannot be cancelled)."""
-        for index, job in in_flight.values():
-            outcomes[job.client_id] = Outcome(job.client_id, attempts=attempts[job.client_id], error="round deadline exceeded")
-            ray.kill(self.actors[index], no_restart=False)
-        for job in pending:
-            outcomes[job.client_id] = Outcome(job.client_id, attempts=attempts[job.client_id], error="round deadline exceeded (not started)")
-        log.warning("round deadline: dropped clients %s", sorted(j.client_id for _, j in in_flight.values()) + [j.client_id for j in pending])
+    def _drop_stragglers(self, jobs: Sequence[Job], in_flight: dict, pending: deque, attempts: list[int], outcomes: dict[int, Outcome]) -> None:
+        """Deadline passed: drop unfinished jobs; restart the busy actors (a running task cannot be cancelled)."""
+        for actor_index, job_index in in_flight.values():
+            outcomes[job_index] = Outcome(jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded")
+            ray.kill(self.actors[actor_index], no_restart=False)
+        for job_index in pending:
+            outcomes[job_index] = Outcome(jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded (not started)")
+        log.warning("round deadline: dropped clients %s", sorted(jobs[j].client_id for j in [*(j for _, j in in_flight.values()), *pending]))
+        killed = sorted({actor_index for actor_index, _ in in_flight.values()})
         in_flight.clear()
         pending.clear()
+        self._await_restart(killed)
+
+    def _await_restart(self, indices: list[int]) -> None:
+        """Block until killed actors answer again, so the next jobs do not race their restart."""
+        for index in indices:
+            for _ in range(RESTART_PING_TRIES):
+                try:
+                    ray.get(self.actors[index].ping.remote(), timeout=RESTART_PING_TIMEOUT_S)
+                    break
+                except RayError:
+                    time.sleep(RESTART_PING_PAUSE_S)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -212,6 +258,9 @@ class DriverActor:
         summary = self.federation.run_round(evaluate=evaluate)
         summary["driver_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
         return summary
+
+    def phase2(self, out_dir: str) -> dict[str, Any]:
+        return self.federation.phase2(Path(out_dir))
 
     def finish(self) -> dict[str, Any]:
         try:

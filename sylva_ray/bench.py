@@ -8,17 +8,22 @@
            thread per worker. Setup (model build, actor start) is timed apart from the rounds.
 ``scale``  1,000 virtual clients at 5% participation on the tiny model: seconds per round and the
            driver's / client actors' resident memory per round (flat = no growth with rounds).
+``phase2`` on one Phase-1 run: Phase 2 with 1 and with 2 client actors (speed-up), the Shapley
+           choice vs random layers of the same size vs all layers; and ``bench_estimator.csv``:
+           Monte Carlo with truncation vs exact Shapley on real 8-player client games.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -132,7 +137,83 @@ def bench_scale(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     return frame.round(2)
 
 
-BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale}
+#: Estimator-quality study (issue 4): 8 players = LoRA on qkv and fc1 of the 4 blocks, modules granularity.
+ESTIMATOR_TARGETS, ESTIMATOR_CLIENTS, ESTIMATOR_SEEDS = ["attn.qkv", "mlp.fc1"], (0, 1, 2), 5
+#: Stopping tolerances on the standard error swept in the estimator study (cost vs quality).
+ESTIMATOR_TOLERANCES = (0.01, 0.005, 0.0025)
+
+
+def _with(cfg: ExperimentConfig, **sections: dict) -> ExperimentConfig:
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values}
+    return build_config(raw)
+
+
+def bench_estimator(cfg: ExperimentConfig) -> pd.DataFrame:
+    """Monte Carlo (antithetic, truncated) vs exact Shapley on real 8-player client games.
+
+    The exact game is evaluated once per client (all 256 coalitions); each Monte Carlo run then
+    replays those values (they are deterministic: same fused start, seed and adversarial start), so
+    its cost is the number of distinct coalitions it asked for.
+    """
+    from sylva_ray.data import load_source, make_partition
+    from sylva_ray.shapley import exact_shapley, permutation_shapley, solve, spearman
+
+    game_cfg = _with(cfg, lora={"target_modules": ESTIMATOR_TARGETS}, layer_selection={"players": "modules"})
+    source = load_source(game_cfg.data)
+    worker = ClientWorker(game_cfg, source, make_partition(source, game_cfg.data, game_cfg.runtime.seed))
+    sel = game_cfg.layer_selection
+    rows = []
+    for client in ESTIMATOR_CLIENTS:
+        game = worker.game(client, worker.initial_state(), worker.initial_adapter, "initial")
+        started = time.perf_counter()
+        exact = solve(exact_shapley(len(game.players)), lambda mask: game.value(mask).value)
+        exact_s = time.perf_counter() - started
+        table = exact.coalition_values
+        for tolerance, seed in itertools.product(ESTIMATOR_TOLERANCES, range(ESTIMATOR_SEEDS)):
+            mc = solve(permutation_shapley(len(game.players), np.random.default_rng(seed), sel.max_evaluations,
+                                           tolerance, sel.truncation_tolerance, sel.permutations_per_batch),
+                       table.__getitem__)
+            rows.append({"client": client, "players": len(game.players), "stderr_tolerance": tolerance, "mc_seed": seed,
+                         "exact_evaluations": exact.evaluations,
+                         "mc_evaluations": mc.evaluations, "share_of_exact": mc.evaluations / exact.evaluations,
+                         "spearman": spearman(mc.values, exact.values), "max_abs_error": float(np.max(np.abs(mc.values - exact.values))),
+                         "mean_stderr": float(np.mean(mc.stderr)), "exact_seconds": exact_s})
+    return pd.DataFrame(rows).round(4)
+
+
+def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    """Phase 2 figures on one Phase-1 run of ``cfg``: speed-up with 2 workers vs 1, and the Shapley
+    selection vs random layers of the same size vs all layers (same Phase-1 model, seeds, attack).
+    Also writes ``bench_estimator.csv`` (Monte Carlo vs exact on 8-player games)."""
+    from sylva_ray.results import read_json, write_table
+    from sylva_ray.simulation import phase2_only, run
+
+    phase1_dir = out / "phase1"
+    phase1_dir.mkdir(parents=True, exist_ok=True)
+    run(_with(cfg, layer_selection={"enabled": False}), phase1_dir)
+    rows = []
+    for label, overrides in [
+        ("shapley top-k, 1 actor", ["runtime.num_actors=1"]),
+        ("shapley top-k, 2 actors", ["runtime.num_actors=2"]),
+        ("random layers, same k", ["runtime.num_actors=2", "layer_selection.selection=random"]),
+        ("all layers", ["runtime.num_actors=2", "layer_selection.selection=all"]),
+    ]:
+        result_dir, summary = phase2_only(phase1_dir, overrides)
+        rows.append({"variant": label, "clean_acc": summary["phase2"]["clean_acc"], "robust_acc": summary["phase2"]["robust_acc"],
+                     "evaluations": summary["evaluations"], "seconds": summary["seconds"], "result": result_dir.name})
+    phase1 = read_json(phase1_dir / "summary.json")["phase1"]
+    rows.insert(0, {"variant": "after Phase 1", "clean_acc": phase1["clean_acc"], "robust_acc": phase1["robust_acc"]})
+    frame = pd.DataFrame(rows)
+    frame["speedup_2_vs_1"] = np.nan
+    frame.loc[frame["variant"] == "shapley top-k, 2 actors", "speedup_2_vs_1"] = float(
+        frame.loc[frame["variant"] == "shapley top-k, 1 actor", "seconds"].iloc[0] / frame.loc[frame["variant"] == "shapley top-k, 2 actors", "seconds"].iloc[0])
+    write_table(out / "bench_estimator.csv", bench_estimator(cfg))
+    return frame.round(4)
+
+
+BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale, "phase2": bench_phase2}
 
 
 def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:

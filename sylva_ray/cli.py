@@ -2,6 +2,7 @@
 
     sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
     sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
+    sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
     sylva-ray config [same options]          print the resolved configuration as YAML
     sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
 """
@@ -54,6 +55,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _report(args.run_dir, resume(args.run_dir, address=args.address))
 
 
+def _cmd_phase2(args: argparse.Namespace) -> int:
+    from sylva_ray.simulation import phase2_only
+
+    out, summary = phase2_only(args.run_dir, args.overrides, args.address)
+    return _report(out, summary)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     sys.stdout.write(_config_from(args).to_yaml())
     return 0
@@ -84,12 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
     again.set_defaults(handler=_cmd_resume)
 
+    tailor = sub.add_parser("phase2", help="run Phase 2 alone on a finished Phase-1 run, into RUN_DIR/phase2-<timestamp>/")
+    tailor.add_argument("run_dir", type=Path)
+    tailor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field for this Phase 2, e.g. --set layer_selection.top_k=1")
+    tailor.add_argument("--address", help="join a running Ray cluster")
+    tailor.set_defaults(handler=_cmd_phase2)
+
     show = sub.add_parser("config", help="print the resolved configuration")
     _add_config_options(show)
     show.set_defaults(handler=_cmd_config)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
-    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale"])
+    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2"])
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)

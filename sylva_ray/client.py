@@ -9,8 +9,9 @@ restarted worker pick up where the last one left off: the caller owns the state.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 
@@ -28,9 +29,15 @@ from sylva_ray.models import (
 from sylva_ray.seeding import derive_seed, torch_seeded
 from sylva_ray.training import EvalResult, RoundMetrics, adversarial_round, evaluate
 
+if TYPE_CHECKING:
+    from sylva_ray.layer_selection import LayerGame
+
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
+#: Fused models kept per worker for Phase 2 (one per client being played): a client's coalitions
+#: reuse its fused weights instead of re-merging; 8 x a ViT-B copy is ~2.8 GB, so keep it small.
+GAME_CACHE_SIZE = 8
 
 
 @dataclass
@@ -78,6 +85,7 @@ class ClientWorker:
         self.initial_adapter = shared_state(self.model)
         self.initial_head = personal_state(self.model)
         self._data_cache: dict[int, ClientData] = {}
+        self._games: OrderedDict[tuple[int, str], "LayerGame"] = OrderedDict()
 
     def data(self, client_id: int) -> ClientData:
         if client_id not in self._data_cache:
@@ -110,3 +118,23 @@ class ClientWorker:
             self.model, self.data(client_id).test, self.cfg.attack, self.cfg.train.eval_batch_size,
             seed=derive_seed(self.cfg.runtime.seed, "eval", client_id), device=self.device, attack_name=attack_name,
         )
+
+    # --- Phase 2 ---------------------------------------------------------------------------------
+    def game(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], adapter_key: str) -> "LayerGame":
+        """The client's layer game on its fused model, built once per (client, global adapter)."""
+        from sylva_ray.layer_selection import LayerGame, fuse
+
+        key = (client_id, adapter_key)
+        if key not in self._games:
+            fused = fuse(self.model, adapter, state.head)
+            self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
+            while len(self._games) > GAME_CACHE_SIZE:
+                self._games.popitem(last=False)
+        self._games.move_to_end(key)
+        return self._games[key]
+
+    def player_names(self) -> list[str]:
+        from sylva_ray.layer_selection import fuse, player_prefixes
+
+        fused = fuse(self.model, self.initial_adapter, self.initial_head)
+        return player_prefixes(fused, self.cfg.layer_selection.players, self.cfg.lora.target_modules)

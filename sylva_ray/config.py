@@ -164,10 +164,32 @@ class FederationConfig:
 
 @dataclass(config=_STRICT)
 class LayerSelectionConfig:
-    """Phase 2 benign fine-tuning of selected layers plus the head."""
+    """Phase 2: merge the global LoRA, score layers by Shapley values, fine-tune the chosen ones on benign data."""
 
-    finetune_lr: Annotated[float, Field(gt=0, description="benign fine-tuning learning rate (small: METHOD.md saw 0.01 keep robustness)")] = 0.01
-    finetune_steps: Annotated[int, Field(ge=1, description="benign fine-tuning optimiser steps")] = 30
+    enabled: Annotated[bool, Field(description="run Phase 2 after Phase 1")] = True
+    players: Annotated[Literal["blocks", "modules"], Field(description="players of the game: transformer blocks, or the LoRA-adapted modules")] = "blocks"
+    value: Annotated[
+        Literal["linear", "tolerance"],
+        Field(description="linear: v = clean + robust_weight * robust; tolerance: v = clean - robust_penalty * max(0, robust drop - robust_tolerance)"),
+    ] = "linear"
+    robust_weight: Annotated[float, Field(ge=0, description="lambda of the linear value")] = 1.0
+    robust_tolerance: Annotated[float, Field(ge=0, le=1, description="tolerance value: robust-accuracy drop (vs the fused model) allowed for free")] = 0.02
+    robust_penalty: Annotated[float, Field(ge=0, description="tolerance value: penalty per point of robust drop beyond the tolerance")] = 2.0
+    validation_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each client's train split held out to score coalitions (seeded)")] = 0.25
+    coalition_steps: Annotated[int, Field(ge=1, description="benign fine-tuning steps when scoring one coalition")] = 10
+    exact_max_players: Annotated[int, Field(ge=1, le=16, description="exact Shapley up to this many players (2^L evaluations), Monte Carlo beyond")] = 10
+    max_evaluations: Annotated[int, Field(ge=2, description="Monte Carlo budget: distinct coalitions evaluated per client")] = 128
+    stderr_tolerance: Annotated[float, Field(gt=0, description="Monte Carlo stops when every layer's standard error is below this")] = 0.01
+    truncation_tolerance: Annotated[float, Field(ge=0, description="TMC truncation: stop a permutation once |v(N) - v(prefix)| is below this (0: off)")] = 0.005
+    permutations_per_batch: Annotated[int, Field(ge=1, description="antithetic permutation pairs walked in parallel per Monte Carlo batch")] = 4
+    selection: Annotated[
+        Literal["top_k", "threshold", "positive", "random", "all"],
+        Field(description="which layers to fine-tune: by Shapley value (top_k, threshold, positive), or the baselines random (top_k layers drawn at random, no game) and all (no game)"),
+    ] = "top_k"
+    top_k: Annotated[int, Field(ge=0, description="layers kept by the top_k rule")] = 2
+    threshold: Annotated[float, Field(description="Shapley value a layer must exceed under the threshold rule")] = 0.0
+    finetune_lr: Annotated[float, Field(gt=0, description="benign fine-tuning learning rate (SGD); 0.01 wrecked a client when whole blocks are tuned (train acc 98%->68% in 10 steps), 0.001 did not (measured here)")] = 0.001
+    finetune_steps: Annotated[int, Field(ge=1, description="benign fine-tuning steps of the final tailored model")] = 30
 
 
 @dataclass(config=_STRICT)
@@ -232,7 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attack": {"train_steps": 2, "eval_steps": 5, "eval_max_samples": 64},
         "train": {"local_steps": 4},
         "federation": {"rounds": 2},
-        "layer_selection": {"finetune_steps": 5},
+        "layer_selection": {"finetune_steps": 5, "coalition_steps": 3},
     },
     # The paper's scale: CIFAR-10 from a local folder, ImageNet ViT-B/16 from timm, CalFAT/SFAT attack.
     "paper": {

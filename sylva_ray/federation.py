@@ -55,10 +55,13 @@ def is_eval_round(round_index: int, cfg: ExperimentConfig) -> bool:
 # --- what executors take and give back ------------------------------------------------------------
 @dataclass
 class Job:
-    """One unit of client work: which client, with which personal state."""
+    """One unit of client work: which client, with which personal state (and, in Phase 2, which
+    coalition to score or which layers to tailor)."""
 
     client_id: int
     state: ClientState
+    mask: Optional[int] = None
+    players: Optional[list[int]] = None
 
 
 @dataclass
@@ -87,12 +90,15 @@ class WorkerInfo:
     full_model_bytes: int
     majority_rates: dict[int, float]
     num_train: dict[int, int]
+    players: list[str] = field(default_factory=list)
 
 
 class ClientExecutor(Protocol):
     def info(self) -> WorkerInfo: ...
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
     def shutdown(self) -> None: ...
 
 
@@ -103,6 +109,7 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
         full_model_bytes=worker.full_model_bytes,
         majority_rates={c: worker.data(c).majority_class_rate() for c in range(num_clients)},
         num_train={c: len(worker.data(c).train) for c in range(num_clients)},
+        players=worker.player_names() if worker.cfg.layer_selection.enabled else [],
     )
 
 
@@ -118,6 +125,25 @@ def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_i
 def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
     result = worker.evaluate(job.client_id, job.state, adapter)
     return Outcome(client_id=job.client_id, metrics=result.as_dict())
+
+
+def payload_key(payload: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(payload).hexdigest()
+
+
+def run_coalition_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+    """Phase 2: v(S) of one coalition of one client's layer game."""
+    scored = worker.game(job.client_id, job.state, adapter, adapter_key).value(int(job.mask or 0))
+    return Outcome(client_id=job.client_id, metrics={"value": scored.value, "clean_acc": scored.clean_acc, "robust_acc": scored.robust_acc})
+
+
+def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+    """Phase 2: fine-tune the selected layers + head; the tuned tensors come back as the upload."""
+    game = worker.game(job.client_id, job.state, adapter, adapter_key)
+    result, tuned = game.tailor(list(job.players or []), worker.data(job.client_id).test)
+    return Outcome(client_id=job.client_id, upload=encode_state(tuned), metrics=result.as_dict())
 
 
 class InProcessExecutor:
@@ -137,6 +163,14 @@ class InProcessExecutor:
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
         adapter = decode_state(adapter_payload)
         return [run_eval_job(self.worker, job, adapter) for job in jobs]
+
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        return [run_coalition_job(self.worker, job, adapter, key) for job in jobs]
+
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        return [run_tailor_job(self.worker, job, adapter, key) for job in jobs]
 
     def shutdown(self) -> None:
         pass
@@ -307,6 +341,15 @@ class Federation:
         write_table(self.run_dir / "metrics.csv", pd.DataFrame(self.state.rows))
         write_table(self.run_dir / "rounds.csv", pd.DataFrame(self.state.round_rows))
 
+    def phase2(self, out_dir: Path) -> dict[str, Any]:
+        """Phase 2 on the current (final) global adapter and heads, results written into ``out_dir``."""
+        from sylva_ray.phase2 import run_phase2
+
+        st = self.state
+        if not st.last_eval:
+            raise RuntimeError("Phase 2 needs a finished Phase 1 (no evaluation recorded yet)")
+        return run_phase2(self.cfg, self.executor, self.info.players, st.global_adapter, st.client_states, st.last_eval, out_dir)
+
     def finish(self) -> dict[str, Any]:
         """Final models, plot and summary.json (client means of the final personalised models)."""
         st, cfg = self.state, self.cfg
@@ -319,9 +362,11 @@ class Federation:
                 atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors", encode_state({**st.global_adapter, **client.head}))
         means = client_means(final_eval)
         below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
+        phase2 = self.phase2(self.run_dir) if cfg.layer_selection.enabled else {}
         summary = {
-            "final": means,
+            "final": phase2["means"] if phase2 else means,
             "phase1": dict(means),
+            **({"phase2": phase2["means"], "selected_layers": phase2["selected"]} if phase2 else {}),
             "initial": st.initial,
             "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()), "clients_below_majority_rate": below},
             "communication": {
@@ -331,7 +376,7 @@ class Federation:
             },
             "dropped_client_rounds": int(sum(bool(r.get("dropped")) for r in st.rows)),
             "seconds": st.seconds,
-            "per_client": st.last_eval,
+            "per_client": phase2["per_client"] if phase2 else st.last_eval,
         }
         if below:
             log.warning("clients %s end below their majority-class rate (a collapsed model)", below)

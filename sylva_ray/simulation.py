@@ -128,6 +128,9 @@ class RemoteFederation:
     def finish(self) -> dict[str, Any]:
         return self._ray.get(self._driver.finish.remote())
 
+    def phase2(self, out_dir: Path) -> dict[str, Any]:
+        return self._ray.get(self._driver.phase2.remote(str(out_dir)))
+
     def inject_faults(self, kills: dict, raises: dict) -> None:
         self._ray.get(self._driver.inject_faults.remote(kills, raises))
 
@@ -174,3 +177,46 @@ def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[in
     if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file():
         log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
     return run(cfg, run_dir, resume=True, stop_after=stop_after)
+
+
+def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
+    """Phase 2 alone on a finished Phase-1 run, with its own overrides, into a *new* folder
+    ``RUN_DIR/phase2-<UTC timestamp>/`` (config.yaml, shapley.csv, summary.json, plots, models);
+    the original results are never touched."""
+    import time
+
+    from sylva_ray.config import _deep_merge, _nest, parse_override
+    from sylva_ray.results import write_json
+
+    run_dir = Path(run_dir)
+    base = load_run_config(run_dir)
+    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
+    raw = base.to_dict()
+    for item in overrides:
+        path, value = parse_override(item)
+        raw = _deep_merge(raw, _nest(path, value))
+    if address is not None:
+        raw["runtime"]["address"] = address
+    raw["layer_selection"]["enabled"] = True
+    cfg = build_config(raw)
+    out = run_dir / f"phase2-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = run_dir / f"phase2-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{suffix}"
+    out.mkdir(parents=True)
+    write_config(out, cfg)
+    (out / "phase1_run.txt").write_text(str(run_dir.resolve()) + "\n")
+    if cfg.runtime.engine == "inprocess":
+        source, partition = prepare_data(cfg, run_dir, resume=True)
+        result = Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=True).phase2(out)
+    else:
+        with remote_federation(cfg, run_dir, resume=True) as federation:
+            result = federation.phase2(out)
+    phase1 = read_json(run_dir / "summary.json")["phase1"]
+    summary = {"phase1_run": str(run_dir.resolve()), "phase1": phase1, "phase2": result["means"], "final": result["means"],
+               "selected_layers": result["selected"], "evaluations": result["evaluations"], "seconds": result["seconds"],
+               "per_client": result["per_client"]}
+    write_json(out / "summary.json", summary)
+    return out, summary

@@ -27,7 +27,7 @@ def test_run_directory_holds_what_the_readme_promises(smoke_run):
     assert len(summary["per_client"]) == 4
     metrics = pd.read_csv(smoke_run / "metrics.csv")
     assert set(metrics["round"]) == {0, 1} and set(metrics["client"]) == {0, 1, 2, 3}
-    models = sorted((smoke_run / "models").glob("*.safetensors"))
+    models = sorted((smoke_run / "models").glob("client_*.safetensors"))
     assert len(models) == 4 and any("lora_A" in k for k in load_file(str(models[0])))
 
 

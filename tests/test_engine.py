@@ -95,6 +95,7 @@ def test_round_deadline_drops_stragglers(ray_cluster, tmp_path):
     assert metrics["dropped"].all() and metrics["error"].str.contains("deadline").all()
     assert summary["communication"]["bytes_up"] == 0
     assert 0 <= summary["final"]["clean_acc"] <= 1  # evaluation still ran after the restarts
+    assert len(summary["per_client"]) == 4
 
 
 def test_analysis_api_reproduces_the_summary(two_actor_run):
@@ -124,3 +125,30 @@ def test_unreachable_address_is_a_quick_clear_error():
         probe_address(f"127.0.0.1:{port}")
     with pytest.raises(ConfigError, match="runtime.address"):
         load_config("smoke", overrides=["runtime.address=127.0.0.1"])
+
+
+def test_phase2_outputs_and_phase2_only_command(two_actor_run):
+    from sylva_ray.simulation import phase2_only
+
+    run_dir, summary = two_actor_run
+    assert {"phase1", "phase2", "selected_layers"} <= set(summary)
+    assert summary["final"] == summary["phase2"]
+    shapley = pd.read_csv(run_dir / "shapley.csv")
+    assert len(shapley) == 4 * 4 and set(shapley["method"]) == {"exact"}
+    assert (shapley.groupby("client")["selected"].sum() == 2).all()  # top_k = 2
+    for name in ("shapley_heatmap.png", "phase2_before_after.png"):
+        assert (run_dir / name).is_file()
+    assert len(list((run_dir / "models").glob("phase2_client_*.safetensors"))) == 4
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    out, again = phase2_only(run_dir, ["layer_selection.top_k=1"])
+    assert out.parent == run_dir and out.name.startswith("phase2-")
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing of the old result rewritten
+    assert (pd.read_csv(out / "shapley.csv").groupby("client")["selected"].sum() == 1).all()
+    assert again["phase1"] == summary["phase1"]
+    row = again["per_client"][0]
+    model = sylva_ray.load_client_model(out, row["client"])
+    test = sylva_ray.load_client_split(out, row["client"], "test")
+    with torch.no_grad():
+        accuracy = float(np.mean(model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels))
+    assert accuracy == pytest.approx(row["clean_acc"], abs=1e-9)

@@ -1,0 +1,60 @@
+"""The layer game on a real fused model (Ray-free)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sylva_ray.client import ClientWorker
+from sylva_ray.config import load_config
+from sylva_ray.data import load_source, make_partition
+from sylva_ray.layer_selection import player_prefixes, split_validation
+from sylva_ray.shapley import exact_shapley, members_mask, solve
+
+
+@pytest.fixture(scope="module")
+def worker():
+    cfg = load_config("smoke", overrides=["model.pretrained=none", "lora.target_modules=[attn.qkv, mlp.fc1]"])
+    source = load_source(cfg.data)
+    return ClientWorker(cfg, source, make_partition(source, cfg.data, 0))
+
+
+@pytest.fixture
+def game(worker):
+    return worker.game(0, worker.initial_state(), worker.initial_adapter, "initial")
+
+
+def test_players_are_blocks_or_adapted_modules(worker, game):
+    assert game.players == [f"backbone.blocks.{i}." for i in range(4)]
+    modules = player_prefixes(game.model, "modules", ["attn.qkv", "mlp.fc1"])
+    assert len(modules) == 8 and all(m.endswith(("attn.qkv.", "mlp.fc1.")) for m in modules)
+
+
+def test_validation_split_is_disjoint_and_seeded(worker):
+    train = worker.data(0).train
+    fit, val = split_validation(train, 0.25, seed=1)
+    assert len(fit) + len(val) == len(train) and len(val) == round(0.25 * len(train))
+    again_fit, _ = split_validation(train, 0.25, seed=1)
+    assert np.array_equal(fit.labels, again_fit.labels)
+
+
+def test_coalition_value_is_reproducible_and_starts_from_the_fused_weights(game):
+    first = game.value(members_mask([3]))
+    second = game.value(members_mask([3]))
+    assert first == second  # same fused start, same seed, same adversarial start
+    game.value(0)
+    tuned = {k for k, v in game.model.state_dict().items() if not torch.equal(v, game.fused_state[k])}
+    assert tuned and all(k.startswith("backbone.head.") for k in tuned)  # v(empty): only the head moves
+
+
+def test_tailor_returns_only_the_chosen_layers_and_head(worker, game):
+    result, tuned = game.tailor([1], worker.data(0).test)
+    assert all(k.startswith(("backbone.blocks.1.", "backbone.head.")) for k in tuned)
+    assert any(k.startswith("backbone.blocks.1.") for k in tuned)
+    assert result.num_clean == len(worker.data(0).test) and 0 <= result.robust_acc <= 1
+
+
+def test_a_real_game_satisfies_efficiency(game):
+    values = {}
+    result = solve(exact_shapley(len(game.players)), lambda mask: values.setdefault(mask, game.value(mask).value))
+    full = (1 << len(game.players)) - 1
+    assert result.values.sum() == pytest.approx(values[full] - values[0])

@@ -113,7 +113,7 @@ class RayExecutor:
     """Runs jobs on a pool of client actors; retries failed clients, drops them after that."""
 
     def __init__(self, cfg: ExperimentConfig, plan: PoolPlan, source_ref: ray.ObjectRef, partition: Partition,
-                 backbone_ref: ray.ObjectRef, faults: Optional[FaultPlan] = None) -> None:
+                 backbone_ref: ray.ObjectRef, faults: Optional[FaultPlan] = None, placement_group: Any = None) -> None:
         self.cfg = cfg
         self.faults = faults or FaultPlan()
         # Held for the executor's lifetime: a restarted actor re-reads its constructor arguments
@@ -122,8 +122,9 @@ class RayExecutor:
         threads = threads_for(cfg.runtime.client_resources, cfg.runtime.torch_threads)
         options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
         self.actors = [
-            ClientActor.options(**options).remote(cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction)
-            for _ in range(plan.size)
+            ClientActor.options(**options, **_bundle(placement_group, 1 + i)).remote(
+                cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction)
+            for i in range(plan.size)
         ]
         log.info("started %d client actors (%s each, %d torch threads) for %d clients",
                  plan.size, plan.actor_options, threads, cfg.data.num_clients)
@@ -228,11 +229,32 @@ class RayExecutor:
             ray.kill(actor, no_restart=True)
 
 
+def _bundle(placement_group: Any, index: int) -> dict[str, Any]:
+    """Schedule into bundle ``index`` of a Tune trial's placement group (bundle 0 is the driver's)."""
+    if placement_group is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=index)}
+
+
+def bundle_totals(placement_group: Any) -> tuple[dict[str, float], int]:
+    """Resources of the client bundles (all but bundle 0) and how many there are."""
+    clients = placement_group.bundle_specs[1:]
+    totals: dict[str, float] = {}
+    for bundle in clients:
+        for key, value in bundle.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return totals, len(clients)
+
+
 @ray.remote(num_cpus=0)
 class DriverActor:
     """Owns the federation: data and weights resolved once, client actors, the round loop, the run directory."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool, placement_group: Any = None) -> None:
+        """``placement_group``: a Tune trial's reservation; the pool is then sized from its bundles,
+        not from the whole cluster, and every client actor is placed in its own bundle."""
         from sylva_ray.simulation import prepare_data
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -241,8 +263,12 @@ class DriverActor:
         base = build_pretrained_model(cfg.model, cfg.data, source)  # embedded pre-training / hub / file, once
         backbone_ref = ray.put({k: v.detach().cpu() for k, v in base.backbone.state_dict().items()})
         source_ref = ray.put(source)
-        self.plan = plan_pool(ray.cluster_resources(), cfg.runtime.client_resources, cfg.data.num_clients, cfg.runtime.num_actors)
-        executor = RayExecutor(cfg, self.plan, source_ref, partition, backbone_ref, self.faults)
+        if placement_group is None:
+            self.plan = plan_pool(ray.cluster_resources(), cfg.runtime.client_resources, cfg.data.num_clients, cfg.runtime.num_actors)
+        else:
+            totals, bundles = bundle_totals(placement_group)
+            self.plan = plan_pool(totals, cfg.runtime.client_resources, cfg.data.num_clients, bundles)
+        executor = RayExecutor(cfg, self.plan, source_ref, partition, backbone_ref, self.faults, placement_group)
         self.federation = Federation(cfg, Path(run_dir), executor, resume=resume)
 
     def status(self) -> dict[str, Any]:

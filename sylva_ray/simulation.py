@@ -91,15 +91,23 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
 
 @contextlib.contextmanager
 def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> Iterator["RemoteFederation"]:
-    """A driver actor on this node, torn down (with its client actors) on exit."""
+    """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
+    with its client actors on exit."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from sylva_ray.actors import DriverActor
 
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     connect(cfg.runtime.address)
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    driver = DriverActor.options(scheduling_strategy=here).remote(cfg, str(run_dir), resume)
+    group = get_current_placement_group()  # set inside a Tune trial: everything goes into its bundles
+    if group is not None:
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    else:
+        where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    driver = DriverActor.options(scheduling_strategy=where).remote(cfg, str(run_dir), resume, group)
     try:
         yield RemoteFederation(driver)
     finally:

@@ -1,0 +1,186 @@
+"""Ray Tune glue: one federated experiment per trial, a report per round, sweeps as a few lines.
+
+* ``federated_trainable(config)`` runs Phase 1 round by round (and Phase 2 after the last round)
+  inside a trial, reporting once per round with a checkpoint, so ASHA can stop weak trials early
+  and a trial resumes from its last round. No ``ray.init``/``ray.shutdown`` in here.
+* ``trial_resources(cfg)``: a ``PlacementGroupFactory`` with one bundle for the trial process and
+  its driver actor and one bundle per client actor; the engine sizes its pool from these bundles
+  and places each client actor in its own bundle (``actors.DriverActor``).
+* ``run_sweep(...)``: build the grid from ``{dotted.field: [values]}``, run ``Tuner.fit`` (or
+  ``Tuner.restore``), and return a tidy table (one row per trial).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import yaml
+
+from sylva_ray.config import ConfigError, ExperimentConfig, _deep_merge, _nest, build_config
+
+log = logging.getLogger(__name__)
+
+#: Bundle 0 holds the trial's own process and the driver actor (num_cpus=0): a quarter CPU.
+DRIVER_BUNDLE_CPUS = 0.25
+#: Client actors per trial unless runtime.num_actors says otherwise.
+DEFAULT_TRIAL_ACTORS = 1
+#: The metric ASHA and "best trial" use.
+METRIC, MODE = "robust_acc", "max"
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
+    """``{"lora.rank": 16, ...}`` on top of a config dict; validated."""
+    raw = base
+    for dotted, value in overrides.items():
+        raw = _deep_merge(raw, _nest(dotted.split("."), value))
+    return build_config(raw)
+
+
+def trial_resources(cfg: ExperimentConfig) -> Any:
+    from ray.tune import PlacementGroupFactory
+
+    actors = min(cfg.runtime.num_actors or DEFAULT_TRIAL_ACTORS, cfg.data.num_clients)
+    client = {"CPU": float(cfg.runtime.client_resources.get("num_cpus", 1.0))}
+    if cfg.runtime.client_resources.get("num_gpus", 0) > 0:
+        client["GPU"] = float(cfg.runtime.client_resources["num_gpus"])
+    return PlacementGroupFactory([{"CPU": DRIVER_BUNDLE_CPUS}] + [dict(client) for _ in range(actors)])
+
+
+def _checkpoint_dir(run_dir: Path) -> Path:
+    """What a Tune checkpoint of a run holds: enough for ``Federation(resume=True)``."""
+    staging = Path(tempfile.mkdtemp(prefix="sylva-ckpt-"))
+    for name in ("config.yaml", "partition.json"):
+        shutil.copy2(run_dir / name, staging / name)
+    (staging / "checkpoints").mkdir()
+    shutil.copy2(run_dir / "checkpoints" / "checkpoint.pt", staging / "checkpoints" / "checkpoint.pt")
+    return staging
+
+
+def federated_trainable(config: dict[str, Any]) -> None:
+    """A Tune function trainable: ``config = {"base": <config dict>, "overrides": {dotted: value}}``
+    (Tune samples the overrides; the base is the preset/config the sweep started from)."""
+    from ray import tune
+
+    from sylva_ray.results import write_config
+    from sylva_ray.simulation import remote_federation
+
+    cfg = apply_overrides(config["base"], config.get("overrides", {}))
+    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = tune.get_checkpoint()
+    resume = checkpoint is not None
+    if resume:
+        with checkpoint.as_directory() as saved:
+            shutil.copytree(saved, run_dir, dirs_exist_ok=True)
+    else:
+        write_config(run_dir, cfg)
+    cumulative_up = 0
+    with remote_federation(cfg, run_dir, resume=resume) as federation:
+        status = federation.status
+        for done in range(status["next_round"] + 1, status["rounds"] + 1):
+            summary = federation.run_round()
+            cumulative_up += int(summary["bytes_up"])
+            metrics = {k: summary[k] for k in ("clean_acc", "robust_acc", "train_loss") if k in summary}
+            metrics.update(round=done, bytes_up=summary["bytes_up"], cumulative_bytes_up=cumulative_up)
+            if done == status["rounds"]:
+                final = federation.finish()  # Phase 2 (if enabled) runs here, so the last report scores final models
+                metrics.update({f"final_{k}": v for k, v in final["final"].items()})
+                metrics.update({f"phase1_{k}": v for k, v in final["phase1"].items()})
+            staging = _checkpoint_dir(run_dir)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(staging)))
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["lora.rank=4,8,16", "attack.eps=0.03,0.05"]`` -> ``{"lora.rank": [4, 8, 16], ...}`` (values parsed as YAML)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid {item!r}: expected FIELD=V1,V2,... e.g. --grid lora.rank=4,8,16")
+        key, values = item.split("=", 1)
+        grid[key.strip()] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        if not grid[key.strip()]:
+            raise ConfigError(f"--grid {item!r}: no values")
+    return grid
+
+
+def check_grid(base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Every combination must be a valid config: fail before any trial starts."""
+    names = list(grid) + list(axes)
+    choices = [grid[k] for k in grid] + [list(axes[k]) for k in axes]
+    for combo in itertools.product(*choices):
+        overrides = expand(dict(zip(names, combo)), axes)
+        apply_overrides(base, overrides)
+
+
+def expand(point: dict[str, Any], axes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Named axes (e.g. ``heterogeneity: {"iid": {...}, "0.1": {...}}``) become field overrides."""
+    overrides = {k: v for k, v in point.items() if k not in axes}
+    for axis, table in axes.items():
+        if axis in point:
+            overrides.update(table[point[axis]])
+    return overrides
+
+
+def run_sweep(
+    base: ExperimentConfig,
+    grid: dict[str, list[Any]],
+    axes: Optional[dict[str, dict[str, dict[str, Any]]]] = None,
+    *,
+    name: str = "sweep",
+    storage_path: str = "runs/sweeps",
+    samples: int = 1,
+    scheduler: str = "none",
+    concurrency: Optional[int] = None,
+    resume: bool = False,
+) -> pd.DataFrame:
+    """Run (or resume) a grid sweep; returns one row per trial with its parameters and final metrics."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    axes = axes or {}
+    base_dict = base.to_dict()
+    check_grid(base_dict, grid, axes)
+    space: dict[str, Any] = {"base": base_dict, "point": {k: tune.grid_search(v) for k, v in grid.items()}}
+    space["point"].update({axis: tune.grid_search(list(table)) for axis, table in axes.items()})
+
+    def trainable(config: dict[str, Any]) -> None:
+        federated_trainable({"base": config["base"], "overrides": expand(config["point"], axes)})
+
+    resources = tune.with_resources(trainable, trial_resources(base))
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if resume:
+        tuner = tune.Tuner.restore(experiment if "://" in experiment else str(Path(experiment).resolve()), resources,
+                                   resume_errored=True, param_space=space)
+    else:
+        asha = ASHAScheduler(time_attr="training_iteration", max_t=base.federation.rounds, grace_period=1) if scheduler == "asha" else None
+        storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+        tuner = tune.Tuner(
+            resources,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=samples, scheduler=asha,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+    results = tuner.fit()
+    return trials_table(results)
+
+
+def trials_table(results: Any) -> pd.DataFrame:
+    """One row per trial: its grid point, the last reported metrics, its status."""
+    rows = []
+    for result in results:
+        point = dict(result.config.get("point", {}))
+        metrics = dict(result.metrics or {})
+        rows.append({**point, "trial": Path(result.path).name, "status": "ERROR" if result.error else "OK",
+                     "rounds_done": metrics.get("round"),
+                     **{k: metrics.get(k) for k in ("clean_acc", "robust_acc", "final_clean_acc", "final_robust_acc",
+                                                    "phase1_clean_acc", "phase1_robust_acc", "cumulative_bytes_up",
+                                                    "time_total_s")}})
+    return pd.DataFrame(rows)

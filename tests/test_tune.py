@@ -1,0 +1,64 @@
+"""Ray Tune: the sweep's smoke mode on the session's local Ray cluster, and its building blocks."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sylva_ray.config import ConfigError, load_config
+from sylva_ray.sweep_report import heterogeneity_axis
+from sylva_ray.tune import DRIVER_BUNDLE_CPUS, check_grid, expand, parse_grid, trial_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("rank_eps", ROOT / "sweeps" / "rank_eps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_and_heterogeneity_parsing():
+    assert parse_grid(["lora.rank=4,8", "attack.eps=0.03"]) == {"lora.rank": [4, 8], "attack.eps": [0.03]}
+    axis = heterogeneity_axis("0.1,iid")
+    assert axis == {"0.1": {"data.partition": "dirichlet", "data.alpha": 0.1}, "iid": {"data.partition": "iid"}}
+    assert expand({"lora.rank": 4, "heterogeneity": "iid"}, {"heterogeneity": axis}) == {"lora.rank": 4, "data.partition": "iid"}
+    for bad in (["lora.rank"], ["lora.rank="]):
+        with pytest.raises(ConfigError, match="--grid"):
+            parse_grid(bad)
+    for bad in ("0", "mild", ""):
+        with pytest.raises(ConfigError, match="heterogeneity"):
+            heterogeneity_axis(bad)
+
+
+def test_a_bad_grid_value_fails_before_any_trial():
+    base = load_config("smoke").to_dict()
+    with pytest.raises(ConfigError, match="lora.rank"):
+        check_grid(base, {"lora.rank": [4, 0]}, {})
+
+
+def test_trial_reserves_a_bundle_per_client_actor():
+    cfg = load_config("smoke", overrides=["runtime.num_actors=3", "runtime.client_resources={num_cpus: 0.5, num_gpus: 0.25}"])
+    bundles = trial_resources(cfg).bundles
+    assert bundles[0] == {"CPU": DRIVER_BUNDLE_CPUS}
+    assert bundles[1:] == [{"CPU": 0.5, "GPU": 0.25}] * 3
+
+
+def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
+    sweep = _sweep_module()
+    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path)]) == 0
+    folder = tmp_path / "rank_eps"
+    table = pd.read_csv(folder / "trials.csv")
+    assert len(table) == 2 and (table["status"] == "OK").all()
+    assert sorted(table["lora.rank"]) == [2, 4]
+    assert table["final_robust_acc"].between(0, 1).all() and (table["rounds_done"] == 2).all()
+    for plot in ("accuracy_vs_rank.png", "tradeoff.png"):
+        assert (folder / plot).is_file()
+    # the pool is sized from the trial's bundles (1 client actor), not from the cluster (2 CPUs)
+    for metrics in folder.glob("*/run/metrics.csv"):
+        assert pd.read_csv(metrics)["actor_pid"].dropna().nunique() == 1
+    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), "--resume"]) == 0
+    again = pd.read_csv(folder / "trials.csv")
+    assert sorted(again["trial"]) == sorted(table["trial"])

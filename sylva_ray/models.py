@@ -363,10 +363,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def module_names_with_prefix(model: nn.Module, prefixes: list[str]) -> list[str]:
-    return [name for name, _ in model.named_parameters() if any(name.startswith(p) for p in prefixes)]
-
-
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device='cuda' but no CUDA device is visible: use runtime.device=auto or cpu")

@@ -1,6 +1,5 @@
 """Cluster files: validated with Ray's own cluster-config schema (AWS itself cannot be reached here)."""
 
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -34,9 +33,19 @@ def test_aws_cluster_promises():
     assert any("cluster/requirements.txt" in c for c in cfg["setup_commands"])
 
 
-def test_pinned_versions_are_the_tested_ones():
+def test_cluster_pins_satisfy_the_project_dependencies():
+    """Every runtime dependency is pinned for the cluster, at a version pyproject.toml accepts."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {Requirement(r).name.lower(): Requirement(r).specifier for r in project}
+    pins = {}
     for line in (CLUSTER / "requirements.txt").read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, pinned = line.split("==")
-        assert version(name.split("[")[0]) == pinned, name
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            pins[requirement.name.lower()] = next(iter(requirement.specifier)).version
+    assert set(wanted) <= set(pins), sorted(set(wanted) - set(pins))
+    for name, pinned in pins.items():
+        assert wanted.get(name) is None or wanted[name].contains(pinned), f"{name}=={pinned} outside pyproject's {wanted[name]}"

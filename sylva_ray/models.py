@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import filelock
 import timm
@@ -41,7 +41,7 @@ from sylva_ray.storage import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the embedded pre-training recipe changes, so stale cache entries are not reused.
-PRETRAIN_RECIPE_VERSION = 2
+PRETRAIN_RECIPE_VERSION = 3
 #: Embedded pre-training always runs on this many torch threads: CPU float reductions depend on the
 #: thread count, and 100 epochs amplify the difference, so the cached weights would otherwise depend
 #: on which process (main, or a Ray actor with OMP_NUM_THREADS=1) trained them first.
@@ -86,12 +86,22 @@ def classifier_name(model: nn.Module) -> str:
     raise ValueError("the model's classifier is not one of its submodules")
 
 
+def seeded_create(name: str, num_classes: int, kwargs: Mapping[str, Any], pretrained: bool = False, seed: int = 0) -> nn.Module:
+    """``timm.create_model`` with its random initialisation drawn from ``seed``.
+
+    torch's default generator is seeded differently in every process, so an unseeded init (of the
+    whole model, or of a re-initialised head) would differ between runs, actors and machines.
+    """
+    with torch_seeded(derive_seed(seed, "init")):
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
 def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """``timm.create_model`` by name; hub weights only when ``pretrained == 'timm'``."""
+    """``timm.create_model`` by name, seeded init; hub weights only when ``pretrained == 'timm'``."""
     if cfg.name not in timm.list_models():
         raise ModelSourceError(f"model.name={cfg.name!r} is not a timm model (see timm.list_models())")
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained == "timm", num_classes=num_classes, **cfg.kwargs)
+        return seeded_create(cfg.name, num_classes, cfg.kwargs, pretrained=cfg.pretrained == "timm")
     except (OSError, RuntimeError) as exc:
         if cfg.pretrained != "timm":
             raise
@@ -217,7 +227,7 @@ def embedded_weights(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataS
         if path.is_file():
             log.info("embedded pre-trained weights: reusing %s", path)
             return load_file(str(path))
-        backbone = timm.create_model(model_cfg.name, pretrained=False, num_classes=source.num_classes, **model_cfg.kwargs)
+        backbone = seeded_create(model_cfg.name, source.num_classes, model_cfg.kwargs, seed=seed)
         model = _pixel_model(backbone, model_cfg)
         log.info("embedded pre-training %s on %d public samples for %d epochs", model_cfg.name, len(source.public), model_cfg.pretrain_epochs)
         pretrain_on_public(model, source.public, model_cfg, derive_seed(seed, "pretrain"))
@@ -239,7 +249,7 @@ def build_pretrained_model(
     no hub, file or cache is touched here, so client actors on other nodes need none of them.
     """
     if backbone_state is not None:
-        backbone = timm.create_model(model_cfg.name, pretrained=False, num_classes=source.num_classes, **model_cfg.kwargs)
+        backbone = seeded_create(model_cfg.name, source.num_classes, model_cfg.kwargs)
         load_backbone_weights(backbone, backbone_state, "driver-resolved weights")
         return _pixel_model(backbone, model_cfg).eval()
     backbone = create_backbone(model_cfg, source.num_classes)

@@ -168,3 +168,18 @@ def test_serialized_bytes_are_the_payload(lora_model):
     decoded = decode_state(payload)
     assert all(torch.equal(decoded[k], v) for k, v in shared.items())
     assert full_model_nbytes(lora_model) > 30 * len(payload)
+
+
+def test_embedded_pretraining_does_not_depend_on_the_process_rng(tmp_path, digits_source):
+    """Fresh processes start torch's generator differently; the weights must not care."""
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        cfg = ModelConfig(cache_dir=str(tmp_path / str(global_seed)), pretrain_epochs=1)
+        states.append(embedded_weights(cfg, DIGITS, digits_source))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    torch.manual_seed(3)
+    a = create_backbone(ModelConfig(pretrained="none"), 10)
+    torch.manual_seed(4)
+    b = create_backbone(ModelConfig(pretrained="none"), 10)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -168,7 +168,7 @@ def bench_estimator(cfg: ExperimentConfig) -> pd.DataFrame:
     for client in ESTIMATOR_CLIENTS:
         game = worker.game(client, worker.initial_state(), worker.initial_adapter, "initial")
         started = time.perf_counter()
-        exact = solve(exact_shapley(len(game.players)), lambda mask: game.value(mask).value)
+        exact = solve(exact_shapley(len(game.players)), lambda mask, game=game: game.value(mask).value)
         exact_s = time.perf_counter() - started
         table = exact.coalition_values
         for tolerance, seed in itertools.product(ESTIMATOR_TOLERANCES, range(ESTIMATOR_SEEDS)):

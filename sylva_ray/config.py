@@ -318,6 +318,15 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``--set`` items (``["lora.rank=16"]``) or ``{"lora.rank": 16}`` applied onto a config dict."""
+    pairs = [parse_override(item) for item in overrides] if isinstance(overrides, list) else \
+        [(key.split("."), value) for key, value in overrides.items()]
+    for path, value in pairs:
+        raw = _deep_merge(raw, _nest(path, value))
+    return raw
+
+
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks)."""
     try:
@@ -347,10 +356,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {str(path)!r}: expected a YAML mapping at the top level")
         raw = _deep_merge(raw, loaded)
-    for item in overrides or []:
-        path_parts, value = parse_override(item)
-        raw = _deep_merge(raw, _nest(path_parts, value))
-    return build_config(raw)
+    return build_config(apply_overrides(raw, list(overrides or [])))
 
 
 def semantic_problems(cfg: ExperimentConfig) -> list[str]:

@@ -14,6 +14,7 @@ One round, as data:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -128,8 +129,7 @@ def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
 
 
 def payload_key(payload: bytes) -> str:
-    import hashlib
-
+    """Identifies a broadcast, so workers decode it and build fused models once per payload."""
     return hashlib.sha1(payload).hexdigest()
 
 

@@ -337,7 +337,7 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
 
 def serialized_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes of a state dict as actually serialised (safetensors: raw tensors + a JSON header)."""
-    return len(save(_cpu_copy(state)))
+    return len(encode_state(state))
 
 
 def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:

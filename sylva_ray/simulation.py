@@ -193,17 +193,14 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
     the original results are never touched."""
     import time
 
-    from sylva_ray.config import _deep_merge, _nest, parse_override
+    from sylva_ray.config import apply_overrides
     from sylva_ray.results import write_json
 
     run_dir = Path(run_dir)
     base = load_run_config(run_dir)
     if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
         raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
-    raw = base.to_dict()
-    for item in overrides:
-        path, value = parse_override(item)
-        raw = _deep_merge(raw, _nest(path, value))
+    raw = apply_overrides(base.to_dict(), list(overrides))
     if address is not None:
         raw["runtime"]["address"] = address
     raw["layer_selection"]["enabled"] = True

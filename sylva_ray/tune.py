@@ -22,7 +22,8 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from sylva_ray.config import ConfigError, ExperimentConfig, _deep_merge, _nest, build_config
+from sylva_ray.config import ConfigError, ExperimentConfig, build_config
+from sylva_ray.config import apply_overrides as merge_overrides
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,7 @@ METRIC, MODE = "robust_acc", "max"
 
 def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
     """``{"lora.rank": 16, ...}`` on top of a config dict; validated."""
-    raw = base
-    for dotted, value in overrides.items():
-        raw = _deep_merge(raw, _nest(dotted.split("."), value))
-    return build_config(raw)
+    return build_config(merge_overrides(base, dict(overrides)))
 
 
 def trial_resources(cfg: ExperimentConfig) -> Any:

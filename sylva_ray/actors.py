@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import psutil
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 
 from sylva_ray.client import ClientWorker
 from sylva_ray.config import ExperimentConfig
@@ -195,6 +195,10 @@ class RayExecutor:
                 except RayError as exc:
                     tries = attempts[job_index]
                     log.error("client %d failed on actor %d (attempt %d):\n%s", job.client_id, actor_index, tries, exc)
+                    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
+                        # Ray fails calls to a restarting actor at once: wait until it answers again,
+                        # or the retry would fail the same way (seen under load).
+                        self._await_restart([actor_index])
                     if tries <= self.cfg.runtime.client_retries:
                         pending.appendleft(job_index)
                     else:

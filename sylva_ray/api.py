@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sylva_ray.data import ArrayDataset, Partition, client_data, load_source
-from sylva_ray.models import add_lora, build_pretrained_model, load_adapter_state
+from sylva_ray.algorithms import algorithm_for
+from sylva_ray.models import build_pretrained_model
 from sylva_ray.simulation import load_run_config
 
 SPLITS = ("train", "test")
@@ -50,8 +51,11 @@ def load_client_model(run_dir: str | Path, client_id: int) -> nn.Module:
         raise IndexError(f"client_id={client_id}: the run has clients 0..{cfg.data.num_clients - 1}")
     state = load_file(str(_model_file(base_dir, client_id)))
     source = load_source(cfg.data)
-    model = add_lora(build_pretrained_model(cfg.model, cfg.data, source), cfg.lora)
-    load_adapter_state(model, state)
+    scope = algorithm_for(cfg).scope
+    model = scope.wrap(build_pretrained_model(cfg.model, cfg.data, source), cfg.lora)
+    scope.load(model, state)
+    if scope.name == "full":  # full-model algorithms saved the whole (global) model
+        return model.requires_grad_(False).eval()
     merged = model.merge_and_unload().eval()
     tailored = run_dir / "models" / f"phase2_client_{client_id:04d}.safetensors"
     if tailored.is_file():

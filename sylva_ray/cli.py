@@ -4,6 +4,7 @@
     sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
     sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
     sylva-ray config [same options]          print the resolved configuration as YAML
+    sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
 """
 
@@ -13,12 +14,17 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from sylva_ray.config import PRESETS, ConfigError, ExperimentConfig, load_config
 
 log = logging.getLogger("sylva_ray")
+
+#: Every algorithm and Sylva's five ablations: the comparison the paper's claims need.
+DEFAULT_COMPARISON = ("sylva,sylva-no_phase2,sylva-fedavg,sylva-no_class_balance,sylva-no_similarity,sylva-no_proximal,"
+                      "fedavg_lora_at,local_at,fat,fedtrades,fedmart,calfat")
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +73,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sylva_ray.compare import run_comparison
+    from sylva_ray.config import raw_config
+
+    overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    run_comparison(raw_config(args.preset, args.config_file, overrides), algorithms, args.seeds, out,
+                   reference=args.reference, actors_per_run=args.actors_per_run, max_parallel=args.max_parallel)
+    log.info("comparison written to %s", out)
+    sys.stdout.write((out / "comparison.md").read_text())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sylva_ray.bench import run_bench
 
@@ -102,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration")
     _add_config_options(show)
     show.set_defaults(handler=_cmd_config)
+
+    compare = sub.add_parser("compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots")
+    _add_config_options(compare)
+    compare.add_argument("--algorithms", default=DEFAULT_COMPARISON,
+                         help="comma-separated algorithm names; sylva takes ablation suffixes, e.g. sylva-no_phase2 (default: all)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per algorithm: runtime.seed, +1, ... (default 3)")
+    compare.add_argument("--reference", help="algorithm the relative figures are computed against, e.g. fat")
+    compare.add_argument("--out", help="comparison folder (new, or an earlier comparison to resume); default runs/compare-<timestamp>")
+    compare.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    compare.add_argument("--actors-per-run", type=int, default=1, help="client actors per run (runs go in parallel as the cluster allows)")
+    compare.add_argument("--max-parallel", type=int, help="cap on runs at once (default: as many as the cluster's resources hold)")
+    compare.set_defaults(handler=_cmd_compare)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
     bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2"])

@@ -15,17 +15,10 @@ from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 
+from sylva_ray.algorithms import algorithm_for
 from sylva_ray.config import ExperimentConfig
-from sylva_ray.data import ClientData, DataSource, Partition, client_data
-from sylva_ray.models import (
-    add_lora,
-    build_pretrained_model,
-    full_model_nbytes,
-    load_adapter_state,
-    personal_state,
-    resolve_device,
-    shared_state,
-)
+from sylva_ray.data import ArrayDataset, ClientData, DataSource, Partition, client_data, global_test_set
+from sylva_ray.models import build_pretrained_model, full_model_nbytes, resolve_device
 from sylva_ray.seeding import derive_seed, torch_seeded
 from sylva_ray.training import EvalResult, RoundMetrics, adversarial_round, evaluate
 
@@ -38,14 +31,21 @@ State = dict[str, torch.Tensor]
 #: Fused models kept per worker for Phase 2 (one per client being played): a client's coalitions
 #: reuse its fused weights instead of re-merging; 8 x a ViT-B copy is ~2.8 GB, so keep it small.
 GAME_CACHE_SIZE = 8
+#: The pseudo-client id of the global test set: evaluating it scores the global model (FAT convention).
+GLOBAL_TEST_CLIENT = -1
 
 
 @dataclass
 class ClientState:
-    """A client's personal state (its head); it lives with the driver, never in a worker."""
+    """A client's personal state; it lives with the driver, never in a worker.
+
+    ``head``: the personal classifier (LoRA scope). ``adapter``: the client's own shared tensors
+    when the algorithm does not federate (``local_at``); empty when the global adapter is used.
+    """
 
     head: State
     rounds_trained: int = 0
+    adapter: State = field(default_factory=dict)
 
 
 @dataclass
@@ -76,14 +76,17 @@ class ClientWorker:
         self.device = resolve_device(cfg.runtime.device)
         if cfg.runtime.torch_threads is not None:
             torch.set_num_threads(cfg.runtime.torch_threads)
+        self.algorithm = algorithm_for(cfg)
+        self.scope = self.algorithm.scope
         base = build_pretrained_model(cfg.model, cfg.data, source, backbone_state)
         self.full_model_bytes = full_model_nbytes(base)
         # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.
         with torch_seeded(derive_seed(cfg.runtime.seed, "lora-init")):
-            self.model = add_lora(base, cfg.lora).to(self.device)
+            self.model = self.scope.wrap(base, cfg.lora).to(self.device)
         self.model.eval()
-        self.initial_adapter = shared_state(self.model)
-        self.initial_head = personal_state(self.model)
+        self.initial_adapter = self.scope.shared(self.model)
+        self.initial_head = self.scope.personal(self.model)
+        self._global_test: Optional[ArrayDataset] = None
         self._data_cache: dict[int, ClientData] = {}
         self._games: OrderedDict[tuple[int, str], "LayerGame"] = OrderedDict()
 
@@ -92,31 +95,48 @@ class ClientWorker:
             self._data_cache[client_id] = client_data(self.source, self.partition, client_id)
         return self._data_cache[client_id]
 
+    def global_test(self) -> ArrayDataset:
+        if self._global_test is None:
+            self._global_test = global_test_set(self.source, self.partition)
+        return self._global_test
+
     def initial_state(self) -> ClientState:
         return ClientState(head={k: v.clone() for k, v in self.initial_head.items()})
 
+    def _own_adapter(self, state: ClientState, received: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """What the client starts from: the received global tensors, or its own if it trains alone."""
+        return state.adapter if (not self.algorithm.federated and state.adapter) else received
+
     def _load(self, adapter: Mapping[str, torch.Tensor], state: ClientState) -> None:
-        load_adapter_state(self.model, {**adapter, **state.head})
+        self.scope.load(self.model, {**adapter, **state.head})
 
     def train(self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int) -> ClientUpdate:
-        """Start from the global adapter and the client's own head, train one local round."""
-        self._load(global_adapter, state)
+        """Start from the global adapter (or its own, if not federated) and its own head; train one round."""
+        start = self._own_adapter(state, global_adapter)
+        self._load(start, state)
         data = self.data(client_id).train
         metrics = adversarial_round(
-            self.model, data, self.cfg.loss, self.cfg.train, self.cfg.attack,
+            self.model, data, self.algorithm.objective(data), self.cfg.train,
             seed=derive_seed(self.cfg.runtime.seed, "train", round_index, client_id),
-            device=self.device, global_shared=global_adapter,
+            device=self.device, global_shared=start,
         )
-        adapter = shared_state(self.model)
-        new_state = ClientState(head=personal_state(self.model), rounds_trained=state.rounds_trained + 1)
+        adapter = self.scope.shared(self.model)
+        new_state = ClientState(head=self.scope.personal(self.model), rounds_trained=state.rounds_trained + 1,
+                                adapter={} if self.algorithm.federated else adapter)
         return ClientUpdate(client_id, adapter, len(data), metrics, new_state)
 
-    def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], attack_name: Optional[str] = None) -> EvalResult:
-        """The client's personalised model (given adapter + own head) on its own test split."""
-        self._load(adapter, state)
+    def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor],
+                 attack_name: Optional[str] = None, protocol: bool = False) -> EvalResult:
+        """The client's personalised model (given adapter + own head) on its own test split;
+        ``GLOBAL_TEST_CLIENT`` scores the given (global) model on the global test set.
+        ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well."""
+        self._load(self._own_adapter(state, adapter), state)
+        data = self.global_test() if client_id == GLOBAL_TEST_CLIENT else self.data(client_id).test
         return evaluate(
-            self.model, self.data(client_id).test, self.cfg.attack, self.cfg.train.eval_batch_size,
-            seed=derive_seed(self.cfg.runtime.seed, "eval", client_id), device=self.device, attack_name=attack_name,
+            self.model, data, self.cfg.attack, self.cfg.train.eval_batch_size,
+            seed=derive_seed(self.cfg.runtime.seed, "eval", "global" if client_id == GLOBAL_TEST_CLIENT else client_id),
+            device=self.device, attack_name=attack_name,
+            protocol=self.cfg.evaluation if protocol else None,
         )
 
     # --- Phase 2 ---------------------------------------------------------------------------------
@@ -126,6 +146,8 @@ class ClientWorker:
 
         key = (client_id, adapter_key)
         if key not in self._games:
+            if self.scope.name != "lora":
+                raise ValueError(f"Phase 2 merges a LoRA adapter; algorithm {self.algorithm.name!r} has none")
             fused = fuse(self.model, adapter, state.head)
             self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
             while len(self._games) > GAME_CACHE_SIZE:

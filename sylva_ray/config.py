@@ -193,6 +193,46 @@ class LayerSelectionConfig:
 
 
 @dataclass(config=_STRICT)
+class AlgorithmConfig:
+    """Which method trains the clients (``sylva_ray.algorithms``); baselines share the engine.
+
+    The algorithm fixes the fields it defines (e.g. ``fat`` sets ``federation.aggregation=fedavg``
+    and plain PGD-AT loss weights); the run's config.yaml records the resolved values.
+    """
+
+    name: Annotated[str, Field(description="algorithm registry name: sylva, fat, fedtrades, fedmart, calfat, local_at, fedavg_lora_at")] = "sylva"
+    ablations: Annotated[
+        list[Literal["no_phase2", "fedavg", "no_class_balance", "no_similarity", "no_proximal"]],
+        Field(description="sylva only: switch parts off (no_phase2, fedavg instead of ball tree, no_class_balance, no_similarity, no_proximal)"),
+    ] = field(default_factory=list)
+    trades_beta: Annotated[float, Field(ge=0, description="fedtrades: beta of TRADES' KL term (Zhang et al. 2019: 6)")] = 6.0
+    mart_beta: Annotated[float, Field(ge=0, description="fedmart: beta of MART's misclassification-aware KL term (Wang et al. 2020: 6)")] = 6.0
+    calfat_tau: Annotated[float, Field(ge=0, description="calfat: tau of the calibrated logits z + tau * log(prior)")] = 0.1
+    calfat_scale: Annotated[float, Field(ge=0, description="calfat: weight of the calibrated KL(benign || adversarial) term in the outer loss")] = 10.0
+    full_model_lr: Annotated[float, Field(gt=0, description="train.lr of full-model algorithms (fat, fedtrades, fedmart, calfat): SGD at LoRA's 0.05 on every weight collapsed FAT to 12% clean in one round; 0.01 gave 66.5% clean, 0.003 92.9/59.4 after 3 rounds (measured here)")] = 0.003
+
+
+@dataclass(config=_STRICT)
+class EvaluationConfig:
+    """The evaluation protocol of final models (the same for every algorithm; README 'Evaluation protocol').
+
+    Every evaluation reports clean accuracy and PGD (``attack.eval_*``: PGD-20 by default). The
+    *final* evaluation (Phase 2's models for Sylva, Phase 1's otherwise) also runs AutoAttack and
+    the gradient-masking checks, on fixed per-client subsets (the first samples of each test split).
+    """
+
+    autoattack: Annotated[bool, Field(description="run AutoAttack (attack.autoattack_*: APGD-CE, APGD-T, FAB-T, Square) on the final models")] = True
+    autoattack_max_samples: Annotated[int, Field(ge=1, description="AutoAttack subset per client (and of the global test set): its first N samples")] = 100
+    global_test: Annotated[bool, Field(description="also score models that have a global form (full-model FedAvg) on the global test set (FAT-paper convention)")] = True
+    sanity_checks: Annotated[bool, Field(description="run the gradient-masking checks (robust <= clean, PGD-long <= PGD, ~0 accuracy at a large eps) with the final evaluation")] = True
+    sanity_samples: Annotated[int, Field(ge=1, description="subset per client for the PGD-long and large-eps checks")] = 32
+    sanity_long_steps: Annotated[int, Field(ge=1, description="iterations of the long PGD that must not beat PGD (PGD-100 convention)")] = 100
+    sanity_large_eps: Annotated[float, Field(gt=0, le=1, description="the 'large' L-inf radius at which accuracy must be near 0 (pixel space)")] = 0.5
+    sanity_large_eps_max_acc: Annotated[float, Field(ge=0, le=1, description="accuracy at sanity_large_eps above this is flagged")] = 0.1
+    sanity_tolerance: Annotated[float, Field(ge=0, le=1, description="accuracy slack for the ordering checks (seeded attacks still differ by a sample or two)")] = 0.02
+
+
+@dataclass(config=_STRICT)
 class RuntimeConfig:
     """Where and how the simulation runs."""
 
@@ -230,6 +270,8 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     layer_selection: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -251,10 +293,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "smoke",
         "data": {"num_clients": 4, "alpha": 0.5},
         "model": {"pretrain_epochs": 40},
-        "attack": {"train_steps": 2, "eval_steps": 5, "eval_max_samples": 64},
+        "attack": {"train_steps": 2, "eval_steps": 5, "eval_max_samples": 64, "autoattack_steps": 5, "autoattack_square_queries": 50},
         "train": {"local_steps": 4},
         "federation": {"rounds": 2},
         "layer_selection": {"finetune_steps": 5, "coalition_steps": 3},
+        "evaluation": {"autoattack_max_samples": 16, "sanity_samples": 16, "sanity_long_steps": 20},
     },
     # The paper's scale: CIFAR-10 from a local folder, ImageNet ViT-B/16 from timm, CalFAT/SFAT attack.
     "paper": {
@@ -327,12 +370,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
     return raw
 
 
-def build_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks)."""
+def _validate(raw: dict[str, Any]) -> ExperimentConfig:
     try:
-        cfg = TypeAdapter(ExperimentConfig).validate_python(raw)
+        return TypeAdapter(ExperimentConfig).validate_python(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks).
+
+    The algorithm's implied settings are applied last (they win over the user's layers): a run
+    named ``fat`` is FAT whatever the preset says about Sylva's loss. Resolution is idempotent,
+    so a run's config.yaml loads back to itself.
+    """
+    cfg = _validate(raw)
+    from sylva_ray.algorithms import ALGORITHMS  # the registry imports config; import it late
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}")
+    implied = ALGORITHMS.get(cfg.algorithm.name).implied_settings(cfg.algorithm)
+    if implied:
+        cfg = _validate(apply_overrides(cfg.to_dict(), implied))
     problems = semantic_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -345,6 +404,16 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> ExperimentConfig:
     """Defaults -> preset -> YAML file -> ``--set`` overrides, validated once at the end."""
+    return build_config(raw_config(preset, config_file, overrides))
+
+
+def raw_config(
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The user's layers merged, before validation and before any algorithm's implied settings
+    (``compare`` derives one config per algorithm from it)."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
     raw: dict[str, Any] = copy.deepcopy(PRESETS[preset])
@@ -356,7 +425,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {str(path)!r}: expected a YAML mapping at the top level")
         raw = _deep_merge(raw, loaded)
-    return build_config(apply_overrides(raw, list(overrides or [])))
+    return apply_overrides(raw, list(overrides or []))
 
 
 def semantic_problems(cfg: ExperimentConfig) -> list[str]:
@@ -378,6 +447,13 @@ def semantic_problems(cfg: ExperimentConfig) -> list[str]:
     check_name("attack.eval_attack", cfg.attack.eval_attack, ATTACKS)
     check_name("federation.aggregation", cfg.federation.aggregation, AGGREGATORS)
 
+    from sylva_ray.algorithms import ALGORITHMS
+
+    accepted = ALGORITHMS.get(cfg.algorithm.name).accepted_ablations
+    for ablation in cfg.algorithm.ablations:
+        if ablation not in accepted:
+            problems.append(f"algorithm.ablations entry {ablation!r} does not apply to algorithm.name={cfg.algorithm.name!r}"
+                            + (f"; it accepts {sorted(accepted)}" if accepted else "; only sylva has ablations"))
     if cfg.data.name in {"cifar10", "cifar100", "imagefolder"}:
         if not cfg.data.root:
             problems.append(f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder")

@@ -362,3 +362,12 @@ def client_data(source: DataSource, partition: Partition, client_id: int) -> Cli
         train=source.private.subset(partition.train[client_id]),
         test=source.private.subset(partition.test[client_id]),
     )
+
+
+def global_test_set(source: DataSource, partition: Partition) -> ArrayDataset:
+    """The FAT-paper convention's test set: the dataset's official test split when it has one
+    (CIFAR), else the union of every client's test split in pool order (digits, imagefolder)."""
+    if source.official_test is not None:
+        return source.official_test
+    indices = np.sort(np.concatenate([np.asarray(t, dtype=np.int64) for t in partition.test]))
+    return source.private.subset(indices)

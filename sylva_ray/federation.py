@@ -27,11 +27,13 @@ import pandas as pd
 import torch
 
 from sylva_ray.aggregation import aggregate
-from sylva_ray.client import ClientState, ClientWorker
+from sylva_ray.algorithms import algorithm_for
+from sylva_ray.client import GLOBAL_TEST_CLIENT, ClientState, ClientWorker
 from sylva_ray.config import ExperimentConfig
 from sylva_ray.data import DataSource, Partition
 from sylva_ray.models import decode_state, encode_state
 from sylva_ray.results import plot_accuracy, write_json, write_table
+from sylva_ray.sanity import sanity_warnings
 from sylva_ray.seeding import numpy_rng
 from sylva_ray.storage import atomic_write_bytes, atomic_write_with
 
@@ -63,6 +65,7 @@ class Job:
     state: ClientState
     mask: Optional[int] = None
     players: Optional[list[int]] = None
+    protocol: bool = False  # evaluation: the final-model protocol (AutoAttack + sanity attacks)
 
 
 @dataclass
@@ -117,14 +120,15 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
 def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_index: int) -> Outcome:
     """The body of a training job, wherever it runs (in-process or inside an actor)."""
     update = worker.train(job.client_id, job.state, global_adapter, round_index)
+    upload = encode_state(update.adapter) if worker.algorithm.federated else None  # local training sends nothing
     return Outcome(
-        client_id=job.client_id, upload=encode_state(update.adapter), state=update.state,
+        client_id=job.client_id, upload=upload, state=update.state,
         num_samples=update.num_samples, metrics=update.metrics.as_dict("train_"),
     )
 
 
 def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
-    result = worker.evaluate(job.client_id, job.state, adapter)
+    result = worker.evaluate(job.client_id, job.state, adapter, protocol=job.protocol)
     return Outcome(client_id=job.client_id, metrics=result.as_dict())
 
 
@@ -191,6 +195,8 @@ class FederationState:
     last_eval: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    global_eval: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
         """One file, written atomically; loadable with ``torch.load(weights_only=True)``."""
@@ -199,8 +205,9 @@ class FederationState:
             "global_adapter": self.global_adapter,
             "heads": {str(c): s.head for c, s in self.client_states.items()},
             "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
+            "adapters": {str(c): s.adapter for c, s in self.client_states.items()},
             "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval,
-                                  "initial": self.initial}),
+                                  "initial": self.initial, "global_eval": self.global_eval, "warnings": self.warnings}),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "seconds": self.seconds,
@@ -214,20 +221,31 @@ class FederationState:
         return cls(
             next_round=int(payload["next_round"]),
             global_adapter=payload["global_adapter"],
-            client_states={int(c): ClientState(head=h, rounds_trained=int(payload["rounds_trained"][c])) for c, h in payload["heads"].items()},
+            client_states={int(c): ClientState(head=h, rounds_trained=int(payload["rounds_trained"][c]),
+                                               adapter=payload.get("adapters", {}).get(c, {})) for c, h in payload["heads"].items()},
             rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"], initial=tables["initial"],
+            global_eval=tables.get("global_eval", {}), warnings=tables.get("warnings", []),
             bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
         )
 
 
+#: accuracy column -> the column holding how many samples it was measured on
+ACCURACY_COUNTS = {"clean_acc": "num_clean", "robust_acc": "num_robust", "autoattack_acc": "num_autoattack"}
+
+
 def client_means(evaluation: pd.DataFrame) -> dict[str, float]:
-    """Unweighted client means (each client's model counts once) and test-sample-weighted means."""
-    return {
-        "clean_acc": float(evaluation["clean_acc"].mean()),
-        "robust_acc": float(evaluation["robust_acc"].mean()),
-        "clean_acc_weighted": float(np.average(evaluation["clean_acc"], weights=evaluation["num_clean"])),
-        "robust_acc_weighted": float(np.average(evaluation["robust_acc"], weights=evaluation["num_robust"])),
-    }
+    """Per accuracy: the unweighted client mean (each client's model counts once), the
+    test-sample-weighted mean (personalised-FL convention) and the weighted std over clients."""
+    means: dict[str, float] = {}
+    for column, count in ACCURACY_COUNTS.items():
+        if column not in evaluation or evaluation[column].isna().all():
+            continue
+        frame = evaluation[[column, count]].dropna()
+        weighted = float(np.average(frame[column], weights=frame[count]))
+        means[column] = float(frame[column].mean())
+        means[f"{column}_weighted"] = weighted
+        means[f"{column}_client_std"] = float(np.sqrt(np.average((frame[column] - weighted) ** 2, weights=frame[count])))
+    return means
 
 
 class Federation:
@@ -238,6 +256,7 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.executor = executor
         self.info = executor.info()
+        self.algorithm = algorithm_for(cfg)
         self.adapter_bytes = len(encode_state(self.info.initial_adapter))
         checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
         if resume and checkpoint.is_file():
@@ -266,11 +285,16 @@ class Federation:
             # The reference a run must beat: the pre-trained model (LoRA B = 0) with its pre-trained head.
             st.initial = client_means(pd.DataFrame(self._evaluate_all({}, r)))
         participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
-        payload = encode_state(st.global_adapter)  # one copy per round, whatever the number of clients
+        federated = self.algorithm.federated
+        # One copy per round, whatever the number of clients; a client training alone receives nothing.
+        payload = encode_state(st.global_adapter if federated else {})
+        sent = len(payload) if federated else 0
         outcomes = sorted(self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
                           key=lambda o: o.client_id)
         done = [o for o in outcomes if o.ok]
-        if done:
+        if done and not federated:
+            weights = np.zeros(0)
+        elif done:
             uploads = [decode_state(o.upload) for o in done]  # type: ignore[arg-type]
             st.global_adapter, weights = aggregate(cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation)
         else:
@@ -280,20 +304,28 @@ class Federation:
         for outcome in outcomes:
             row: dict[str, Any] = {"round": r, "client": outcome.client_id, "participated": True,
                                    "dropped": not outcome.ok, "attempts": outcome.attempts,
-                                   "bytes_down": len(payload), "bytes_up": len(outcome.upload or b"")}
+                                   "bytes_down": sent, "bytes_up": len(outcome.upload or b"")}
             if outcome.ok:
                 st.client_states[outcome.client_id] = outcome.state  # type: ignore[assignment]
                 row.update(outcome.metrics)
             else:
                 row["error"] = (outcome.error or "").strip().splitlines()[-1][:200] if outcome.error else ""
             st.bytes_up += row["bytes_up"]
-            st.bytes_down += len(payload)
+            st.bytes_down += sent
             rows[outcome.client_id] = row
         for outcome, weight in zip(done, weights):
             rows[outcome.client_id]["agg_weight"] = float(weight)
 
+        final = r == cfg.federation.rounds - 1
         if evaluate if evaluate is not None else is_eval_round(r, cfg):
-            st.last_eval = self._evaluate_all(rows, r)
+            # Phase 1's models are the final ones unless Phase 2 follows: they get the full protocol.
+            protocol = final and not cfg.layer_selection.enabled
+            st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
+            # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
+            st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
+            if protocol and self.algorithm.has_global_form and cfg.evaluation.global_test:
+                st.global_eval = self._evaluate_global()
+                st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
         st.rows.extend(rows[c] for c in sorted(rows))
         seconds = time.perf_counter() - started
         st.seconds += seconds
@@ -306,10 +338,19 @@ class Federation:
                  summary.get("clean_acc", float("nan")), summary.get("robust_acc", float("nan")), summary["bytes_up"], seconds)
         return summary
 
-    def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int) -> list[dict[str, Any]]:
+    def _evaluate_global(self) -> dict[str, Any]:
+        """The global model on the global test set (models with a global form only)."""
+        job = Job(GLOBAL_TEST_CLIENT, ClientState(head={}), protocol=True)
+        outcome = self.executor.evaluate([job], encode_state(self.state.global_adapter))[0]
+        if not outcome.ok:
+            log.warning("global-test evaluation failed: %s", outcome.error)
+            return {}
+        return dict(outcome.metrics)
+
+    def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int, protocol: bool = False) -> list[dict[str, Any]]:
         """Each client's personalised model (global adapter + own head) on its own test split."""
         st = self.state
-        jobs = [Job(c, st.client_states[c]) for c in range(self.cfg.data.num_clients)]
+        jobs = [Job(c, st.client_states[c], protocol=protocol) for c in range(self.cfg.data.num_clients)]
         results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
         evaluation = []
         for outcome in results:
@@ -359,23 +400,32 @@ class Federation:
         plot_accuracy(self.run_dir, pd.DataFrame(st.round_rows))
         if cfg.output.save_models:
             for cid, client in st.client_states.items():
-                atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors", encode_state({**st.global_adapter, **client.head}))
+                shared = client.adapter or st.global_adapter  # a client that trained alone has its own
+                atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors", encode_state({**shared, **client.head}))
         means = client_means(final_eval)
         below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
         phase2 = self.phase2(self.run_dir) if cfg.layer_selection.enabled else {}
+        warnings = list(st.warnings) + list(phase2.get("sanity_warnings", []))
         summary = {
+            "algorithm": {"name": cfg.algorithm.name, "ablations": list(cfg.algorithm.ablations),
+                          "scope": self.algorithm.scope_name, "federated": self.algorithm.federated},
             "final": phase2["means"] if phase2 else means,
             "phase1": dict(means),
             **({"phase2": phase2["means"], "selected_layers": phase2["selected"]} if phase2 else {}),
             "initial": st.initial,
-            "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()), "clients_below_majority_rate": below},
+            "global": st.global_eval or None,
+            "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()),
+                       "majority_rate_weighted": float(np.average(final_eval["majority_rate"], weights=final_eval["num_clean"])),
+                       "clients_below_majority_rate": below, "warnings": warnings},
             "communication": {
                 "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "adapter_bytes": self.adapter_bytes,
                 "full_model_bytes": self.info.full_model_bytes,
                 "full_over_adapter": self.info.full_model_bytes / self.adapter_bytes, "rounds": cfg.federation.rounds,
+                "upload_bytes_per_round": st.bytes_up / max(1, len(st.round_rows)),
             },
             "dropped_client_rounds": int(sum(bool(r.get("dropped")) for r in st.rows)),
             "seconds": st.seconds,
+            "wall_seconds": st.seconds + float(phase2.get("seconds", 0.0)),
             "per_client": phase2["per_client"] if phase2 else st.last_eval,
         }
         if below:

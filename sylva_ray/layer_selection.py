@@ -112,7 +112,8 @@ class LayerGame:
         """
         self._tune(players, self.train, self.sel.finetune_steps)
         result = evaluate(self.model, test, self.cfg.attack, self.cfg.train.eval_batch_size,
-                          seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id), device=self.device)
+                          seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id), device=self.device,
+                          protocol=self.cfg.evaluation)  # the tailored model is the final one: full protocol
         head = classifier_prefix(self.model)
         tuned = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                  if k.startswith(head) or any(k.startswith(self.players[p]) for p in players)}

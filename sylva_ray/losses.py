@@ -94,3 +94,56 @@ def sylva_loss(
         prox = proximal_term(local_shared, global_shared)
     total = cfg.adversarial_weight * adv + cfg.benign_weight * ben + cfg.similarity_weight * sim + 0.5 * cfg.proximal_mu * prox
     return LossTerms(total, float(adv.detach()), float(ben.detach()), float(sim.detach()), float(prox.detach()))
+
+
+# --- baselines' local objectives (pure functions, unit-tested by hand) ---------------------------
+#: MART's released code keeps log() finite with these offsets; kept so results match it.
+MART_LOG_OFFSET = 1.0001
+MART_EPS = 1e-12
+#: CalFAT: a class the client never saw gets this prior instead of 0, so log(prior) stays finite.
+PRIOR_FLOOR = 1e-6
+
+
+def mart_loss(adversarial_logits: torch.Tensor, benign_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> LossTerms:
+    """MART (Wang et al., ICLR 2020), as in the authors' code:
+
+        BCE(x', y) = CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x'))
+        total      = BCE + beta * mean_i[ KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)) ]
+    """
+    adv_probs = F.softmax(adversarial_logits, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    runner_up = torch.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
+    boosted = F.cross_entropy(adversarial_logits, labels) + F.nll_loss(torch.log(MART_LOG_OFFSET - adv_probs + MART_EPS), runner_up)
+    nat_probs = F.softmax(benign_logits, dim=1)
+    true_probs = nat_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    kl = F.kl_div(torch.log(adv_probs + MART_EPS), nat_probs, reduction="none").sum(dim=1)
+    robust = (kl * (1.0000001 - true_probs)).mean()
+    total = boosted + beta * robust
+    zero = 0.0
+    return LossTerms(total, float(boosted.detach()), zero, float(robust.detach()), zero)
+
+
+def class_prior(counts: np.ndarray) -> torch.Tensor:
+    """A client's label distribution from its train counts, absent classes floored at PRIOR_FLOOR."""
+    counts = np.asarray(counts, dtype=np.float64)
+    prior = np.maximum(counts / max(counts.sum(), 1.0), PRIOR_FLOOR)
+    return torch.tensor(prior / prior.sum(), dtype=torch.float32)
+
+
+def calibrate(logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """CalFAT's calibrated logits z + tau * log(pi): a frequent class must win by more."""
+    return logits + tau * log_prior.to(logits.device)
+
+
+def calfat_loss(adversarial_logits: torch.Tensor, benign_logits: torch.Tensor, labels: torch.Tensor,
+                log_prior: torch.Tensor, tau: float, scale: float) -> LossTerms:
+    """CalFAT's outer loss on calibrated logits (see ``sylva_ray.algorithms.CalFAT`` for the source):
+
+        total = CE(z~(x'), y) + scale * KL(softmax(z~(x)) || softmax(z~(x')))     z~ = z + tau log pi
+    """
+    adv = calibrate(adversarial_logits, log_prior, tau)
+    ben = calibrate(benign_logits, log_prior, tau)
+    ce = F.cross_entropy(adv, labels)
+    kl = similarity_kl(ben, adv, detach_benign=False)
+    total = ce + scale * kl
+    return LossTerms(total, float(ce.detach()), 0.0, float(kl.detach()), 0.0)

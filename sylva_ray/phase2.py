@@ -24,6 +24,7 @@ import torch
 from sylva_ray.client import ClientState
 from sylva_ray.config import ExperimentConfig
 from sylva_ray.models import encode_state
+from sylva_ray.sanity import sanity_warnings
 from sylva_ray.results import write_table
 from sylva_ray.seeding import derive_seed
 from sylva_ray.shapley import ShapleyResult, make_estimator, select_players
@@ -126,12 +127,13 @@ def run_phase2(cfg: ExperimentConfig, executor: Any, players: list[str], global_
     per_client_frame = pd.DataFrame(per_client)
     plot_before_after(out_dir, per_client_frame)
     means = client_means(per_client_frame)
+    warnings = sanity_warnings([row for row in per_client if "phase2_error" not in row], cfg.evaluation, "phase 2 (final)")
     seconds = time.perf_counter() - started
     log.info("phase 2: %d clients, %d layers, %d coalition evaluations, clean %.4f robust %.4f, %.1fs",
              len(results), len(players), sum(r.evaluations for r in results.values()), means["clean_acc"], means["robust_acc"], seconds)
     return {"means": means, "selected": {str(c): [players[p] for p in s] for c, s in selected.items()},
             "per_client": per_client, "failed": {str(c): e for c, e in failed.items()}, "seconds": seconds,
-            "evaluations": int(sum(r.evaluations for r in results.values()))}
+            "evaluations": int(sum(r.evaluations for r in results.values())), "sanity_warnings": warnings}
 
 
 def _pyplot():  # type: ignore[no-untyped-def]

@@ -70,7 +70,7 @@ def probe_address(address: str) -> None:
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_after: Optional[int] = None,
-        faults: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+        faults: Optional[dict[str, Any]] = None, progress: bool = True) -> Optional[dict[str, Any]]:
     """Run (or continue) Phase 1 into ``run_dir``; returns the summary, or None if stopped early.
 
     ``stop_after`` ends the session after that many rounds in total, as an interruption would
@@ -80,13 +80,13 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
         write_config(run_dir, cfg)
     if cfg.runtime.engine == "inprocess":
         source, partition = prepare_data(cfg, run_dir, resume)
-        return _drive(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume), stop_after)
+        return _drive(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume), stop_after, progress)
 
     with remote_federation(cfg, run_dir, resume) as federation:
         if faults:
             federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}))
         log.info("driver ready: %d client actors for %d clients", federation.status["actors"], cfg.data.num_clients)
-        return _drive(federation, stop_after)
+        return _drive(federation, stop_after, progress)
 
 
 @contextlib.contextmanager
@@ -143,14 +143,14 @@ class RemoteFederation:
         self._ray.get(self._driver.inject_faults.remote(kills, raises))
 
 
-def _drive(federation: Any, stop_after: Optional[int]) -> Optional[dict[str, Any]]:
+def _drive(federation: Any, stop_after: Optional[int], progress: bool = True) -> Optional[dict[str, Any]]:
     """The progress loop: one call per round, a bar with the latest client means."""
     if isinstance(federation, Federation):
         start, total = federation.state.next_round, federation.cfg.federation.rounds
     else:
         status = federation.status
         start, total = status["next_round"], status["rounds"]
-    with tqdm(total=total, initial=start, desc="phase 1 rounds") as bar:
+    with tqdm(total=total, initial=start, desc="phase 1 rounds", disable=not progress) as bar:
         for done_rounds in range(start + 1, total + 1):
             summary = federation.run_round()
             bar.update(1)
@@ -168,7 +168,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return build_config(yaml.safe_load(path.read_text()))
 
 
-def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
+def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
     """Continue an interrupted run from its last checkpoint; a finished run just returns its summary."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -184,7 +184,7 @@ def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[in
         return read_json(run_dir / "summary.json")
     if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file():
         log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
-    return run(cfg, run_dir, resume=True, stop_after=stop_after)
+    return run(cfg, run_dir, resume=True, stop_after=stop_after, progress=progress)
 
 
 def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:

@@ -8,18 +8,20 @@ runs it and whenever it finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
+import torchattacks
 from torch import nn
 
 from sylva_ray.attacks import build_attack, perturb
-from sylva_ray.config import AttackConfig, LossConfig, TrainConfig
+from sylva_ray.config import AttackConfig, EvaluationConfig, TrainConfig
 from sylva_ray.data import ArrayDataset
-from sylva_ray.losses import class_weights, sylva_loss
+from sylva_ray.losses import LossTerms
 from sylva_ray.models import Role, parameter_role
 from sylva_ray.seeding import derive_seed, torch_generator, torch_seeded
 
@@ -71,12 +73,28 @@ def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+class LocalObjective(Protocol):
+    """What an algorithm changes inside the one local loop: the inner attack and the outer loss.
+
+    Built per client and round (``Algorithm.objective(data)``), so it may hold the client's class
+    weights or prior. ``uses_anchor``: the loss wants the local shared tensors and the received
+    global ones (a proximal term).
+    """
+
+    needs_benign: bool
+    uses_anchor: bool
+
+    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack: ...
+
+    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
+             local_shared: Optional[Mapping[str, torch.Tensor]], global_shared: Optional[Mapping[str, torch.Tensor]]) -> LossTerms: ...
+
+
 def adversarial_round(
     model: nn.Module,
     data: ArrayDataset,
-    loss_cfg: LossConfig,
+    objective: LocalObjective,
     train_cfg: TrainConfig,
-    attack_cfg: AttackConfig,
     seed: int,
     device: torch.device,
     global_shared: Optional[Mapping[str, torch.Tensor]] = None,
@@ -91,10 +109,9 @@ def adversarial_round(
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(trainable, train_cfg)
-    weights = class_weights(data.class_counts(), loss_cfg.class_weighting, loss_cfg.class_weight_beta, loss_cfg.class_weight_max_ratio)
-    attack = build_attack(attack_cfg.train_attack, model, attack_cfg, "train", data.num_classes, seed)
-    needs_benign = loss_cfg.benign_weight > 0 or loss_cfg.similarity_weight > 0
-    use_prox = loss_cfg.proximal_mu > 0 and global_shared is not None
+    attack = objective.attack(model, seed)
+    needs_benign = objective.needs_benign
+    use_prox = objective.uses_anchor and global_shared is not None
     anchor = {k: v.to(device) for k, v in global_shared.items()} if use_prox else None
     local = shared_parameters(model) if use_prox else None
 
@@ -110,7 +127,7 @@ def adversarial_round(
             with torch_seeded(derive_seed(seed, "dropout", epoch, step)):
                 adv_logits = model(adversarial)
                 ben_logits = model(images) if needs_benign else None
-            terms = sylva_loss(loss_cfg, adv_logits, labels, ben_logits, weights, local, anchor)
+            terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()
@@ -191,13 +208,40 @@ def _is_plain_head(model: nn.Module, name: str) -> bool:
 
 @dataclass
 class EvalResult:
+    """Accuracies of one model on one test split. The protocol fields are None unless asked for.
+
+    ``clean_on_robust``: clean accuracy on the attacked subset (robust <= clean is checked there);
+    ``pgd_on_sanity``: the evaluation PGD's accuracy on the sanity subset, next to ``long_pgd_acc``
+    and ``large_eps_acc`` on the same images; ``pgd_on_autoattack``: PGD on AutoAttack's subset.
+    """
+
     clean_acc: float
     robust_acc: float
     num_clean: int
     num_robust: int
+    clean_on_robust: Optional[float] = None
+    autoattack_acc: Optional[float] = None
+    num_autoattack: Optional[int] = None
+    pgd_on_autoattack: Optional[float] = None
+    long_pgd_acc: Optional[float] = None
+    large_eps_acc: Optional[float] = None
+    pgd_on_sanity: Optional[float] = None
+    num_sanity: Optional[int] = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
+
+
+def _attack_hits(model: nn.Module, attack: torchattacks.attack.Attack, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Per-sample correctness under ``attack``, batch by batch, each batch seeded by its index."""
+    hits = []
+    for index, start in enumerate(range(0, len(labels), batch_size)):
+        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+        adversarial = perturb(attack, x, y, derive_seed(seed, "eval-attack", index))
+        with torch.no_grad():
+            hits.append((model(adversarial).argmax(1) == y).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def evaluate(
@@ -208,25 +252,44 @@ def evaluate(
     seed: int,
     device: torch.device,
     attack_name: Optional[str] = None,
+    protocol: Optional[EvaluationConfig] = None,
 ) -> EvalResult:
     """Clean accuracy on all of ``data``; robust accuracy under the evaluation attack.
 
     The robust subset is the first ``attack.eval_max_samples`` samples (a fixed subset: every
     model of a client is attacked on the same images). Attacks run with gradients on, in eval mode.
+    With ``protocol`` (final models): AutoAttack on the first ``autoattack_max_samples`` and the
+    gradient-masking attacks (long PGD, PGD at a large eps) on the first ``sanity_samples``.
     """
     model.eval()
-    attack = build_attack(attack_name or attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    with torch.no_grad():
+        clean = torch.cat([(model(images[i:i + batch_size].to(device)).argmax(1) == labels[i:i + batch_size].to(device)).cpu()
+                           for i in range(0, len(labels), batch_size)]) if len(labels) else torch.zeros(0, dtype=torch.bool)
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
-    clean_hits = robust_hits = 0
-    seen = 0
-    for index, (images, labels) in enumerate(batches(data, batch_size, seed, shuffle=False)):
-        images, labels = images.to(device), labels.to(device)
-        with torch.no_grad():
-            clean_hits += int((model(images).argmax(1) == labels).sum())
-        take = max(0, min(len(labels), limit - seen))
-        if take:
-            adversarial = perturb(attack, images[:take], labels[:take], derive_seed(seed, "eval-attack", index))
-            with torch.no_grad():
-                robust_hits += int((model(adversarial).argmax(1) == labels[:take]).sum())
-        seen += len(labels)
-    return EvalResult(clean_hits / max(len(data), 1), robust_hits / max(limit, 1), len(data), limit)
+    attack = build_attack(attack_name or attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
+    robust = _attack_hits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
+    result = EvalResult(_rate(clean), _rate(robust), len(data), limit, clean_on_robust=_rate(clean[:limit]))
+    if protocol is None or not len(labels):
+        return result
+    if protocol.autoattack:
+        n = min(len(labels), protocol.autoattack_max_samples)
+        auto = build_attack("autoattack", model, attack_cfg, "eval", data.num_classes, derive_seed(seed, "autoattack"))
+        hits = _attack_hits(model, auto, images[:n], labels[:n], batch_size, derive_seed(seed, "autoattack"), device)
+        result.autoattack_acc, result.num_autoattack = _rate(hits), n
+        result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
+    if protocol.sanity_checks:
+        n = min(len(labels), protocol.sanity_samples)
+        long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
+        long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)
+        large_cfg = dataclasses.replace(attack_cfg, eps=protocol.sanity_large_eps, eval_step_size=None)
+        large = build_attack("pgd", model, large_cfg, "eval", data.num_classes, seed)
+        result.long_pgd_acc = _rate(_attack_hits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device))
+        result.large_eps_acc = _rate(_attack_hits(model, large, images[:n], labels[:n], batch_size, seed, device))
+        result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
+        result.num_sanity = n
+    return result
+
+
+def _rate(hits: torch.Tensor) -> float:
+    return float(hits.float().mean()) if len(hits) else 0.0

@@ -7,11 +7,18 @@ import torch
 from sylva_ray.config import AttackConfig, DataConfig, LoRAConfig, LossConfig, ModelConfig, TrainConfig
 from sylva_ray.data import load_source
 from sylva_ray.models import add_lora, build_pretrained_model, parameter_roles, Role, shared_state, personal_state
+from sylva_ray.algorithms import SylvaObjective
+from sylva_ray.config import ExperimentConfig
 from sylva_ray.training import adversarial_round, benign_finetune, evaluate
 
 CPU = torch.device("cpu")
 ATTACK = AttackConfig(eps=0.05, train_steps=2, eval_steps=3)
 TRAIN = TrainConfig(batch_size=8, local_steps=3)
+
+
+def objective(loss, data):
+    """Sylva's objective (the one loop's loss + the configured attack) for these tests' attack settings."""
+    return SylvaObjective(ExperimentConfig(loss=loss, attack=ATTACK), data)
 
 
 @pytest.fixture
@@ -27,7 +34,7 @@ def _snapshot(model):
 
 def test_adversarial_round_moves_only_lora_and_head(model, tiny_dataset):
     before = _snapshot(model)
-    metrics = adversarial_round(model, tiny_dataset, LossConfig(), TRAIN, ATTACK, seed=1, device=CPU, global_shared=shared_state(model))
+    metrics = adversarial_round(model, tiny_dataset, objective(LossConfig(), tiny_dataset), TRAIN, seed=1, device=CPU, global_shared=shared_state(model))
     roles = parameter_roles(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(roles[n] is not Role.FROZEN for n in changed)
@@ -44,7 +51,7 @@ def test_adversarial_round_is_deterministic_given_its_seed(model, tiny_dataset):
     results = []
     for seed in (5, 5, 6):
         load_adapter_state(model, start)
-        adversarial_round(model, tiny_dataset, LossConfig(), TRAIN, ATTACK, seed=seed, device=CPU)
+        adversarial_round(model, tiny_dataset, objective(LossConfig(), tiny_dataset), TRAIN, seed=seed, device=CPU)
         results.append(shared_state(model))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert any(not torch.equal(results[0][k], results[2][k]) for k in results[0])
@@ -59,7 +66,7 @@ def test_proximal_term_pulls_towards_the_global_adapter(model, tiny_dataset):
     for mu in (0.0, 10.0):
         load_adapter_state(model, start)
         loss = dataclasses.replace(LossConfig(), proximal_mu=mu)
-        adversarial_round(model, tiny_dataset, loss, dataclasses.replace(TRAIN, local_steps=20, lr=0.05, momentum=0.0), ATTACK,
+        adversarial_round(model, tiny_dataset, objective(loss, tiny_dataset), dataclasses.replace(TRAIN, local_steps=20, lr=0.05, momentum=0.0),
                           seed=2, device=CPU, global_shared=anchor)
         distances[mu] = sum(float((v - anchor[k]).pow(2).sum()) for k, v in shared_state(model).items())
     assert distances[10.0] < 0.6 * distances[0.0]  # mu ignored would give a ratio of 1

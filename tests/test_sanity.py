@@ -53,7 +53,10 @@ def test_evaluate_with_the_protocol_measures_every_check_on_fixed_subsets():
     protocol = EvaluationConfig(autoattack_max_samples=10, sanity_samples=8, sanity_long_steps=15, sanity_large_eps=0.5)
     result = evaluate(model, data, attack, 16, seed=0, device=torch.device("cpu"), protocol=protocol)
     assert (result.num_clean, result.num_robust, result.num_autoattack, result.num_sanity) == (30, 20, 10, 8)
-    assert result.large_eps_acc <= result.pgd_on_sanity <= result.clean_on_robust + 1e-9 or result.large_eps_acc == 0
+    for value in (result.autoattack_acc, result.long_pgd_acc, result.large_eps_acc, result.pgd_on_sanity, result.pgd_on_autoattack):
+        assert 0 <= value <= 1
+    assert result.large_eps_acc == 0.0  # eps 0.5 breaks a linear model on every image
+    assert sanity_warnings([{"client": 0, **result.as_dict()}], protocol, "t") == []  # an honest model passes
     plain = evaluate(model, data, attack, 16, seed=0, device=torch.device("cpu"))
     assert (plain.clean_acc, plain.robust_acc) == (result.clean_acc, result.robust_acc)  # the protocol adds, never changes
     assert plain.autoattack_acc is None and "autoattack_acc" not in plain.as_dict()

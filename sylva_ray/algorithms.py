@@ -36,8 +36,10 @@ PGD_AT: dict[str, Any] = {
     "loss.proximal_mu": 0.0, "loss.class_weighting": "none", "attack.train_attack": "pgd",
 }
 def full_model_settings(algo: AlgorithmConfig) -> dict[str, Any]:
-    """Full-model fine-tuning takes a smaller step than LoRA (``algorithm.full_model_lr``)."""
-    return {"train.lr": algo.full_model_lr}
+    """Full-model fine-tuning takes a smaller, clipped step than LoRA (``algorithm.full_model_lr``,
+    ``full_model_max_grad_norm``): every weight of a pre-trained model moves, and a KL term against
+    its non-robust predictions starts with gradient norms near 100."""
+    return {"train.lr": algo.full_model_lr, "train.max_grad_norm": algo.full_model_max_grad_norm}
 
 
 #: Baselines aggregate by sample-weighted FedAvg and have no Phase 2.

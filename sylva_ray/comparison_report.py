@@ -134,16 +134,28 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+#: Matplotlib's ten default colours; beyond ten algorithms the marker (and bar hatch) changes too,
+#: so ``compare``'s default twelve stay distinguishable.
+MARKERS = ("o", "s", "^", "D")
+HATCHES = ("", "//", "..", "xx")
+
+
+def _style(index: int) -> dict[str, str]:
+    cycle = index // 10 % len(MARKERS)
+    return {"color": f"C{index % 10}", "marker": MARKERS[cycle], "hatch": HATCHES[cycle]}
+
+
 def plot_pareto(out: Path, frame: pd.DataFrame, agg: pd.DataFrame) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for index, algorithm in enumerate(agg.index):
-        color = f"C{index % 10}"
+        style = _style(index)
+        color = style["color"]
         seeds = frame[(frame["algorithm"] == algorithm) & (frame["status"] == "ok")]
-        ax.scatter(seeds["clean_acc"] * 100, seeds["robust_acc"] * 100, color=color, alpha=0.35, s=18)
+        ax.scatter(seeds["clean_acc"] * 100, seeds["robust_acc"] * 100, color=color, marker=style["marker"], alpha=0.35, s=18)
         ax.errorbar(agg.loc[algorithm, "clean_acc_mean"] * 100, agg.loc[algorithm, "robust_acc_mean"] * 100,
                     xerr=np.nan_to_num(agg.loc[algorithm, "clean_acc_std"] * 100), yerr=np.nan_to_num(agg.loc[algorithm, "robust_acc_std"] * 100),
-                    fmt="o", color=color, label=algorithm, capsize=3)
+                    fmt=style["marker"], color=color, label=algorithm, capsize=3)
     floor = agg["majority_rate_mean"].mean() * 100
     ax.axvline(floor, color="grey", ls=":", lw=1)
     ax.axhline(floor, color="grey", ls=":", lw=1, label="majority-class floor")
@@ -170,7 +182,9 @@ def plot_accuracy_vs_upload(out: Path, frame: pd.DataFrame) -> None:
         for ax, metric in zip(axes, ("clean_acc", "robust_acc")):
             if metric in rounds:
                 keep = rounds[metric].notna()
-                ax.plot(cumulative[keep], rounds.loc[keep, metric] * 100, marker=".", color=f"C{index % 10}", label=algorithm)
+                style = _style(index)
+                ax.plot(cumulative[keep], rounds.loc[keep, metric] * 100, marker=style["marker"], markersize=4,
+                        color=style["color"], label=algorithm)
     for ax, label in zip(axes, ("clean", "PGD")):
         ax.set_xscale("symlog", linthresh=0.01)
         ax.set_xlabel("cumulative upload (MB, all clients)")
@@ -200,13 +214,14 @@ def plot_per_client(out: Path, frame: pd.DataFrame) -> None:
     for ax, metric, label in zip(axes, ("clean_acc", "robust_acc"), ("clean", "PGD")):
         for index, (algorithm, rows) in enumerate(per_client.items()):
             xs = np.arange(len(clients)) + index * width
-            ax.bar(xs, [rows.get(c, {}).get(metric, np.nan) * 100 for c in clients], width, label=algorithm, color=f"C{index % 10}")
+            ax.bar(xs, [rows.get(c, {}).get(metric, np.nan) * 100 for c in clients], width, label=algorithm,
+                   color=_style(index)["color"], hatch=_style(index)["hatch"], edgecolor="white", linewidth=0)
         majority = [next((rows[c]["majority_rate"] for rows in per_client.values() if c in rows), np.nan) * 100 for c in clients]
         ax.scatter(np.arange(len(clients)) + 0.4 - width / 2, majority, marker="_", s=300, color="black", label="majority class", zorder=3)
         ax.set_ylabel(f"{label} accuracy (%)")
     axes[1].set_xticks(np.arange(len(clients)) + 0.4 - width / 2, [str(c) for c in clients])
     axes[1].set_xlabel("client (first seed's partition)")
-    axes[0].legend(fontsize=6, ncol=4)
+    axes[0].legend(fontsize=6, ncol=7, loc="lower left", bbox_to_anchor=(0.0, 1.02))  # above the bars, not over them
     fig.tight_layout()
     atomic_write_with(out / "per_client.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -51,8 +51,14 @@ def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, wh
                         "more iterations help the model (gradient masking?)")
     large, n = _pooled(rows, "large_eps_acc", "num_sanity")
     if n and large > cfg.sanity_large_eps_max_acc:
+        cause = "gradients may be masked or the attack broken"
+        if n and abs(clean - robust) <= tol:
+            # A model that predicts (nearly) one class whatever the input is trivially "robust":
+            # a collapsed run, not a masked one -- say which, so nobody hunts for masking.
+            cause = (f"PGD changes nothing either (clean {clean:.3f}, PGD {robust:.3f}): the model looks collapsed "
+                     "to a near-constant prediction (check the training loss), or gradients are masked")
         warnings.append(f"{where}: accuracy {large:.3f} at eps {cfg.sanity_large_eps} on {n} images is not near 0 "
-                        f"(> {cfg.sanity_large_eps_max_acc}): gradients may be masked or the attack broken")
+                        f"(> {cfg.sanity_large_eps_max_acc}): {cause}")
     auto, n = _pooled(rows, "autoattack_acc", "num_autoattack")
     pgd_same, _ = _pooled(rows, "pgd_on_autoattack", "num_autoattack")
     if n and auto > pgd_same + tol:

@@ -64,6 +64,12 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: Optional[fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def clip_gradients(params: list[nn.Parameter], max_norm: Optional[float]) -> None:
+    """``train.max_grad_norm``: one global-norm clip before the step (None leaves gradients alone)."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Shared (LoRA) parameters keyed like peft's adapter state dict (adapter name removed)."""
     return {
@@ -130,6 +136,7 @@ def adversarial_round(
             terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
+            clip_gradients(trainable, train_cfg.max_grad_norm)
             optimizer.step()
             metrics.steps += 1
             metrics.samples += len(labels)
@@ -181,6 +188,7 @@ def benign_finetune(
                     loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                clip_gradients(trainable, train_cfg.max_grad_norm)
                 optimizer.step()
                 metrics.steps += 1
                 metrics.samples += len(labels)

@@ -108,6 +108,8 @@ def test_algorithms_fix_their_settings_and_resolution_is_idempotent():
     fat = tiny("fat")
     assert (fat.federation.aggregation, fat.loss.benign_weight, fat.loss.similarity_weight, fat.layer_selection.enabled) == ("fedavg", 0.0, 0.0, False)
     assert fat.train.lr == fat.algorithm.full_model_lr
+    assert fat.train.max_grad_norm == fat.algorithm.full_model_max_grad_norm is not None
+    assert tiny("sylva").train.max_grad_norm is None  # LoRA algorithms keep the shared optimiser as configured
     trades = tiny("fedtrades")
     assert (trades.loss.similarity_weight, trades.loss.similarity_target, trades.attack.train_attack) == (6.0, "both", "trades_kl")
     sylva = tiny("sylva")

@@ -37,6 +37,16 @@ def test_each_red_flag_is_reported_loudly(overrides, needle, caplog):
     assert any("SANITY CHECK FAILED" in r.message for r in caplog.records)
 
 
+def test_a_collapsed_model_is_told_apart_from_masked_gradients():
+    # a run that diverged to one class: every attack leaves the same 30% standing
+    collapsed = dict(clean_acc=0.3, clean_on_robust=0.3, robust_acc=0.3, large_eps_acc=0.3, pgd_on_sanity=0.3,
+                     long_pgd_acc=0.3, autoattack_acc=0.3, pgd_on_autoattack=0.3)
+    [warning] = sanity_warnings([row(0, **collapsed)], CFG, "final")
+    assert "collapsed" in warning and "not near 0" in warning
+    [masked] = sanity_warnings([row(0, large_eps_acc=0.4)], CFG, "final")
+    assert "collapsed" not in masked and "masked" in masked
+
+
 def test_checks_pool_clients_by_their_sample_counts():
     # one tiny client with robust > clean by a lot, a big healthy one: the pooled check holds,
     # the per-client line still names the client

@@ -57,6 +57,24 @@ def test_adversarial_round_is_deterministic_given_its_seed(model, tiny_dataset):
     assert any(not torch.equal(results[0][k], results[2][k]) for k in results[0])
 
 
+def test_max_grad_norm_bounds_each_step(model, tiny_dataset):
+    # one SGD step (momentum buffer = the gradient) moves the trainable tensors by lr * ||clipped grad||
+    start = {**shared_state(model), **personal_state(model)}
+    from sylva_ray.models import load_adapter_state
+
+    def step_norm(max_norm):
+        load_adapter_state(model, start)
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        cfg = dataclasses.replace(TRAIN, local_steps=1, max_grad_norm=max_norm)
+        adversarial_round(model, tiny_dataset, objective(LossConfig(), tiny_dataset), cfg, seed=1, device=CPU)
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        return float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before))))
+
+    tiny_norm = 1e-4
+    assert step_norm(tiny_norm) == pytest.approx(TRAIN.lr * tiny_norm, rel=1e-3)
+    assert step_norm(None) > 10 * TRAIN.lr * tiny_norm
+
+
 def test_proximal_term_pulls_towards_the_global_adapter(model, tiny_dataset):
     from sylva_ray.models import load_adapter_state
 

@@ -52,9 +52,14 @@ def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, wh
     large, n = _pooled(rows, "large_eps_acc", "num_sanity")
     if n and large > cfg.sanity_large_eps_max_acc:
         cause = "gradients may be masked or the attack broken"
-        if n and abs(clean - robust) <= tol:
-            # A model that predicts (nearly) one class whatever the input is trivially "robust":
-            # a collapsed run, not a masked one -- say which, so nobody hunts for masking.
+        # A model that predicts (nearly) one class whatever the input is trivially "robust": a
+        # collapsed run, not a masked one. Say which, so nobody hunts for masking in a diverged run.
+        clean_all, _ = _pooled(rows, "clean_acc", "num_clean")
+        majority, _ = _pooled(rows, "majority_rate", "num_clean")
+        if clean_all <= majority + tol:
+            cause = (f"clean accuracy {clean_all:.3f} does not beat the majority-class constant predictor "
+                     f"({majority:.3f}): the model looks collapsed (check the training loss), not masked")
+        elif abs(clean - robust) <= tol:
             cause = (f"PGD changes nothing either (clean {clean:.3f}, PGD {robust:.3f}): the model looks collapsed "
                      "to a near-constant prediction (check the training loss), or gradients are masked")
         warnings.append(f"{where}: accuracy {large:.3f} at eps {cfg.sanity_large_eps} on {n} images is not near 0 "

@@ -43,8 +43,13 @@ def test_a_collapsed_model_is_told_apart_from_masked_gradients():
                      long_pgd_acc=0.3, autoattack_acc=0.3, pgd_on_autoattack=0.3)
     [warning] = sanity_warnings([row(0, **collapsed)], CFG, "final")
     assert "collapsed" in warning and "not near 0" in warning
-    [masked] = sanity_warnings([row(0, large_eps_acc=0.4)], CFG, "final")
+    [masked] = sanity_warnings([row(0, large_eps_acc=0.4, majority_rate=0.5)], CFG, "final")
     assert "collapsed" not in masked and "masked" in masked
+    # a diverged run that Phase 2 half-repaired: PGD still bites a little, but clean accuracy is
+    # below what always answering the client's majority class would score
+    half = dict(clean_acc=0.39, clean_on_robust=0.39, robust_acc=0.35, large_eps_acc=0.34, majority_rate=0.44)
+    [warning] = sanity_warnings([row(0, **half)], CFG, "phase 2")
+    assert "majority-class" in warning and "collapsed" in warning
 
 
 def test_checks_pool_clients_by_their_sample_counts():

@@ -164,7 +164,6 @@ class Sylva(Algorithm):
     aggregation, Phase 2. The ablations switch one part off each; the rest is the config as given."""
 
     name = "sylva"
-    accepted_ablations = frozenset({"no_phase2", "fedavg", "no_class_balance", "no_similarity", "no_proximal"})
     ABLATION_SETTINGS: ClassVar[dict[str, dict[str, Any]]] = {
         "no_phase2": {"layer_selection.enabled": False},
         "fedavg": {"federation.aggregation": "fedavg"},
@@ -172,6 +171,7 @@ class Sylva(Algorithm):
         "no_similarity": {"loss.similarity_weight": 0.0},
         "no_proximal": {"loss.proximal_mu": 0.0},
     }
+    accepted_ablations = frozenset(ABLATION_SETTINGS)
 
     @classmethod
     def implied_settings(cls, algo: AlgorithmConfig) -> dict[str, Any]:
@@ -267,3 +267,12 @@ class FedAvgLoRAAT(Algorithm):
     @classmethod
     def implied_settings(cls, algo: AlgorithmConfig) -> dict[str, Any]:
         return {**PGD_AT, **FEDAVG_NO_PHASE2}
+
+
+def default_comparison() -> list[str]:
+    """What ``sylva-ray compare`` runs without ``--algorithms``: Sylva, each of its ablations, then
+    every other registered algorithm -- LoRA before full-model, federated before local, otherwise in
+    registration order -- so a newly registered baseline joins the comparison without a list to edit."""
+    others = [ALGORITHMS.get(name) for name in ALGORITHMS.registered() if name != Sylva.name]
+    others.sort(key=lambda cls: (cls.scope_name != "lora", not cls.federated))  # stable: keeps registration order
+    return [Sylva.name, *(f"{Sylva.name}-{ablation}" for ablation in Sylva.ABLATION_SETTINGS), *(cls.name for cls in others)]

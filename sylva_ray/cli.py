@@ -22,10 +22,6 @@ from sylva_ray.config import PRESETS, ConfigError, ExperimentConfig, load_config
 
 log = logging.getLogger("sylva_ray")
 
-#: Every algorithm and Sylva's five ablations: the comparison the paper's claims need.
-DEFAULT_COMPARISON = ("sylva,sylva-no_phase2,sylva-fedavg,sylva-no_class_balance,sylva-no_similarity,sylva-no_proximal,"
-                      "fedavg_lora_at,local_at,fat,fedtrades,fedmart,calfat")
-
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named starting configuration")
@@ -74,12 +70,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from sylva_ray.algorithms import default_comparison
     from sylva_ray.compare import run_comparison
     from sylva_ray.config import raw_config
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    algorithms = ([a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms is not None
+                  else default_comparison())
     run_comparison(raw_config(args.preset, args.config_file, overrides), algorithms, args.seeds, out,
                    reference=args.reference, actors_per_run=args.actors_per_run, max_parallel=args.max_parallel)
     log.info("comparison written to %s", out)
@@ -125,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots")
     _add_config_options(compare)
-    compare.add_argument("--algorithms", default=DEFAULT_COMPARISON,
-                         help="comma-separated algorithm names; sylva takes ablation suffixes, e.g. sylva-no_phase2 (default: all)")
+    compare.add_argument("--algorithms",
+                         help="comma-separated algorithm names; sylva takes ablation suffixes, e.g. sylva-no_phase2 "
+                              "(default: every registered algorithm and Sylva's ablations)")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per algorithm: runtime.seed, +1, ... (default 3)")
     compare.add_argument("--reference", help="algorithm the relative figures are computed against, e.g. fat")
     compare.add_argument("--out", help="comparison folder (new, or an earlier comparison to resume); default runs/compare-<timestamp>")

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from sylva_ray.config import load_config
+from sylva_ray.results import resolve_result_path
 from sylva_ray.simulation import connect
 from sylva_ray.sweep_report import heterogeneity_axis, write_report
 from sylva_ray.tune import parse_grid, run_sweep
@@ -57,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(preset, args.config_file, overrides)
     grid = parse_grid(args.grid or (SMOKE_GRID if args.smoke_test else DEFAULT_GRID))
     axes = {"heterogeneity": heterogeneity_axis(args.heterogeneity or (SMOKE_HETEROGENEITY if args.smoke_test else DEFAULT_HETEROGENEITY))}
+    # Relative local paths land under $SYLVA_RAY_HOME (set on the cluster's head), else the current folder.
+    storage = args.storage_path if "://" in args.storage_path else str(resolve_result_path(args.storage_path))
     connect(args.address)
-    table = run_sweep(base, grid, axes, name=args.name, storage_path=args.storage_path, samples=args.samples,
+    table = run_sweep(base, grid, axes, name=args.name, storage_path=storage, samples=args.samples,
                       scheduler=args.scheduler, concurrency=args.concurrency, resume=args.resume)
-    out = write_report(table, args.storage_path, args.name)
+    out = write_report(table, storage, args.name)
     log.info("%d trials; table and plots in %s", len(table), out)
     sys.stdout.write(table.to_string(index=False) + "\n")
     return 0 if (table["status"] == "OK").all() else 1

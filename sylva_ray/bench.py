@@ -11,6 +11,8 @@
 ``phase2`` on one Phase-1 run: Phase 2 with 1 and with 2 client actors (speed-up), the Shapley
            choice vs random layers of the same size vs all layers; and ``bench_estimator.csv``:
            Monte Carlo with truncation vs exact Shapley on real 8-player client games.
+``memory`` estimated accelerator memory of one client actor (``sylva_ray.memory``): activation
+           bytes measured on the CPU, scaled to the batch; the given config and the ``paper`` preset.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
 """
 
@@ -214,7 +216,44 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     return frame.round(4)
 
 
-BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale, "phase2": bench_phase2}
+#: Image shape and classes of the datasets whose files may not be on this machine (``bench memory``).
+KNOWN_INPUTS = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+#: The ``paper`` preset's alternatives the memory table sets side by side: (train batch, eval batch, precision).
+PAPER_MEMORY_VARIANTS = [(64, 256, "fp32"), (64, 128, "fp32"), (32, 64, "fp32"), (32, 64, "bf16")]
+
+
+def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    """Estimated accelerator memory per client actor (``sylva_ray.memory``): the configuration
+    given, then the ``paper`` preset and the batch/precision alternatives around it."""
+    from sylva_ray.config import load_config
+    from sylva_ray.data import load_source
+    from sylva_ray.memory import estimate_actor_memory
+
+    def inputs(c: ExperimentConfig) -> tuple[tuple[int, int, int], int]:
+        if c.data.name in KNOWN_INPUTS:
+            return KNOWN_INPUTS[c.data.name]
+        source = load_source(c.data)
+        return source.image_shape, source.num_classes
+
+    needs_benign = algorithm_needs_benign(cfg)
+    rows = [{"config": "given", **estimate_actor_memory(cfg, *inputs(cfg), needs_benign=needs_benign)}]
+    for train_batch, eval_batch, precision in PAPER_MEMORY_VARIANTS:
+        paper = load_config("paper", overrides=[f"train.batch_size={train_batch}", f"train.eval_batch_size={eval_batch}",
+                                                f"runtime.precision={precision}"], check_paths=False)
+        rows.append({"config": "paper", **estimate_actor_memory(paper, *inputs(paper), needs_benign=True)})
+    return pd.DataFrame(rows)
+
+
+def algorithm_needs_benign(cfg: ExperimentConfig) -> bool:
+    """Whether the configured algorithm's loss keeps the benign forward's graph too."""
+    from sylva_ray.algorithms import algorithm_for
+    from sylva_ray.data import ArrayDataset
+
+    probe = ArrayDataset(np.zeros((1, 3, 1, 1), dtype=np.float32), np.zeros(1, dtype=np.int64), 2)
+    return bool(algorithm_for(cfg).objective(probe).needs_benign)
+
+
+BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale, "phase2": bench_phase2, "memory": bench_memory}
 
 
 def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:

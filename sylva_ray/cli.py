@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,10 +43,11 @@ def _report(run_dir: object, summary: dict) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sylva_ray.results import create_run_dir
-    from sylva_ray.simulation import run
+    from sylva_ray.simulation import check_local_device, run
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
     cfg = load_config(args.preset, args.config_file, overrides)
+    check_local_device(cfg)  # before the run directory exists
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)
     return _report(run_dir, run(cfg, run_dir))
@@ -75,7 +77,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from sylva_ray.config import raw_config
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    from sylva_ray.results import resolve_result_path
+
+    out = resolve_result_path(args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     algorithms = ([a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms is not None
                   else default_comparison())
     run_comparison(raw_config(args.preset, args.config_file, overrides), algorithms, args.seeds, out,
@@ -135,11 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_cmd_compare)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
-    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2"])
+    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory"])
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)
     return parser
+
+
+#: Errors that are the user's to fix: reported as one clear message, exit code 2, no traceback.
+USER_ERRORS = ("ConfigError", "PlacementError", "GPUMemoryError", "ModelSourceError", "PartitionError", "RunDirectoryError")
+_NAMED_ERROR = re.compile(r"(?:^|\s|\.)(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)
+
+
+def explain(exc: BaseException) -> Optional[str]:
+    """The user-facing message inside ``exc``, also when Ray wrapped it (a task's error arrives as
+    ``RayTaskError``, an actor's failed constructor only as the text of an ``ActorDiedError``)."""
+    from sylva_ray.placement import GPUMemoryError, PlacementError
+
+    cause = getattr(exc, "cause", None)
+    for candidate in (cause, exc):
+        if isinstance(candidate, (ConfigError, PlacementError, GPUMemoryError, FileExistsError, ConnectionError)):
+            return str(candidate.args[0]) if candidate.args else str(candidate)
+    matches = _NAMED_ERROR.findall(str(exc))
+    return matches[-1][1].strip() if matches else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -147,19 +169,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except ConfigError as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        message = explain(exc)
+        if message is None:
+            raise
+        log.error("%s", message)
         return 2
-    except (FileExistsError, ConnectionError) as exc:
-        log.error("%s", exc)
-        return 2
-    except Exception as exc:  # PlacementError and friends: say it plainly, exit non-zero
-        from sylva_ray.placement import PlacementError
-
-        if isinstance(exc, PlacementError):
-            log.error("%s", exc)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

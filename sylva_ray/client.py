@@ -19,6 +19,7 @@ from sylva_ray.algorithms import algorithm_for
 from sylva_ray.config import ExperimentConfig
 from sylva_ray.data import ArrayDataset, ClientData, DataSource, Partition, client_data, global_test_set
 from sylva_ray.models import build_pretrained_model, full_model_nbytes, resolve_device
+from sylva_ray.precision import configure_runtime
 from sylva_ray.seeding import derive_seed, torch_seeded
 from sylva_ray.training import EvalResult, RoundMetrics, adversarial_round, evaluate
 
@@ -28,9 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
-#: Fused models kept per worker for Phase 2 (one per client being played): a client's coalitions
-#: reuse its fused weights instead of re-merging; 8 x a ViT-B copy is ~2.8 GB, so keep it small.
-GAME_CACHE_SIZE = 8
+BYTES_PER_MB = 1024 * 1024
 #: The pseudo-client id of the global test set: evaluating it scores the global model (FAT convention).
 GLOBAL_TEST_CLIENT = -1
 
@@ -73,6 +72,7 @@ class ClientWorker:
         self.cfg = cfg
         self.source = source
         self.partition = partition
+        configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)
         self.device = resolve_device(cfg.runtime.device)
         if cfg.runtime.torch_threads is not None:
             torch.set_num_threads(cfg.runtime.torch_threads)
@@ -118,7 +118,7 @@ class ClientWorker:
         metrics = adversarial_round(
             self.model, data, self.algorithm.objective(data), self.cfg.train,
             seed=derive_seed(self.cfg.runtime.seed, "train", round_index, client_id),
-            device=self.device, global_shared=start,
+            device=self.device, global_shared=start, precision=self.cfg.runtime.precision,
         )
         adapter = self.scope.shared(self.model)
         new_state = ClientState(head=self.scope.personal(self.model), rounds_trained=state.rounds_trained + 1,
@@ -141,7 +141,12 @@ class ClientWorker:
 
     # --- Phase 2 ---------------------------------------------------------------------------------
     def game(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], adapter_key: str) -> "LayerGame":
-        """The client's layer game on its fused model, built once per (client, global adapter)."""
+        """The client's layer game on its fused model, built once per (client, global adapter).
+
+        Games are kept (most recently used last) while their device copies fit in
+        ``layer_selection.game_cache_mb``; the driver sends a client's coalitions to one actor, so
+        a game is normally built once per client in the whole pool.
+        """
         from sylva_ray.layer_selection import LayerGame, fuse
 
         key = (client_id, adapter_key)
@@ -150,7 +155,8 @@ class ClientWorker:
                 raise ValueError(f"Phase 2 merges a LoRA adapter; algorithm {self.algorithm.name!r} has none")
             fused = fuse(self.model, adapter, state.head)
             self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
-            while len(self._games) > GAME_CACHE_SIZE:
+            budget = self.cfg.layer_selection.game_cache_mb * BYTES_PER_MB
+            while len(self._games) > 1 and sum(g.device_bytes for g in self._games.values()) > budget:
                 self._games.popitem(last=False)
         self._games.move_to_end(key)
         return self._games[key]

@@ -16,7 +16,6 @@ them), as many at once as the cluster's CPUs/GPUs hold; an interrupted compare r
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -92,20 +91,23 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
         atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
 
 
-def run_parallelism(cfg: ExperimentConfig, actors_per_run: int) -> int:
-    """How many runs fit the cluster at once: its CPUs (and GPUs) over one run's client actors."""
-    import ray
-
+def run_parallelism(cfg: ExperimentConfig, actors_per_run: int, max_parallel: Optional[int] = None,
+                    progress: bool = True) -> tuple[int, bool]:
+    """How many runs fit the cluster at once, node by node (``placement.capacity``), and whether an
+    autoscaler request is outstanding. On a cluster that can grow and has no room for even one
+    run yet, room for ``max_parallel`` runs (1 if unset) is asked for and waited on first."""
     if cfg.runtime.engine != "ray":
-        return 1
-    cluster = ray.cluster_resources()
-    request = cfg.runtime.client_resources
-    fits = []
-    for key, ray_key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
-        need = request.get(key, 0) * actors_per_run
-        if need > 0 and cluster.get(ray_key, 0) > 0:
-            fits.append(math.floor(cluster[ray_key] / need + 1e-9))
-    return max(1, min(fits) if fits else 1)
+        return 1, False
+    from sylva_ray.capacity import alive_nodes, wait_for_capacity
+    from sylva_ray.placement import actor_request, capacity
+    from sylva_ray.simulation import cluster_can_grow
+
+    bundle = actor_request(cfg.runtime.client_resources)
+    nodes, requested = alive_nodes(), False
+    if capacity(nodes, bundle) < actors_per_run and cluster_can_grow() and cfg.runtime.resource_timeout_s > 0:
+        nodes, requested = wait_for_capacity(bundle, actors_per_run * (max_parallel or 1), cfg.runtime.resource_timeout_s,
+                                             what="compare's client actors", progress=progress)
+    return max(1, capacity(nodes, bundle) // actors_per_run), requested
 
 
 def execute_one(spec: RunSpec, lock: threading.Lock) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, 
         from sylva_ray.simulation import connect
 
         connect(specs[0].cfg.runtime.address)
-    parallel = run_parallelism(specs[0].cfg, actors_per_run)
+    parallel, requested = run_parallelism(specs[0].cfg, actors_per_run, max_parallel)
     if max_parallel is not None:
         parallel = max(1, min(parallel, max_parallel))
     log.info("compare: %d runs (%d algorithms x %d seeds), %d at a time, into %s", len(specs), len(algorithms), seeds, parallel, out)
@@ -161,6 +163,10 @@ def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, 
                 errors[index] = f"{type(exc).__name__}: {exc}"
                 log.error("run %s seed %d failed (%s): resume it with `sylva-ray resume %s`", spec.algorithm, spec.seed, exc, spec.run_dir)
             bar.update(1)
+    if requested:
+        from sylva_ray.capacity import release_request
+
+        release_request()
     frame = write_report(out, specs, summaries, errors, reference)
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(specs)} runs failed; see comparison.csv; re-run the same command to resume them")

@@ -160,7 +160,7 @@ class FederationConfig:
     aggregation: Annotated[str, Field(description="aggregator registry name: balltree (Sylva), fedavg")] = "balltree"
     balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
     eval_every: Annotated[int, Field(ge=1, description="evaluate every k rounds (the last round always)")] = 1
-    round_timeout_s: Annotated[Optional[float], Field(gt=0, description="round deadline in seconds: clients not done by then are dropped for the round (None: wait)")] = None
+    round_timeout_s: Annotated[Optional[float], Field(gt=0, description="round deadline in seconds: clients not done by then are dropped for the round (None: wait forever)")] = 3600.0
 
 
 @dataclass(config=_STRICT)
@@ -191,6 +191,7 @@ class LayerSelectionConfig:
     threshold: Annotated[float, Field(description="Shapley value a layer must exceed under the threshold rule")] = 0.0
     finetune_lr: Annotated[float, Field(gt=0, description="benign fine-tuning learning rate (SGD); 0.01 wrecked a client when whole blocks are tuned (train acc 98%->68% in 10 steps), 0.001 did not (measured here)")] = 0.001
     finetune_steps: Annotated[int, Field(ge=1, description="benign fine-tuning steps of the final tailored model")] = 30
+    game_cache_mb: Annotated[float, Field(gt=0, description="memory (device copies of fused models) an actor may keep for the layer games it is playing; the oldest game is dropped beyond it")] = 2048.0
 
 
 @dataclass(config=_STRICT)
@@ -243,12 +244,19 @@ class RuntimeConfig:
     torch_threads: Annotated[Optional[int], Field(ge=1, description="torch intra-op threads per process (None: torch's default)")] = None
     engine: Annotated[Literal["ray", "inprocess"], Field(description="ray: client actors + driver actor; inprocess: one process, no Ray (debugging)")] = "ray"
     address: Annotated[Optional[str], Field(description="Ray cluster to join: host:port, ray://host:port or auto (None: start a local cluster)")] = None
-    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}; a GPU request is dropped on a cluster without GPUs")] = field(
+    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}; waited for on a cluster that can grow; a GPU request is dropped on a local cluster without GPUs")] = field(
         default_factory=lambda: {"num_cpus": 1.0}
     )
     num_actors: Annotated[Optional[int], Field(ge=1, description="client actors to start (None: one per client, capped by what the cluster can place); extra clients become virtual clients")] = None
     max_actor_restarts: Annotated[int, Field(ge=0, description="times Ray restarts a dead client actor (its clients' state lives with the driver)")] = 3
     client_retries: Annotated[int, Field(ge=0, description="retries of a failed client job in a round before it is recorded as dropped")] = 1
+    resource_timeout_s: Annotated[float, Field(ge=0, description="on a cluster that can grow: seconds to wait for the autoscaler to supply the client actors' resources before failing (0: no wait)")] = 900.0
+    actor_restart_timeout_s: Annotated[float, Field(gt=0, description="seconds a dead client actor may take to come back (Ray restarts it) before it leaves the pool and its clients move to the others")] = 120.0
+    precision: Annotated[
+        Literal["fp32", "tf32", "bf16"],
+        Field(description="training arithmetic on a GPU: fp32, tf32 matmuls, or bf16 autocast; evaluation attacks always run in fp32"),
+    ] = "fp32"
+    deterministic: Annotated[bool, Field(description="deterministic torch algorithms (and cuBLAS workspace) so a GPU run repeats bit for bit on the same hardware and software")] = False
 
 
 @dataclass(config=_STRICT)
@@ -308,9 +316,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"name": "vit_base_patch16_224", "pretrained": "timm"},
         "lora": {"rank": 8, "target_modules": ["attn.qkv"]},
         "attack": {"eps": CIFAR_EPS, "train_steps": 10, "eval_steps": 20, "eval_max_samples": 1000},
-        "train": {"lr": 0.01, "batch_size": 64, "eval_batch_size": 128},
+        # Sized for cluster/aws.yaml's g5.xlarge (1 x A10G, 24 GB, ~22 GB usable; 4 vCPUs), as measured
+        # by `sylva-ray bench memory` (activations 78 MB per 32x32 image through ViT-B/16 in fp32):
+        #   batch 64 + PGD-10, Sylva's two forwards: 0.32 GB weights + 2 x 64 x 78 MB = 10.1 GB;
+        #   PGD-20 evaluation at batch 256: 0.32 + 256 x 78 MB = 19.9 GB -> neither fits a quarter card.
+        #   batch 32: 0.32 + 2 x 32 x 78 MB = 5.2 GB; evaluation at 64: 5.2 GB; /0.8 headroom = 6.5 GB
+        #   -> half a card (11 GB) per client actor, two actors per g5.xlarge with 2 vCPUs each.
+        "train": {"lr": 0.01, "batch_size": 32, "eval_batch_size": 64},
         "federation": {"rounds": 50},
-        "runtime": {"client_resources": {"num_cpus": 4.0, "num_gpus": 0.25}},
+        "runtime": {"client_resources": {"num_cpus": 2.0, "num_gpus": 0.5}},
     },
 }
 
@@ -379,12 +393,14 @@ def _validate(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentConfig:
     """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks).
 
     The algorithm's implied settings are applied last (they win over the user's layers): a run
     named ``fat`` is FAT whatever the preset says about Sylva's loss. Resolution is idempotent,
-    so a run's config.yaml loads back to itself.
+    so a run's config.yaml loads back to itself. ``check_paths=False`` leaves out the checks of
+    local files and folders, for a process on a node that does not read them (a Tune trial gets the
+    data through the object store; the sweep's main process checked the paths).
     """
     cfg = _validate(raw)
     from sylva_ray.algorithms import ALGORITHMS  # the registry imports config; import it late
@@ -394,7 +410,7 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     implied = ALGORITHMS.get(cfg.algorithm.name).implied_settings(cfg.algorithm)
     if implied:
         cfg = _validate(apply_overrides(cfg.to_dict(), implied))
-    problems = semantic_problems(cfg)
+    problems = semantic_problems(cfg, check_paths=check_paths)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -404,9 +420,10 @@ def load_config(
     preset: str = "default",
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    check_paths: bool = True,
 ) -> ExperimentConfig:
     """Defaults -> preset -> YAML file -> ``--set`` overrides, validated once at the end."""
-    return build_config(raw_config(preset, config_file, overrides))
+    return build_config(raw_config(preset, config_file, overrides), check_paths=check_paths)
 
 
 def raw_config(
@@ -430,7 +447,7 @@ def raw_config(
     return apply_overrides(raw, list(overrides or []))
 
 
-def semantic_problems(cfg: ExperimentConfig) -> list[str]:
+def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[str]:
     """Checks that span fields or need the registries; each message names the field and the fix."""
     # Registries are imported here (not at module top) so that config stays importable alone.
     from sylva_ray.aggregation import AGGREGATORS
@@ -459,12 +476,12 @@ def semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if cfg.data.name in {"cifar10", "cifar100", "imagefolder"}:
         if not cfg.data.root:
             problems.append(f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder")
-        elif not Path(cfg.data.root).is_dir():
+        elif check_paths and not Path(cfg.data.root).is_dir():
             problems.append(f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files there)")
     if cfg.model.pretrained == "checkpoint":
         if not cfg.model.checkpoint:
             problems.append("model.checkpoint is required with model.pretrained='checkpoint': --set model.checkpoint=/path/weights.safetensors")
-        elif not Path(cfg.model.checkpoint).is_file():
+        elif check_paths and not Path(cfg.model.checkpoint).is_file():
             problems.append(f"model.checkpoint = {cfg.model.checkpoint!r}: no such file")
     if cfg.model.pretrained == "embedded" and cfg.data.public_fraction <= 0:
         problems.append("data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': set it > 0 or use another source")

@@ -359,7 +359,7 @@ class Federation:
                 continue
             row = rows.setdefault(outcome.client_id, {"round": r, "client": outcome.client_id, "participated": False})
             majority = self.info.majority_rates[outcome.client_id]
-            row.update(outcome.metrics, majority_rate=majority)
+            row.update(outcome.metrics, majority_rate=majority, eval_attempts=outcome.attempts)
             evaluation.append({"client": outcome.client_id, "num_train": self.info.num_train[outcome.client_id],
                                **outcome.metrics, "majority_rate": majority})
         return evaluation
@@ -372,8 +372,9 @@ class Federation:
                        "clean_acc", "robust_acc", "majority_rate"):
             if column in frame and frame[column].notna().any():
                 summary[column] = float(frame[column].mean())
-        if "actor_rss_mb" in frame and frame["actor_rss_mb"].notna().any():
-            summary["actor_rss_mb_max"] = float(frame["actor_rss_mb"].max())
+        for column in ("actor_rss_mb", "gpu_peak_mb"):  # gpu_peak_mb: torch.cuda.max_memory_allocated, GPU runs only
+            if column in frame and frame[column].notna().any():
+                summary[f"{column}_max"] = float(frame[column].max())
         return summary
 
     def _persist(self) -> None:

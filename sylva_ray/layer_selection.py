@@ -78,7 +78,10 @@ class LayerGame:
         self.device = device
         self.client_id = client_id
         self.players = player_prefixes(fused, self.sel.players, cfg.lora.target_modules)
-        self.fused_state = {k: v.detach().clone() for k, v in fused.state_dict().items()}
+        # The reference weights every coalition restarts from stay in host memory: on a GPU only the
+        # model being tuned occupies the card (one ViT-B copy, not two, per game).
+        self.fused_state = {k: v.detach().to("cpu", copy=True) for k, v in fused.state_dict().items()}
+        self.device_bytes = sum(t.numel() * t.element_size() for t in fused.state_dict().values())
         self.fit, self.validation = split_validation(train, self.sel.validation_fraction, derive_seed(cfg.runtime.seed, "phase2", client_id))
         self.train = train
         self.seed = derive_seed(cfg.runtime.seed, "phase2-game", client_id)
@@ -96,7 +99,8 @@ class LayerGame:
     def _tune(self, players: list[int], data: ArrayDataset, steps: int) -> None:
         self.model.load_state_dict(self.fused_state)
         benign_finetune(self.model, data, [self.players[p] for p in players], self.cfg.train,
-                        lr=self.sel.finetune_lr, steps=steps, seed=self.seed, device=self.device)
+                        lr=self.sel.finetune_lr, steps=steps, seed=self.seed, device=self.device,
+                        precision=self.cfg.runtime.precision)
 
     def value(self, mask: int) -> CoalitionValue:
         """v(S): tune S + head on the fit split, score on the validation split."""

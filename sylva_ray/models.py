@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sylva_ray.timm_models  # noqa: F401  (registers vit_pico_patch4_16 with timm)
-from sylva_ray.config import DataConfig, LoRAConfig, ModelConfig
+from sylva_ray.config import ConfigError, DataConfig, LoRAConfig, ModelConfig
 from sylva_ray.data import ArrayDataset, DataSource
 from sylva_ray.seeding import derive_seed, torch_generator, torch_seeded
 from sylva_ray.storage import atomic_write_bytes
@@ -72,8 +72,28 @@ class PixelSpaceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False)
+            if images.is_cuda and torch.are_deterministic_algorithms_enabled():
+                images = bilinear_resize_by_matmul(images, self.input_size)  # CUDA's upsample backward is not deterministic
+            else:
+                images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False)
         return self.backbone((images - self.mean) / self.std)
+
+
+def linear_resize_matrix(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``W`` (size_out x size_in) with ``W @ x`` = torch's 1-D linear resize (align_corners=False).
+
+    Built by resizing the identity with torch itself, so it matches ``F.interpolate`` by construction.
+    """
+    eye = torch.eye(size_in, device=device, dtype=dtype).unsqueeze(0)  # channel c holds the basis vector e_c
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def bilinear_resize_by_matmul(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) as ``W_h @ images @ W_w^T``: the same map as
+    ``F.interpolate``, but its backward is two matmuls, deterministic under cuBLAS's fixed workspace."""
+    rows = linear_resize_matrix(images.shape[-2], size[0], images.device, images.dtype)
+    cols = linear_resize_matrix(images.shape[-1], size[1], images.device, images.dtype)
+    return rows @ images @ cols.T
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -260,6 +280,13 @@ def build_pretrained_model(
     return _pixel_model(backbone, model_cfg).eval()
 
 
+def pretrained_backbone_state(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource) -> dict[str, torch.Tensor]:
+    """The pre-trained backbone's weights as CPU tensors: resolved once where a run starts, then
+    shared with every actor (``build_pretrained_model(..., backbone_state=...)``)."""
+    base = build_pretrained_model(model_cfg, data_cfg, source)
+    return {k: v.detach().cpu() for k, v in base.backbone.state_dict().items()}
+
+
 def matched_modules(model: nn.Module, target: str) -> list[tuple[str, nn.Module]]:
     """What peft's suffix matching would pick for one ``target_modules`` entry."""
     return [(name, module) for name, module in model.named_modules() if name == target or name.endswith("." + target)]
@@ -375,7 +402,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device='cuda' but no CUDA device is visible: use runtime.device=auto or cpu")
+        raise ConfigError("runtime.device='cuda' but no CUDA device is visible here: use runtime.device=auto or cpu, "
+                          "or give client actors a GPU share (runtime.client_resources.num_gpus) on a GPU cluster")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

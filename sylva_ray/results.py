@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,19 +35,52 @@ class RunDirectoryError(FileExistsError):
     """The requested run directory would overwrite earlier results."""
 
 
+#: Relative result paths resolve against this folder when it is set (a cluster's head sets it).
+HOME_ENV = "SYLVA_RAY_HOME"
+#: Where relative result paths land in a ``ray job submit --working-dir`` job if HOME_ENV is unset:
+#: the job's working directory is a Ray temp folder, deleted with the session.
+JOB_FALLBACK_HOME = Path("~/sylva_ray")
+
+
+def _ray_temp_root() -> Path:
+    return Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())).resolve() / "ray"
+
+
+def results_base() -> Path:
+    """The folder relative result paths (``output.root``, ``--out``, a sweep's local storage path)
+    are taken from: $SYLVA_RAY_HOME if set, else the current directory unless that is a Ray job's
+    temporary working directory (then ``~/sylva_ray``, so results outlive the job)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(_ray_temp_root()):
+        log.warning("running inside a Ray job's temporary working directory: results go under %s (set %s to choose)",
+                    JOB_FALLBACK_HOME, HOME_ENV)
+        return JOB_FALLBACK_HOME.expanduser().resolve()
+    return cwd
+
+
+def resolve_result_path(path: str | Path) -> Path:
+    """An absolute path for results: absolute paths as given, relative ones under ``results_base()``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else results_base() / path
+
+
 def create_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
-    """A new run directory: ``out`` if given (must be absent or empty), else a fresh timestamped one."""
+    """A new run directory, always absolute: ``out`` if given (must be absent or empty), else a fresh
+    timestamped one under ``output.root`` (relative paths: see ``results_base``)."""
     if out is not None:
-        path = Path(out)
+        path = resolve_result_path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirectoryError(f"--out {str(path)!r} exists and is not empty; choose a new folder (results are never overwritten)")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        path = Path(cfg.output.root) / f"{stamp}-{cfg.name}"
+        root = resolve_result_path(cfg.output.root)
+        path = root / f"{stamp}-{cfg.name}"
         suffix = 1
         while path.exists():
             suffix += 1
-            path = Path(cfg.output.root) / f"{stamp}-{cfg.name}-{suffix}"
+            path = root / f"{stamp}-{cfg.name}-{suffix}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

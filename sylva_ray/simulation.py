@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import yaml
@@ -30,15 +31,23 @@ log = logging.getLogger(__name__)
 CONNECT_PROBE_TIMEOUT_S = 3.0
 
 
-def prepare_data(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> tuple[DataSource, Partition]:
-    """Load the data; make and save the partition for a new run, reload it when resuming."""
-    source = load_source(cfg.data)
+def prepare_data(cfg: ExperimentConfig, run_dir: Path, resume: bool, source: Optional[DataSource] = None) -> tuple[DataSource, Partition]:
+    """Load the data (unless given); make and save the partition for a new run, reload it when resuming."""
+    source = source if source is not None else load_source(cfg.data)
     partition_path = run_dir / "partition.json"
     if resume and partition_path.is_file():
         return source, Partition.load(partition_path, expected_fingerprint=source.fingerprint())
     partition = make_partition(source, cfg.data, cfg.runtime.seed)
     partition.save(partition_path)
     return source, partition
+
+
+def cluster_can_grow() -> bool:
+    """Whether resources missing now may still appear (an autoscaler, nodes joining): False when
+    this process's ``ray.init`` started the head itself (``Node.head``), as on a laptop."""
+    import ray
+
+    return not bool(getattr(ray._private.worker.global_worker.node, "head", False))
 
 
 def connect(address: Optional[str]) -> None:
@@ -79,43 +88,102 @@ def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_afte
     if not resume:
         write_config(run_dir, cfg)
     if cfg.runtime.engine == "inprocess":
+        check_local_device(cfg)
         source, partition = prepare_data(cfg, run_dir, resume)
         return _drive(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume), stop_after, progress)
 
-    with remote_federation(cfg, run_dir, resume) as federation:
+    with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
         if faults:
-            federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}))
+            federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}), faults.get("ooms", {}))
         log.info("driver ready: %d client actors for %d clients", federation.status["actors"], cfg.data.num_clients)
         return _drive(federation, stop_after, progress)
 
 
-@contextlib.contextmanager
-def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> Iterator["RemoteFederation"]:
-    """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
-    with its client actors on exit."""
+@dataclass(frozen=True)
+class StagedInputs:
+    """The data and the pre-trained backbone, read once where the run starts and shared through
+    Ray's object store: no other node needs the data folder, the weight file or hub access."""
+
+    source: Any  # ray.ObjectRef of a DataSource
+    backbone: Any  # ray.ObjectRef of the backbone's state dict (CPU tensors)
+
+
+def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> StagedInputs:
+    """Load the data (unless given) and resolve the pre-trained weights here; ``ray.put`` both once."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from sylva_ray.models import pretrained_backbone_state
+
+    source = source if source is not None else load_source(cfg.data)
+    return StagedInputs(source=ray.put(source), backbone=ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
+
+
+def check_local_device(cfg: ExperimentConfig) -> None:
+    """``runtime.device=cuda`` for a run on this machine alone (no ``--address``, or the in-process
+    engine) where torch sees no CUDA: refused before any work, with what to set instead."""
+    local = cfg.runtime.address is None or cfg.runtime.engine == "inprocess"
+    if cfg.runtime.device != "cuda" or not local:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("runtime.device='cuda' but this machine has no CUDA device: use runtime.device=auto or cpu, "
+                          "or join a GPU cluster with --address (client actors then need runtime.client_resources.num_gpus)")
+
+
+@contextlib.contextmanager
+def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, staged: Optional[StagedInputs] = None,
+                      progress: bool = True) -> Iterator["RemoteFederation"]:
+    """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
+    with its client actors on exit.
+
+    What runs here, in the main process, before the driver starts: the client-actor pool is planned
+    (waiting for an autoscaler if the cluster can grow), the data and backbone are read and put in
+    the object store (``staged`` when a Tune sweep already did), and the partition is written.
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     from sylva_ray.actors import DriverActor
-
-    from ray.util.placement_group import get_current_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from sylva_ray.capacity import acquire_pool, bundles_of, release_request
+    from sylva_ray.placement import plan_pool
 
     connect(cfg.runtime.address)
+    check_local_device(cfg)
+    can_grow = cluster_can_grow()
     group = get_current_placement_group()  # set inside a Tune trial: everything goes into its bundles
+    requested = False
     if group is not None:
+        bundles = bundles_of(group)
+        plan = plan_pool(bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=False)
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
     else:
+        plan, requested = acquire_pool(cfg, can_grow, progress=progress)
         where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    driver = DriverActor.options(scheduling_strategy=where).remote(cfg, str(run_dir), resume, group)
+    driver = None
     try:
-        yield RemoteFederation(driver)
+        if staged is None:
+            source, partition = prepare_data(cfg, run_dir, resume)
+            staged = stage_inputs(cfg, source)
+        else:
+            _, partition = prepare_data(cfg, run_dir, resume, source=ray.get(staged.source))
+        driver = DriverActor.options(scheduling_strategy=where).remote(
+            cfg, str(run_dir), resume, {"source": staged.source, "backbone": staged.backbone}, partition, plan, group)
+        federation = RemoteFederation(driver)
+        federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
+        if requested:
+            release_request()  # the actors hold their resources now
+        yield federation
     finally:
-        try:
-            ray.get(driver.shutdown.remote())
-        except Exception:  # the driver may already be gone; nothing to clean then
-            pass
-        ray.kill(driver)
+        if requested:
+            release_request()
+        if driver is not None:
+            try:
+                ray.get(driver.shutdown.remote())
+            except Exception:  # the driver may already be gone; nothing to clean then
+                pass
+            ray.kill(driver)
 
 
 class RemoteFederation:
@@ -139,8 +207,8 @@ class RemoteFederation:
     def phase2(self, out_dir: Path) -> dict[str, Any]:
         return self._ray.get(self._driver.phase2.remote(str(out_dir)))
 
-    def inject_faults(self, kills: dict, raises: dict) -> None:
-        self._ray.get(self._driver.inject_faults.remote(kills, raises))
+    def inject_faults(self, kills: dict, raises: dict, ooms: Optional[dict] = None) -> None:
+        self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))
 
 
 def _drive(federation: Any, stop_after: Optional[int], progress: bool = True) -> Optional[dict[str, Any]]:

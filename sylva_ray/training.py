@@ -23,6 +23,7 @@ from sylva_ray.config import AttackConfig, EvaluationConfig, TrainConfig
 from sylva_ray.data import ArrayDataset
 from sylva_ray.losses import LossTerms
 from sylva_ray.models import Role, parameter_role
+from sylva_ray.precision import fp32_evaluation, training_precision
 from sylva_ray.seeding import derive_seed, torch_generator, torch_seeded
 
 #: Adapter name peft gives the one adapter we create; parameter names carry it, state-dict keys do not.
@@ -104,11 +105,14 @@ def adversarial_round(
     seed: int,
     device: torch.device,
     global_shared: Optional[Mapping[str, torch.Tensor]] = None,
+    precision: str = "fp32",
 ) -> RoundMetrics:
     """One client's local adversarial fine-tuning, in place, on the model's trainable tensors.
 
     ``global_shared`` is the adapter the client received this round (the proximal anchor).
     A fresh optimiser per round is the FedAvg convention: no optimiser state crosses rounds.
+    ``precision`` (``runtime.precision``) applies to the forward passes, the attack's included;
+    the backward pass runs outside autocast, as torch recommends.
     """
     start = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -129,11 +133,12 @@ def adversarial_round(
             if train_cfg.local_steps is not None and metrics.steps >= train_cfg.local_steps:
                 break
             images, labels = images.to(device), labels.to(device)
-            adversarial = perturb(attack, images, labels, derive_seed(seed, "attack", epoch, step))
-            with torch_seeded(derive_seed(seed, "dropout", epoch, step)):
-                adv_logits = model(adversarial)
-                ben_logits = model(images) if needs_benign else None
-            terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
+            with training_precision(precision, device):
+                adversarial = perturb(attack, images, labels, derive_seed(seed, "attack", epoch, step))
+                with torch_seeded(derive_seed(seed, "dropout", epoch, step)):
+                    adv_logits = model(adversarial)
+                    ben_logits = model(images) if needs_benign else None
+                terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             clip_gradients(trainable, train_cfg.max_grad_norm)
@@ -157,6 +162,7 @@ def benign_finetune(
     steps: int,
     seed: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> RoundMetrics:
     """Fine-tune only the parameters under ``trainable_prefixes`` plus the head, on benign data.
 
@@ -184,7 +190,7 @@ def benign_finetune(
                 if metrics.steps >= steps:
                     break
                 images, labels = images.to(device), labels.to(device)
-                with torch_seeded(derive_seed(seed, "dropout", epoch, metrics.steps)):
+                with training_precision(precision, device), torch_seeded(derive_seed(seed, "dropout", epoch, metrics.steps)):
                     loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -268,7 +274,14 @@ def evaluate(
     model of a client is attacked on the same images). Attacks run with gradients on, in eval mode.
     With ``protocol`` (final models): AutoAttack on the first ``autoattack_max_samples`` and the
     gradient-masking attacks (long PGD, PGD at a large eps) on the first ``sanity_samples``.
+    Always in full fp32 (``precision.fp32_evaluation``): a lower-precision attack overstates robustness.
     """
+    with fp32_evaluation(device):
+        return _evaluate(model, data, attack_cfg, batch_size, seed, device, attack_name, protocol)
+
+
+def _evaluate(model: nn.Module, data: ArrayDataset, attack_cfg: AttackConfig, batch_size: int, seed: int,
+              device: torch.device, attack_name: Optional[str], protocol: Optional[EvaluationConfig]) -> EvalResult:
     model.eval()
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     with torch.no_grad():

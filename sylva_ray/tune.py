@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 import shutil
 import tempfile
@@ -35,17 +37,46 @@ DEFAULT_TRIAL_ACTORS = 1
 METRIC, MODE = "robust_acc", "max"
 
 
-def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
-    """``{"lora.rank": 16, ...}`` on top of a config dict; validated."""
-    return build_config(merge_overrides(base, dict(overrides)))
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], check_paths: bool = True) -> ExperimentConfig:
+    """``{"lora.rank": 16, ...}`` on top of a config dict; validated (local paths only where they are read)."""
+    return build_config(merge_overrides(base, dict(overrides)), check_paths=check_paths)
 
 
-def trial_resources(cfg: ExperimentConfig) -> Any:
+#: Data fields that only decide how the pool is split, not what is loaded: trials that differ only
+#: in these share one staged copy of the data and the backbone.
+PARTITION_FIELDS = frozenset({"num_clients", "partition", "alpha", "shards_per_client", "min_samples_per_client", "test_fraction"})
+
+
+def inputs_key(cfg: ExperimentConfig) -> str:
+    """What the staged data and backbone depend on: the data source and the model, not the split."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in PARTITION_FIELDS}
+    return json.dumps({"data": data, "model": dataclasses.asdict(cfg.model)}, sort_keys=True, default=str)
+
+
+def stage_sweep_inputs(configs: list[ExperimentConfig]) -> dict[str, Any]:
+    """Read every distinct data source and backbone once, here, into the object store.
+
+    Trials land on any node; with these references none of them needs the data folder, a weight
+    file or hub access, and none re-checks local paths."""
+    from sylva_ray.simulation import stage_inputs
+
+    staged: dict[str, Any] = {}
+    for cfg in configs:
+        key = inputs_key(cfg)
+        if key not in staged:
+            staged[key] = stage_inputs(cfg)
+    log.info("staged %d data/backbone input set(s) for the sweep's trials", len(staged))
+    return staged
+
+
+def trial_resources(cfg: ExperimentConfig, gpus_available: bool = True) -> Any:
+    """One bundle for the trial and its driver, one per client actor. ``gpus_available=False``
+    (a laptop cluster without GPUs, which cannot grow) drops a GPU share, as runs do."""
     from ray.tune import PlacementGroupFactory
 
     actors = min(cfg.runtime.num_actors or DEFAULT_TRIAL_ACTORS, cfg.data.num_clients)
     client = {"CPU": float(cfg.runtime.client_resources.get("num_cpus", 1.0))}
-    if cfg.runtime.client_resources.get("num_gpus", 0) > 0:
+    if cfg.runtime.client_resources.get("num_gpus", 0) > 0 and gpus_available:
         client["GPU"] = float(cfg.runtime.client_resources["num_gpus"])
     return PlacementGroupFactory([{"CPU": DRIVER_BUNDLE_CPUS}] + [dict(client) for _ in range(actors)])
 
@@ -60,15 +91,17 @@ def _checkpoint_dir(run_dir: Path) -> Path:
     return staging
 
 
-def federated_trainable(config: dict[str, Any]) -> None:
+def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]] = None) -> None:
     """A Tune function trainable: ``config = {"base": <config dict>, "overrides": {dotted: value}}``
-    (Tune samples the overrides; the base is the preset/config the sweep started from)."""
+    (Tune samples the overrides; the base is the preset/config the sweep started from).
+    ``staged``: ``inputs_key -> StagedInputs`` read by the sweep's main process."""
     from ray import tune
 
     from sylva_ray.results import write_config
     from sylva_ray.simulation import remote_federation
 
-    cfg = apply_overrides(config["base"], config.get("overrides", {}))
+    cfg = apply_overrides(config["base"], config.get("overrides", {}), check_paths=staged is None)
+    inputs = (staged or {}).get(inputs_key(cfg))
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = tune.get_checkpoint()
@@ -79,7 +112,7 @@ def federated_trainable(config: dict[str, Any]) -> None:
     else:
         write_config(run_dir, cfg)
     cumulative_up = 0
-    with remote_federation(cfg, run_dir, resume=resume) as federation:
+    with remote_federation(cfg, run_dir, resume=resume, staged=inputs, progress=False) as federation:
         status = federation.status
         for done in range(status["next_round"] + 1, status["rounds"] + 1):
             summary = federation.run_round()
@@ -108,13 +141,11 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def check_grid(base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Every combination must be a valid config: fail before any trial starts."""
+def check_grid(base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, dict[str, dict[str, Any]]]) -> list[ExperimentConfig]:
+    """Every combination must be a valid config: fail before any trial starts. Returns them all."""
     names = list(grid) + list(axes)
     choices = [grid[k] for k in grid] + [list(axes[k]) for k in axes]
-    for combo in itertools.product(*choices):
-        overrides = expand(dict(zip(names, combo)), axes)
-        apply_overrides(base, overrides)
+    return [apply_overrides(base, expand(dict(zip(names, combo)), axes)) for combo in itertools.product(*choices)]
 
 
 def expand(point: dict[str, Any], axes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -142,29 +173,41 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from sylva_ray.capacity import alive_nodes
+    from sylva_ray.placement import PlacementError, gpu_problem, total
+    from sylva_ray.results import resolve_result_path
+    from sylva_ray.simulation import cluster_can_grow
+
     axes = axes or {}
     base_dict = base.to_dict()
-    check_grid(base_dict, grid, axes)
+    configs = check_grid(base_dict, grid, axes)
+    gpus = total(alive_nodes(), "GPU")
+    problem = gpu_problem(base.runtime.client_resources, base.runtime.device, gpus)
+    if problem:
+        raise PlacementError(problem)
+    staged = stage_sweep_inputs(configs)
     space: dict[str, Any] = {"base": base_dict, "point": {k: tune.grid_search(v) for k, v in grid.items()}}
     space["point"].update({axis: tune.grid_search(list(table)) for axis, table in axes.items()})
 
-    def trainable(config: dict[str, Any]) -> None:
-        federated_trainable({"base": config["base"], "overrides": expand(config["point"], axes)})
+    def trainable(config: dict[str, Any], staged: dict[str, Any]) -> None:
+        federated_trainable({"base": config["base"], "overrides": expand(config["point"], axes)}, staged)
 
-    resources = tune.with_resources(trainable, trial_resources(base))
-    experiment = f"{storage_path.rstrip('/')}/{name}"
+    resources = tune.with_resources(tune.with_parameters(trainable, staged=staged),
+                                    trial_resources(base, gpus_available=gpus > 0 or cluster_can_grow()))
+    # A node released by the autoscaler takes its disk along: every report uploads the trial's
+    # run directory (artifacts) to storage_path, which must then be shared (s3://, NFS) on a cluster.
+    storage = storage_path if "://" in storage_path else str(resolve_result_path(storage_path))
+    experiment = f"{storage.rstrip('/')}/{name}"
     if resume:
-        tuner = tune.Tuner.restore(experiment if "://" in experiment else str(Path(experiment).resolve()), resources,
-                                   resume_errored=True, param_space=space)
+        tuner = tune.Tuner.restore(experiment, resources, resume_errored=True, param_space=space)
     else:
         asha = ASHAScheduler(time_attr="training_iteration", max_t=base.federation.rounds, grace_period=1) if scheduler == "asha" else None
-        storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
         tuner = tune.Tuner(
             resources,
             param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=samples, scheduler=asha,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage, sync_config=tune.SyncConfig(sync_artifacts=True)),
         )
     results = tuner.fit()
     return trials_table(results)

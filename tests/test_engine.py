@@ -13,7 +13,7 @@ from sylva_ray.config import ConfigError, load_config
 from sylva_ray.simulation import probe_address, resume, run
 
 #: Columns that measure the machine, not the experiment.
-TIMING = ["train_seconds", "actor_rss_mb", "actor_pid", "seconds"]
+TIMING = ["train_seconds", "actor_rss_mb", "actor_pid", "actor_node", "seconds"]
 
 
 def _cfg(*overrides):

@@ -1,7 +1,16 @@
 import pytest
 
 from sylva_ray.config import ConfigError, load_config
-from sylva_ray.placement import PlacementError, address_problem, plan_pool, threads_for
+from sylva_ray.placement import (
+    PlacementError,
+    actor_request,
+    address_problem,
+    capacity,
+    fits_on_node,
+    gpu_problem,
+    plan_pool,
+    threads_for,
+)
 
 CPU_BOX = {"CPU": 2.0, "memory": 8e9}
 GPU_BOX = {"CPU": 16.0, "GPU": 2.0}
@@ -57,3 +66,36 @@ def test_bad_address_and_resources_fail_at_config_time():
         load_config("smoke", overrides=["runtime.address=not-an-address"])
     with pytest.raises(ConfigError, match="runtime.client_resources"):
         load_config("smoke", overrides=["runtime.client_resources={num_cpus: 0}"])
+
+
+# --- per-node fit, GPU policy (issue: the cloud path) ---------------------------------------------
+TWO_SMALL_GPU_NODES = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+
+
+def test_a_bundle_must_fit_on_one_node_not_in_the_cluster_totals():
+    # 4 CPUs and 2 GPUs in all, but no node holds {4 CPU, 1 GPU}: Ray could place none.
+    with pytest.raises(PlacementError, match="no node offers"):
+        plan_pool(TWO_SMALL_GPU_NODES, {"num_cpus": 4, "num_gpus": 1}, num_clients=4, drop_gpu_without_gpus=False)
+    assert capacity(TWO_SMALL_GPU_NODES, {"CPU": 1.0, "GPU": 0.5}) == 4
+    assert fits_on_node({"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.5, "GPU": 0.25}) == 1  # CPU-bound on that node
+    plan = plan_pool(TWO_SMALL_GPU_NODES, {"num_cpus": 1, "num_gpus": 0.5}, num_clients=10, drop_gpu_without_gpus=False)
+    assert (plan.size, plan.wanted, plan.gpu_fraction) == (4, 10, 0.5)
+
+
+def test_an_empty_head_is_not_an_error_before_waiting():
+    # A fresh autoscaling cluster: a 0-CPU head. Nothing fits yet; capacity says so, plan_pool names it.
+    assert capacity([{"CPU": 0.0, "memory": 1e9}], {"CPU": 1.0, "GPU": 0.5}) == 0
+    with pytest.raises(PlacementError, match="no node offers"):
+        plan_pool([{"CPU": 0.0}], {"num_cpus": 1, "num_gpus": 0.5}, num_clients=4, drop_gpu_without_gpus=False)
+
+
+def test_gpu_policy_refuses_silent_cpu_training_and_cuda_without_a_share():
+    assert "every client would train on the CPU" in gpu_problem({"num_cpus": 1}, "auto", cluster_gpus=4)
+    assert "Ray gives such actors no GPU" in gpu_problem({"num_cpus": 1}, "cuda", cluster_gpus=4)
+    assert gpu_problem({"num_cpus": 1}, "cpu", cluster_gpus=4) is None  # CPUs on purpose
+    assert gpu_problem({"num_cpus": 1, "num_gpus": 0.5}, "auto", cluster_gpus=4) is None
+    assert gpu_problem({"num_cpus": 1}, "auto", cluster_gpus=0) is None  # a laptop
+
+
+def test_actor_request_uses_rays_resource_names():
+    assert actor_request({"num_cpus": 2, "num_gpus": 0.5, "custom:trainer": 1, "memory": 0}) == {"CPU": 2.0, "GPU": 0.5, "trainer": 1.0}

@@ -52,12 +52,14 @@ def request_bundles(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
-def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, what: str = "client actors",
+def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, settle_s: float, what: str = "client actors",
                       progress: bool = True) -> tuple[list[dict[str, float]], bool]:
-    """Ask for ``wanted`` x ``bundle`` and wait until they fit or ``timeout_s`` passes; returns the
-    nodes then and whether a request was made (withdraw it with ``release_request``).
+    """Ask for ``wanted`` x ``bundle`` and wait until they fit; returns the nodes then and whether a
+    request was made (withdraw it with ``release_request``).
 
-    Raises ``PlacementError`` (naming what is missing) if not even one fits by the deadline.
+    The wait ends early once at least one fits and no new capacity has appeared for ``settle_s``
+    (a fixed cluster smaller than the pool, or nodes that never come); it ends at ``timeout_s`` in
+    any case. Raises ``PlacementError`` (naming what is missing) if not even one fits by then.
     """
     nodes = alive_nodes()
     if capacity(nodes, bundle) >= wanted:
@@ -66,15 +68,18 @@ def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, what: st
     started = time.monotonic()
     log.info("waiting up to %.0f s for the cluster to offer %d x %s for %s (now %d fit; `ray status` shows the autoscaler)",
              timeout_s, wanted, dict(bundle), what, capacity(nodes, bundle))
-    last_log = started
+    last_log = last_growth = started
+    seen = capacity(nodes, bundle)
     with tqdm(total=wanted, desc=f"waiting for {what}", disable=not progress) as bar:
         while True:
             fits = capacity(nodes, bundle)
+            now = time.monotonic()
+            if fits > seen:
+                seen, last_growth = fits, now
             bar.n = min(fits, wanted)
             bar.set_postfix(nodes=len(nodes))
             bar.refresh()
-            now = time.monotonic()
-            if fits >= wanted or now - started >= timeout_s:
+            if fits >= wanted or now - started >= timeout_s or (fits >= 1 and now - last_growth >= settle_s):
                 break
             if now - last_log >= LOG_INTERVAL_S:
                 log.info("still waiting: %d of %d %s fit after %.0f s (%d nodes)", fits, wanted, what, now - started, len(nodes))
@@ -89,8 +94,8 @@ def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, what: st
             f"{timeout_s:g} s: {shortfall(nodes, bundle)}. Lower the request, check that the cluster's node types "
             "can hold it (`ray status`), or raise the timeout")
     if fits < wanted:
-        log.warning("only %d of %d %s fit after %.0f s: starting with %d (the rest of the clients share them)",
-                    fits, wanted, what, timeout_s, fits)
+        log.warning("only %d of %d %s fit after %.0f s: starting with %d (the other clients share them; "
+                    "set runtime.num_actors=%d to start at once next time)", fits, wanted, what, time.monotonic() - started, fits, fits)
     else:
         log.info("%d %s fit after %.0f s on %d nodes", wanted, what, time.monotonic() - started, len(nodes))
     return nodes, True
@@ -114,7 +119,7 @@ def acquire_pool(cfg: ExperimentConfig, can_grow: bool, progress: bool = True) -
     if runtime.resource_timeout_s > 0:
         bundle = actor_request(runtime.client_resources)
         wanted = wanted_actors(cfg.data.num_clients, runtime.num_actors)
-        nodes, requested = wait_for_capacity(bundle, wanted, runtime.resource_timeout_s, progress=progress)
+        nodes, requested = wait_for_capacity(bundle, wanted, runtime.resource_timeout_s, runtime.resource_settle_s, progress=progress)
         _check_gpus(cfg, nodes)
     try:
         plan = plan_pool(nodes, runtime.client_resources, cfg.data.num_clients, runtime.num_actors, drop_gpu_without_gpus=False)

@@ -106,7 +106,7 @@ def run_parallelism(cfg: ExperimentConfig, actors_per_run: int, max_parallel: Op
     nodes, requested = alive_nodes(), False
     if capacity(nodes, bundle) < actors_per_run and cluster_can_grow() and cfg.runtime.resource_timeout_s > 0:
         nodes, requested = wait_for_capacity(bundle, actors_per_run * (max_parallel or 1), cfg.runtime.resource_timeout_s,
-                                             what="compare's client actors", progress=progress)
+                                             cfg.runtime.resource_settle_s, what="compare's client actors", progress=progress)
     return max(1, capacity(nodes, bundle) // actors_per_run), requested
 
 

@@ -251,6 +251,7 @@ class RuntimeConfig:
     max_actor_restarts: Annotated[int, Field(ge=0, description="times Ray restarts a dead client actor (its clients' state lives with the driver)")] = 3
     client_retries: Annotated[int, Field(ge=0, description="retries of a failed client job in a round before it is recorded as dropped")] = 1
     resource_timeout_s: Annotated[float, Field(ge=0, description="on a cluster that can grow: seconds to wait for the autoscaler to supply the client actors' resources before failing (0: no wait)")] = 900.0
+    resource_settle_s: Annotated[float, Field(ge=0, description="once some client actors fit: start with them after this many seconds without new capacity (a fixed cluster, or nodes that never come)")] = 60.0
     actor_restart_timeout_s: Annotated[float, Field(gt=0, description="seconds a dead client actor may take to come back (Ray restarts it) before it leaves the pool and its clients move to the others")] = 120.0
     precision: Annotated[
         Literal["fp32", "tf32", "bf16"],

@@ -45,7 +45,9 @@ BOOT_DELAY_S = 3.0
 #: What the runs ask for: half a (logical) GPU and a CPU per client actor, two actors per worker.
 GPU_SHARES = "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}"
 #: Short fault budgets so a lost node costs seconds, not minutes, here.
-FAST_FAULTS = ["runtime.actor_restart_timeout_s=10", "runtime.resource_timeout_s=30"]
+FAST_FAULTS = ["runtime.actor_restart_timeout_s=10", "runtime.resource_timeout_s=60", "runtime.resource_settle_s=5"]
+#: The final-model protocol (AutoAttack, sanity attacks) tests nothing about placement: off here.
+NO_PROTOCOL = ["evaluation.autoattack=false", "evaluation.sanity_checks=false"]
 POLL_S = 0.2
 
 
@@ -150,7 +152,8 @@ def main(out: Path) -> None:
     try:
         # 1. autoscale: 0-CPU head, no workers; the run must ask, wait, then finish.
         run_dir, record, first, done = out / "autoscale", {}, {}, threading.Event()
-        job = Background(lambda: run_cli(smoke_args(run_dir, address, "runtime.num_actors=2", *FAST_FAULTS)))
+        job = Background(lambda: run_cli(smoke_args(run_dir, address, "runtime.num_actors=2", "layer_selection.enabled=false",
+                                                    *NO_PROTOCOL, *FAST_FAULTS)))
         watcher = threading.Thread(target=first_round_after, args=(run_dir, time.monotonic(), done, first), daemon=True)
         job.start()
         watcher.start()
@@ -172,14 +175,14 @@ def main(out: Path) -> None:
         # 3. multinode: a second worker; 4 actors at half a GPU fill both.
         second = cluster.add_node(**WORKER_NODE)
         run_dir = out / "multinode"
-        code, errors, seconds = run_cli(smoke_args(run_dir, address, "runtime.num_actors=4", *FAST_FAULTS))
+        code, errors, seconds = run_cli(smoke_args(run_dir, address, "runtime.num_actors=4", *NO_PROTOCOL, *FAST_FAULTS))
         results["multinode"] = {"exit_code": code, "errors": errors, "seconds": seconds,
                                 "nodes": node_of_actor_pids(run_dir) if code == 0 else {}}
 
         # 4. node_loss: remove the second worker while round 2 runs; interrupted after round 3; resumed.
         run_dir, record = out / "node_loss", {}
         cfg = load_config("smoke", overrides=[GPU_SHARES, f"runtime.address={address}", "runtime.num_actors=4",
-                                              "federation.rounds=4", *FAST_FAULTS])
+                                              "federation.rounds=4", *NO_PROTOCOL, *FAST_FAULTS])
         run_dir.mkdir()
         started = time.monotonic()
         job = Background(lambda: run(cfg, run_dir, stop_after=3, progress=False))  # an interruption after round 3

@@ -54,6 +54,7 @@ def test_a_zero_cpu_head_waits_for_the_autoscaler_then_runs(scenarios):
     assert autoscale["request_after_run"] == []  # withdrawn once the actors held their resources
     assert autoscale["submit_to_first_round_s"] is not None
     assert autoscale["summary"]["final"]["clean_acc"] > autoscale["summary"]["sanity"]["majority_rate"]
+    assert autoscale["alive_nodes"] == 2  # the head and the one launched worker
 
 
 def test_a_request_no_node_can_hold_fails_within_its_timeout(scenarios):
@@ -75,8 +76,8 @@ def test_actors_on_both_workers_give_the_single_node_results(scenarios, tmp_path
     single = tmp_path / "single"
     single.mkdir()
     # the session's one-node cluster cannot grow and has no GPU: the GPU share is dropped, 2 actors
-    run(load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 0.5}", "runtime.num_actors=4"]),
-        single, progress=False)
+    run(load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 0.5}", "runtime.num_actors=4",
+                                        "evaluation.autoattack=false", "evaluation.sanity_checks=false"]), single, progress=False)
     pd.testing.assert_frame_equal(_metrics(out / "multinode"), _metrics(single))
     spread = json.loads((out / "multinode" / "summary.json").read_text())
     assert spread["final"] == json.loads((single / "summary.json").read_text())["final"]

@@ -62,3 +62,30 @@ def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
     assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), "--resume"]) == 0
     again = pd.read_csv(folder / "trials.csv")
     assert sorted(again["trial"]) == sorted(table["trial"])
+
+
+def test_trials_share_staged_inputs_unless_the_data_source_or_model_differ():
+    from sylva_ray.tune import inputs_key
+
+    base = load_config("smoke")
+    same = [load_config("smoke", overrides=o) for o in (["data.alpha=0.1"], ["data.partition=iid"], ["lora.rank=16"],
+                                                         ["data.num_clients=3"], ["attack.eps=0.1"])]
+    assert {inputs_key(c) for c in same} == {inputs_key(base)}  # the split and the training differ, not the inputs
+    assert inputs_key(load_config("smoke", overrides=["data.max_samples=500"])) != inputs_key(base)
+    assert inputs_key(load_config("smoke", overrides=["model.pretrain_epochs=3"])) != inputs_key(base)
+
+
+def test_a_trial_does_not_recheck_paths_the_sweeps_main_process_read(tmp_path):
+    from sylva_ray.tune import apply_overrides
+
+    base = load_config("paper", overrides=[f"data.root={tmp_path}"]).to_dict()
+    base["data"]["root"] = "/only/on/the/head/cifar10"
+    with pytest.raises(ConfigError, match="data.root"):
+        apply_overrides(base, {})
+    assert apply_overrides(base, {}, check_paths=False).data.root == "/only/on/the/head/cifar10"
+
+
+def test_a_gpu_share_is_dropped_from_trial_bundles_only_where_no_gpu_can_come():
+    cfg = load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 0.5}"])
+    assert trial_resources(cfg, gpus_available=False).bundles[1:] == [{"CPU": 1.0}]
+    assert trial_resources(cfg, gpus_available=True).bundles[1:] == [{"CPU": 1.0, "GPU": 0.5}]

@@ -48,6 +48,11 @@ from sylva_ray.precision import configure_runtime
 log = logging.getLogger(__name__)
 
 BYTES_PER_MB = 1024 * 1024
+#: Memory a CUDA process needs outside torch's allocator (context, cuBLAS/cuDNN workspaces): kept
+#: out of the allocator's cap, or two actors at half a card each could still overfill it.
+CUDA_CONTEXT_RESERVE_BYTES = 1024**3
+#: Texts of CUDA allocation failures that torch raises as a plain RuntimeError, not OutOfMemoryError.
+CUDA_OOM_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 #: While waiting for a restarted actor: each ping waits at most this long, with this pause between.
 RESTART_PING_TIMEOUT_S, RESTART_PING_PAUSE_S = 5.0, 0.5
 
@@ -82,8 +87,10 @@ class ClientActor:
         torch.set_num_threads(threads)
         self.cfg, self.gpu_fraction = cfg, gpu_fraction
         if gpu_fraction > 0 and torch.cuda.is_available():
-            # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it.
-            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction))
+            # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it,
+            # less what the CUDA context takes outside the allocator.
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, gpu_fraction) - CUDA_CONTEXT_RESERVE_BYTES / total))
         elif gpu_fraction > 0 and cfg.runtime.device == "auto":
             log.warning("Ray assigned GPU %s to this actor but torch sees no CUDA device: training on the CPU "
                         "(logical GPUs, or a driver/toolkit mismatch on this node)", ray.get_gpu_ids())
@@ -103,6 +110,10 @@ class ClientActor:
         try:
             yield
         except torch.OutOfMemoryError as exc:
+            raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
+        except RuntimeError as exc:
+            if not any(text in str(exc) for text in CUDA_OOM_TEXTS):
+                raise
             raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
 
     def info(self, num_clients: int) -> WorkerInfo:

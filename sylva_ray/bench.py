@@ -257,9 +257,9 @@ BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale, "ph
 
 
 def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:
-    from sylva_ray.results import write_table
+    from sylva_ray.results import resolve_result_path, write_table
 
-    out = Path(out) if out else Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    out = resolve_result_path(out or Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     out.mkdir(parents=True, exist_ok=True)
     frame = BENCHES[which](cfg, out)
     write_table(out / f"bench_{which}.csv", frame)

@@ -153,12 +153,13 @@ _NAMED_ERROR = re.compile(r"(?:^|\s|\.)(" + "|".join(USER_ERRORS) + r"): (.+)$",
 
 def explain(exc: BaseException) -> Optional[str]:
     """The user-facing message inside ``exc``, also when Ray wrapped it (a task's error arrives as
-    ``RayTaskError``, an actor's failed constructor only as the text of an ``ActorDiedError``)."""
-    from sylva_ray.placement import GPUMemoryError, PlacementError
-
-    cause = getattr(exc, "cause", None)
-    for candidate in (cause, exc):
-        if isinstance(candidate, (ConfigError, PlacementError, GPUMemoryError, FileExistsError, ConnectionError)):
+    ``RayTaskError`` with the original as ``cause``; an actor's failed constructor only as the text
+    of an ``ActorDiedError``, from which the last named user error is taken)."""
+    for candidate in (getattr(exc, "cause", None), exc):
+        if candidate is None:
+            continue
+        names = {cls.__name__ for cls in type(candidate).__mro__}
+        if names & set(USER_ERRORS) or isinstance(candidate, (FileExistsError, ConnectionError)):
             return str(candidate.args[0]) if candidate.args else str(candidate)
     matches = _NAMED_ERROR.findall(str(exc))
     return matches[-1][1].strip() if matches else None

@@ -91,9 +91,11 @@ def linear_resize_matrix(size_in: int, size_out: int, device: torch.device, dtyp
 def bilinear_resize_by_matmul(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize (align_corners=False) as ``W_h @ images @ W_w^T``: the same map as
     ``F.interpolate``, but its backward is two matmuls, deterministic under cuBLAS's fixed workspace."""
-    rows = linear_resize_matrix(images.shape[-2], size[0], images.device, images.dtype)
-    cols = linear_resize_matrix(images.shape[-1], size[1], images.device, images.dtype)
-    return rows @ images @ cols.T
+    dtype = torch.promote_types(images.dtype, torch.float32)  # in fp32 even under autocast, as F.interpolate
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        rows = linear_resize_matrix(images.shape[-2], size[0], images.device, dtype)
+        cols = linear_resize_matrix(images.shape[-1], size[1], images.device, dtype)
+        return rows @ images.to(dtype) @ cols.T
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -118,11 +118,23 @@ def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> 
     return StagedInputs(source=ray.put(source), backbone=ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
 
 
+def runs_on_this_machine_only(cfg: ExperimentConfig) -> bool:
+    """True for the in-process engine, and for a Ray run that will start (or has started, in this
+    process) its own one-machine cluster: no ``--address``, no ``RAY_ADDRESS`` (set inside
+    ``ray job submit`` jobs), not a worker of an existing cluster (a Tune trial)."""
+    if cfg.runtime.engine == "inprocess":
+        return True
+    if cfg.runtime.address is not None or os.environ.get("RAY_ADDRESS"):
+        return False
+    import ray
+
+    return not ray.is_initialized() or not cluster_can_grow()
+
+
 def check_local_device(cfg: ExperimentConfig) -> None:
-    """``runtime.device=cuda`` for a run on this machine alone (no ``--address``, or the in-process
-    engine) where torch sees no CUDA: refused before any work, with what to set instead."""
-    local = cfg.runtime.address is None or cfg.runtime.engine == "inprocess"
-    if cfg.runtime.device != "cuda" or not local:
+    """``runtime.device=cuda`` for a run on this machine alone where torch sees no CUDA: refused
+    before any work, with what to set instead (on a cluster, the actors' GPU share decides)."""
+    if cfg.runtime.device != "cuda" or not runs_on_this_machine_only(cfg):
         return
     import torch
 
@@ -137,37 +149,40 @@ def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
 
-    What runs here, in the main process, before the driver starts: the client-actor pool is planned
-    (waiting for an autoscaler if the cluster can grow), the data and backbone are read and put in
-    the object store (``staged`` when a Tune sweep already did), and the partition is written.
+    What runs here, in the main process, before the driver starts, cheapest check first: the GPU
+    policy on the nodes there are; the data and backbone are read and put in the object store
+    (``staged`` when a Tune sweep already did) and the partition is written; then the client-actor
+    pool is planned, waiting for an autoscaler if the cluster can grow (GPU nodes cost from here on).
     """
     import ray
     from ray.util.placement_group import get_current_placement_group
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     from sylva_ray.actors import DriverActor
-    from sylva_ray.capacity import acquire_pool, bundles_of, release_request
+    from sylva_ray.capacity import acquire_pool, alive_nodes, bundles_of, check_gpus, release_request
     from sylva_ray.placement import plan_pool
 
     connect(cfg.runtime.address)
     check_local_device(cfg)
-    can_grow = cluster_can_grow()
     group = get_current_placement_group()  # set inside a Tune trial: everything goes into its bundles
+    if group is None:
+        check_gpus(cfg, alive_nodes())
+    # Data and weights next: a bad folder or weight file fails here, before GPU nodes are paid for.
+    if staged is None:
+        source, partition = prepare_data(cfg, run_dir, resume)
+        staged = stage_inputs(cfg, source)
+    else:
+        _, partition = prepare_data(cfg, run_dir, resume, source=ray.get(staged.source))
     requested = False
     if group is not None:
-        bundles = bundles_of(group)
-        plan = plan_pool(bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=False)
+        bundles = bundles_of(group)  # fixed by the trial; without GPUs in them, the GPU share is moot
+        plan = plan_pool(bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True)
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
     else:
-        plan, requested = acquire_pool(cfg, can_grow, progress=progress)
+        plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
         where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = None
     try:
-        if staged is None:
-            source, partition = prepare_data(cfg, run_dir, resume)
-            staged = stage_inputs(cfg, source)
-        else:
-            _, partition = prepare_data(cfg, run_dir, resume, source=ray.get(staged.source))
         driver = DriverActor.options(scheduling_strategy=where).remote(
             cfg, str(run_dir), resume, {"source": staged.source, "backbone": staged.backbone}, partition, plan, group)
         federation = RemoteFederation(driver)

@@ -152,8 +152,9 @@ def main(out: Path) -> None:
     try:
         # 1. autoscale: 0-CPU head, no workers; the run must ask, wait, then finish.
         run_dir, record, first, done = out / "autoscale", {}, {}, threading.Event()
+        # (Ray's read-only autoscaler on this head reports no launches: the settle time covers the boot delay)
         job = Background(lambda: run_cli(smoke_args(run_dir, address, "runtime.num_actors=2", "layer_selection.enabled=false",
-                                                    *NO_PROTOCOL, *FAST_FAULTS)))
+                                                    *NO_PROTOCOL, *FAST_FAULTS, "runtime.resource_settle_s=30")))
         watcher = threading.Thread(target=first_round_after, args=(run_dir, time.monotonic(), done, first), daemon=True)
         job.start()
         watcher.start()

@@ -100,6 +100,27 @@ def test_cuda_on_a_machine_without_it_fails_before_any_work(ray_cluster, tmp_pat
         check_local_device(load_config("smoke", overrides=["runtime.device=cuda", "runtime.engine=inprocess"]))
 
 
+def test_cuda_is_not_refused_where_a_cluster_decides(monkeypatch):
+    """Inside a `ray job submit` job (RAY_ADDRESS set) or with --address, the actors' GPU share decides."""
+    cuda = load_config("smoke", overrides=["runtime.device=cuda"])
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    check_local_device(cuda)
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_local_device(load_config("smoke", overrides=["runtime.device=cuda", "runtime.address=10.0.0.1:6379"]))
+
+
+def test_user_errors_are_explained_also_through_rays_wrappers():
+    from sylva_ray.data import PartitionError
+    from sylva_ray.placement import PlacementError
+
+    assert explain(PartitionError("data.num_clients=500: too few samples")) == "data.num_clients=500: too few samples"
+    actor_died = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
+                              "sylva_ray.placement.PlacementError: runtime.client_resources: no node offers {'GPU': 2.0}\n")
+    assert explain(actor_died) == "runtime.client_resources: no node offers {'GPU': 2.0}"
+    assert explain(KeyError("a bug")) is None  # a bug keeps its traceback
+    assert explain(PlacementError("x")) == "x"
+
+
 def test_memory_estimate_is_linear_in_the_batch_and_names_its_inputs():
     small = estimate_actor_memory(load_config("smoke", overrides=["train.batch_size=8", "train.eval_batch_size=16"]), (3, 8, 8), 10)
     large = estimate_actor_memory(load_config("smoke", overrides=["train.batch_size=16", "train.eval_batch_size=32"]), (3, 8, 8), 10)

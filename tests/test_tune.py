@@ -48,7 +48,9 @@ def test_trial_reserves_a_bundle_per_client_actor():
 
 def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
     sweep = _sweep_module()
-    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path)]) == 0
+    # a GPU share on this GPU-less one-machine cluster: dropped from the bundles and in the trial alike
+    gpu_share = ["--set", "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}"]
+    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), *gpu_share]) == 0
     folder = tmp_path / "rank_eps"
     table = pd.read_csv(folder / "trials.csv")
     assert len(table) == 2 and (table["status"] == "OK").all()
@@ -59,7 +61,7 @@ def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
     # the pool is sized from the trial's bundles (1 client actor), not from the cluster (2 CPUs)
     for metrics in folder.glob("*/run/metrics.csv"):
         assert pd.read_csv(metrics)["actor_pid"].dropna().nunique() == 1
-    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), "--resume"]) == 0
+    assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), "--resume", *gpu_share]) == 0
     again = pd.read_csv(folder / "trials.csv")
     assert sorted(again["trial"]) == sorted(table["trial"])
 

@@ -18,11 +18,12 @@ import argparse
 import logging
 import sys
 
+from sylva_ray.cli import explain
 from sylva_ray.config import load_config
 from sylva_ray.results import resolve_result_path
 from sylva_ray.simulation import connect
 from sylva_ray.sweep_report import heterogeneity_axis, write_report
-from sylva_ray.tune import parse_grid, run_sweep
+from sylva_ray.tune import parse_grid, run_sweep, validate_sweep
 
 log = logging.getLogger("sweeps.rank_eps")
 
@@ -52,7 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="a tiny grid on the smoke preset (what CI runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return sweep(args)
+    except Exception as exc:  # a user's error is one line and exit code 2, as with sylva-ray
+        message = explain(exc)
+        if message is None:
+            raise
+        log.error("%s", message)
+        return 2
 
+
+def sweep(args: argparse.Namespace) -> int:
     preset = "smoke" if args.smoke_test else args.preset
     overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.overrides)
     base = load_config(preset, args.config_file, overrides)
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     axes = {"heterogeneity": heterogeneity_axis(args.heterogeneity or (SMOKE_HETEROGENEITY if args.smoke_test else DEFAULT_HETEROGENEITY))}
     # Relative local paths land under $SYLVA_RAY_HOME (set on the cluster's head), else the current folder.
     storage = args.storage_path if "://" in args.storage_path else str(resolve_result_path(args.storage_path))
+    validate_sweep(base, grid, axes, name=args.name, storage_path=storage, resume=args.resume)  # before Ray starts
     connect(args.address)
     table = run_sweep(base, grid, axes, name=args.name, storage_path=storage, samples=args.samples,
                       scheduler=args.scheduler, concurrency=args.concurrency, resume=args.resume)

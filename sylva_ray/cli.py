@@ -43,11 +43,13 @@ def _report(run_dir: object, summary: dict) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sylva_ray.results import create_run_dir
+    from sylva_ray.preflight import preflight
     from sylva_ray.simulation import check_local_device, run
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
     cfg = load_config(args.preset, args.config_file, overrides)
     check_local_device(cfg)  # before the run directory exists
+    preflight(cfg)
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)
     return _report(run_dir, run(cfg, run_dir))

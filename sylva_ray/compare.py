@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sylva_ray.algorithms import ALGORITHMS, parse_algorithm
 from sylva_ray.config import ConfigError, ExperimentConfig, apply_overrides, build_config
+from sylva_ray.preflight import preflight
 from sylva_ray.results import read_json
 from sylva_ray.storage import atomic_write_text
 
@@ -66,6 +67,8 @@ def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: 
                                              "runtime.seed": seed, "name": f"{spec}-seed{seed}"})
             try:
                 cfg = build_config(raw)
+                if k == 0:
+                    preflight(cfg)  # the model, data and weights each algorithm will use
             except ConfigError as exc:
                 problems.append(f"--algorithms entry {spec!r}: {exc}")
                 break

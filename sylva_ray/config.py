@@ -22,7 +22,10 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+#: Unknown keys are errors; so are inf/nan in any float field (they crash an actor a minute later).
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+#: An experiment name becomes a folder name: letters, digits, '.', '_', '-', not starting with a dot.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
 
 #: L-inf radius used for CIFAR in CalFAT / SFAT: 8 grey levels out of 255.
 CIFAR_EPS = 8 / 255
@@ -272,7 +275,7 @@ class OutputConfig:
 class ExperimentConfig:
     """The root: one experiment = one run directory."""
 
-    name: Annotated[str, Field(description="free-form experiment name, used in the run directory name")] = "sylva"
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="experiment name, used in the run directory name: letters, digits, '.', '_', '-' (no path)")] = "sylva"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -441,7 +444,10 @@ def raw_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"--config {str(path)!r}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {str(path)!r}: expected a YAML mapping at the top level")
         raw = _deep_merge(raw, loaded)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -134,45 +133,18 @@ def load_synthetic_source(cfg: DataConfig) -> DataSource:
 def _cifar_source(cfg: DataConfig, which: str) -> DataSource:
     """CIFAR from torchvision's python format in a local folder; never downloaded.
 
-    ``data.root`` may be the folder that holds ``cifar-10-batches-py`` or that folder itself.
-    With ``verify_checksums`` off, torchvision's md5 check of the official files is skipped (the
-    tests write small files in the same format).
+    ``data.root`` may be the folder that holds ``cifar-10-batches-py`` or that folder itself. The
+    batches are pickles: ``sylva_ray.cifar`` reads them with an unpickler that admits only what the
+    format holds, with or without the md5 check (``verify_checksums``; the tests write small files
+    in the same format and switch it off).
     """
-    from torchvision import datasets
+    from sylva_ray.cifar import read_split
 
-    base_cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
-    root = Path(cfg.root or "")
-    if root.name == base_cls.base_folder:
-        root = root.parent
-    if not (root / base_cls.base_folder).is_dir():
-        raise FileNotFoundError(
-            f"data.root={cfg.root!r}: expected {base_cls.base_folder}/ inside it (torchvision's python format); "
-            "nothing is downloaded at run time"
-        )
+    def to_arrays(train: bool) -> ArrayDataset:
+        images, labels, classes = read_split(which, cfg.root or "", train, cfg.verify_checksums)
+        return ArrayDataset(images.astype(np.float32) / UINT8_MAX, labels, classes)
 
-    class LocalCIFAR(base_cls):  # type: ignore[misc, valid-type]
-        def _check_integrity(self) -> bool:
-            if cfg.verify_checksums:
-                return super()._check_integrity()
-            folder = Path(self.root) / self.base_folder
-            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:
-            if cfg.verify_checksums:
-                return super()._load_meta()
-            # torchvision checks the meta file's md5 here too; read the same pickle without it.
-            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
-                names = pickle.load(handle, encoding="latin1")[self.meta["key"]]
-            self.classes = names
-            self.class_to_idx = {name: index for index, name in enumerate(names)}
-
-    def to_arrays(split_is_train: bool) -> ArrayDataset:
-        ds = LocalCIFAR(str(root), train=split_is_train, download=False)
-        images = ds.data.transpose(0, 3, 1, 2).astype(np.float32) / UINT8_MAX
-        return ArrayDataset(images, np.asarray(ds.targets, dtype=np.int64), len(ds.classes))
-
-    train = to_arrays(True)
-    return DataSource(name=which, private=train, official_test=to_arrays(False))
+    return DataSource(name=which, private=to_arrays(True), official_test=to_arrays(False))
 
 
 @DATASETS.register("cifar10")

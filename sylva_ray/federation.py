@@ -29,9 +29,9 @@ import torch
 from sylva_ray.aggregation import aggregate
 from sylva_ray.algorithms import algorithm_for
 from sylva_ray.client import GLOBAL_TEST_CLIENT, ClientState, ClientWorker
-from sylva_ray.config import ExperimentConfig
+from sylva_ray.config import ConfigError, ExperimentConfig
 from sylva_ray.data import DataSource, Partition
-from sylva_ray.models import decode_state, encode_state
+from sylva_ray.models import damaged_file_message, decode_state, encode_state
 from sylva_ray.results import plot_accuracy, write_json, write_table
 from sylva_ray.sanity import sanity_warnings
 from sylva_ray.seeding import numpy_rng
@@ -197,6 +197,7 @@ class FederationState:
     seconds: float = 0.0
     global_eval: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the experiment this state belongs to
 
     def save(self, path: Path) -> None:
         """One file, written atomically; loadable with ``torch.load(weights_only=True)``."""
@@ -211,13 +212,23 @@ class FederationState:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "seconds": self.seconds,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
         }
         atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
     def load(cls, path: Path) -> "FederationState":
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        tables = json.loads(payload["tables"])
+        """Read a checkpoint (``weights_only``: never arbitrary pickles); a damaged one is a
+        ``ConfigError`` naming the file."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            tables = json.loads(payload["tables"])
+            return cls._from_payload(payload, tables)
+        except Exception as exc:  # zip, pickle, torch, JSON and key errors all mean the same here
+            raise ConfigError(damaged_file_message(f"checkpoint {path}", exc) + "; resume cannot continue from it") from None
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any], tables: dict[str, Any]) -> "FederationState":
         return cls(
             next_round=int(payload["next_round"]),
             global_adapter=payload["global_adapter"],
@@ -226,7 +237,36 @@ class FederationState:
             rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"], initial=tables["initial"],
             global_eval=tables.get("global_eval", {}), warnings=tables.get("warnings", []),
             bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
+            fingerprint=json.loads(payload.get("fingerprint", "{}")),
         )
+
+
+#: Fields a resume may change (``sylva-ray resume --address``); every other resolved field in
+#: config.yaml must be what the checkpoint was made with.
+RESUMABLE_FIELDS = frozenset({"runtime.address"})
+#: Dict-valued fields compared whole, as values.
+_OPAQUE = frozenset({"kwargs", "client_resources"})
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved configuration as ``{dotted field: value}`` (JSON values), less RESUMABLE_FIELDS."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix.rsplit(".", 1)[-1] not in _OPAQUE:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", cfg.to_dict())
+    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUMABLE_FIELDS}
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: checkpoint value -> config.yaml value`` for every field that differs."""
+    return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in config.yaml"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
 #: accuracy column -> the column holding how many samples it was measured on
@@ -268,6 +308,7 @@ class Federation:
                 global_adapter=self.info.initial_adapter,
                 client_states={c: ClientState(head={k: v.clone() for k, v in self.info.initial_head.items()})
                                for c in range(cfg.data.num_clients)},
+                fingerprint=config_fingerprint(cfg),
             )
 
     @property

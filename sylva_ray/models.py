@@ -148,16 +148,30 @@ def _pixel_model(backbone: nn.Module, cfg: ModelConfig) -> PixelSpaceModel:
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or a torch file loaded with ``weights_only=True`` (never arbitrary pickles)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        for wrapper_key in ("state_dict", "model"):
-            if isinstance(state, dict) and wrapper_key in state and isinstance(state[wrapper_key], dict):
-                state = state[wrapper_key]
+    if not path.is_file():
+        raise ModelSourceError(f"model.checkpoint={str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, zipfile, pickle and torch each raise their own kinds for a bad file
+        raise ModelSourceError(damaged_file_message(f"model.checkpoint={str(path)!r}", exc)) from None
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, dict) and wrapper_key in state and isinstance(state[wrapper_key], dict):
+            state = state[wrapper_key]
     if not isinstance(state, dict):
         raise ModelSourceError(f"model.checkpoint={str(path)!r} does not hold a state dict")
     return state
+
+
+def damaged_file_message(what: str, exc: BaseException) -> str:
+    """``what`` is not a readable weight/checkpoint file: say so, with the reader's first line, and
+    never pass on torch's advice to retry with ``weights_only=False`` (that would run the file's code)."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        detail = "it refers to Python objects a weight file never holds (it could run code if loaded unsafely)"
+    return f"{what}: damaged or not a weight file ({type(exc).__name__}: {detail[:200]}); it is never loaded unsafely"
 
 
 def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:

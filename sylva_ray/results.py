@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from sylva_ray.config import ExperimentConfig
-from sylva_ray.storage import atomic_write_text, atomic_write_with
+from sylva_ray.storage import atomic_write_text, atomic_write_with, remove_orphaned_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,12 @@ def create_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path
     timestamped one under ``output.root`` (relative paths: see ``results_base``)."""
     if out is not None:
         path = resolve_result_path(out)
+        if path.is_dir():
+            remove_orphaned_temp_files(path)  # a write killed before it finished left only these
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if (path / "config.yaml").is_file() and not (path / "summary.json").is_file():
+                raise RunDirectoryError(f"--out {str(path)!r} holds a run that did not finish; continue it with "
+                                        f"`sylva-ray resume {path}`, or choose a new folder (results are never overwritten)")
             raise RunDirectoryError(f"--out {str(path)!r} exists and is not empty; choose a new folder (results are never overwritten)")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

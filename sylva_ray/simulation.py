@@ -10,6 +10,7 @@ The driver actor is pinned to this node (the run directory is on this node's dis
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 
 from sylva_ray.config import ConfigError, ExperimentConfig, build_config
 from sylva_ray.data import DataSource, Partition, load_source, make_partition
-from sylva_ray.federation import CHECKPOINT_NAME, Federation, InProcessExecutor
+from sylva_ray.federation import CHECKPOINT_NAME, Federation, FederationState, InProcessExecutor
 from sylva_ray.results import read_json, write_config
+from sylva_ray.storage import remove_orphaned_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +247,53 @@ def _drive(federation: Any, stop_after: Optional[int], progress: bool = True) ->
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """The run's own config.yaml, validated; a missing or unreadable one names the file."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml here; is this a sylva-ray run directory?")
-    return build_config(yaml.safe_load(path.read_text()))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); the file is damaged") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected the run's configuration (a YAML mapping); the file is damaged")
+    try:
+        return build_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[FederationState]:
+    """Before anything starts: the checkpoint is readable and belongs to *this* config (a hand-edited
+    config.yaml would otherwise overwrite results with another experiment's), the partition is
+    readable. Returns the checkpoint's state, or None when the run has none yet."""
+    from sylva_ray.federation import FederationState, config_fingerprint, fingerprint_differences
+
+    partition = run_dir / "partition.json"
+    if partition.is_file():
+        try:
+            json.loads(partition.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{partition}: not valid JSON ({exc}); the file is damaged") from None
+    checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return None
+    state = FederationState.load(checkpoint)
+    if not state.fingerprint:
+        log.warning("%s predates configuration fingerprints: config.yaml cannot be checked against it", checkpoint)
+        return state
+    differences = fingerprint_differences(state.fingerprint, config_fingerprint(cfg))
+    if differences:
+        raise ConfigError(f"{run_dir / 'config.yaml'} and the run's checkpoint differ, so resuming would mix two experiments:\n  "
+                          + "\n  ".join(differences) + "\nrestore config.yaml, or start a new run with these values")
+    return state
 
 
 def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Continue an interrupted run from its last checkpoint; a finished run just returns its summary."""
+    """Continue an interrupted run from its last checkpoint; a finished run just returns its summary
+    (after rewriting its tables from the checkpoint if they were damaged)."""
+    from sylva_ray.preflight import preflight
+
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if address is not None:
@@ -262,12 +303,36 @@ def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[in
         if problem:
             raise ConfigError(f"--address {address!r}: {problem}")
         cfg.runtime.address = address
+    state = check_resumable(run_dir, cfg)
+    for orphan in remove_orphaned_temp_files(run_dir):
+        log.info("removed %s, left by a write that was killed", orphan)
     if (run_dir / "summary.json").is_file():
+        if state is not None:
+            restore_tables(run_dir, state)
         log.info("%s is already complete", run_dir)
         return read_json(run_dir / "summary.json")
-    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file():
+    preflight(cfg)
+    if state is None:
         log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
     return run(cfg, run_dir, resume=True, stop_after=stop_after, progress=progress)
+
+
+def restore_tables(run_dir: Path, state: "FederationState") -> None:
+    """metrics.csv and rounds.csv as the checkpoint holds them (rewritten only if they differ)."""
+    import pandas as pd
+
+    from sylva_ray.results import write_table
+
+    for name, rows in (("metrics.csv", state.rows), ("rounds.csv", state.round_rows)):
+        path = run_dir / name
+        expected = pd.DataFrame(rows).to_csv(index=False)
+        try:
+            current = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            current = None
+        if current != expected:
+            log.warning("%s did not match the checkpoint: rewritten from it", path)
+            write_table(path, pd.DataFrame(rows))
 
 
 def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
@@ -281,13 +346,17 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
 
     run_dir = Path(run_dir)
     base = load_run_config(run_dir)
-    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
-        raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
     raw = apply_overrides(base.to_dict(), list(overrides))
     if address is not None:
         raw["runtime"]["address"] = address
     raw["layer_selection"]["enabled"] = True
     cfg = build_config(raw)
+    from sylva_ray.preflight import preflight
+
+    preflight(cfg)  # before the new folder exists
+    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
+    check_resumable(run_dir, base)
     out = run_dir / f"phase2-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     suffix = 1
     while out.exists():

@@ -128,6 +128,77 @@ def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]]
             shutil.rmtree(staging, ignore_errors=True)
 
 
+#: Our own record of a sweep, plain JSON next to Tune's state: ``--resume`` hands a folder to Tune
+#: (which unpickles ``tuner.pkl``, i.e. runs code from it) only when this says it is the same sweep.
+MANIFEST = "sweep.json"
+WORLD_WRITABLE = 0o002
+
+
+def _read_text(uri_or_path: str) -> Optional[str]:
+    """A small file's text from a local path or a pyarrow-supported URI; None if absent."""
+    if "://" not in uri_or_path:
+        path = Path(uri_or_path)
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri_or_path)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _write_text(uri_or_path: str, text: str) -> None:
+    if "://" not in uri_or_path:
+        from sylva_ray.storage import atomic_write_text
+
+        atomic_write_text(uri_or_path, text)
+        return
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri_or_path)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def refuse_world_writable(storage: str) -> None:
+    """A local storage folder anyone may write lets anyone plant Tune's pickled state: refused."""
+    if "://" in storage:
+        return
+    path = Path(storage).resolve()
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            mode = folder.stat().st_mode
+            sticky = bool(mode & 0o1000)  # /tmp-like folders: others cannot replace what we create inside
+            if mode & WORLD_WRITABLE and not (sticky and folder != path):
+                raise ConfigError(f"--storage-path {storage!r}: {folder} is world-writable, so anyone on this machine could "
+                                  "plant a sweep state that Tune would unpickle (run code) on --resume; use a folder only you "
+                                  f"can write (chmod o-w {folder})")
+            break
+
+
+def sweep_manifest(name: str, base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({"name": name, "base": base, "grid": grid, "axes": axes}, sort_keys=True, default=str))
+
+
+def check_sweep_manifest(experiment: str, manifest: dict[str, Any]) -> None:
+    """Before ``Tuner.restore``: our manifest must be there and describe this very sweep."""
+    where = f"{experiment.rstrip('/')}/{MANIFEST}"
+    text = _read_text(where)
+    if text is None:
+        raise ConfigError(f"{where}: missing, so {experiment} was not written by this sweep; --resume refuses to hand it "
+                          "to Tune (whose state is pickled and would run code). Start a new sweep (another --name)")
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{where}: not valid JSON; --resume refuses this folder") from None
+    changed = sorted(key for key in manifest if saved.get(key) != manifest[key])
+    if changed:
+        raise ConfigError(f"{where} records another sweep (differs in {changed}); repeat the original arguments, or start a "
+                          "new sweep with another --name")
+
+
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """``["lora.rank=4,8,16", "attack.eps=0.03,0.05"]`` -> ``{"lora.rank": [4, 8, 16], ...}`` (values parsed as YAML)."""
     grid: dict[str, list[Any]] = {}
@@ -157,6 +228,28 @@ def expand(point: dict[str, Any], axes: dict[str, dict[str, dict[str, Any]]]) ->
     return overrides
 
 
+def validate_sweep(base: ExperimentConfig, grid: dict[str, list[Any]], axes: Optional[dict[str, dict[str, dict[str, Any]]]] = None,
+                   *, name: str, storage_path: str, resume: bool) -> tuple[list[ExperimentConfig], dict[str, Any]]:
+    """Everything about a sweep that can be refused before Ray starts: every grid point's config
+    (and its model/data preflight), the storage folder's permissions, and on ``--resume`` our own
+    manifest. Returns the configs and the manifest."""
+    from sylva_ray.preflight import preflight
+
+    axes = axes or {}
+    configs = check_grid(base.to_dict(), grid, axes)
+    checked: set[str] = set()
+    for cfg in configs:
+        key = json.dumps([inputs_key(cfg), dataclasses.asdict(cfg.lora), dataclasses.asdict(cfg.layer_selection)], sort_keys=True)
+        if key not in checked:
+            checked.add(key)
+            preflight(cfg)
+    refuse_world_writable(storage_path)
+    manifest = sweep_manifest(name, base.to_dict(), grid, axes)
+    if resume:
+        check_sweep_manifest(f"{storage_path.rstrip('/')}/{name}", manifest)
+    return configs, manifest
+
+
 def run_sweep(
     base: ExperimentConfig,
     grid: dict[str, list[Any]],
@@ -180,7 +273,9 @@ def run_sweep(
 
     axes = axes or {}
     base_dict = base.to_dict()
-    configs = check_grid(base_dict, grid, axes)
+    storage = storage_path if "://" in storage_path else str(resolve_result_path(storage_path))
+    experiment = f"{storage.rstrip('/')}/{name}"
+    configs, manifest = validate_sweep(base, grid, axes, name=name, storage_path=storage, resume=resume)
     gpus = total(alive_nodes(), "GPU")
     problem = gpu_problem(base.runtime.client_resources, base.runtime.device, gpus)
     if problem:
@@ -196,11 +291,10 @@ def run_sweep(
                                     trial_resources(base, gpus_available=gpus > 0 or cluster_can_grow()))
     # A node released by the autoscaler takes its disk along: every report uploads the trial's
     # run directory (artifacts) to storage_path, which must then be shared (s3://, NFS) on a cluster.
-    storage = storage_path if "://" in storage_path else str(resolve_result_path(storage_path))
-    experiment = f"{storage.rstrip('/')}/{name}"
     if resume:
         tuner = tune.Tuner.restore(experiment, resources, resume_errored=True, param_space=space)
     else:
+        _write_text(f"{experiment}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
         asha = ASHAScheduler(time_attr="training_iteration", max_t=base.federation.rounds, grace_period=1) if scheduler == "asha" else None
         tuner = tune.Tuner(
             resources,

@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sylva_ray.cifar import UnsafeDataFile
+
 from sylva_ray.config import DataConfig
 from sylva_ray.data import (
     DATASETS,
@@ -139,13 +141,14 @@ def test_cifar_loader_reads_local_files(tmp_path, which, classes):
     assert source.official_test is not None and len(source.official_test) == 10
     assert source.num_classes == classes
     assert 0 <= source.private.images.min() and source.private.images.max() <= 1
-    with pytest.raises(RuntimeError, match="corrupted"):  # torchvision's md5 check rejects our tiny files
+    with pytest.raises(UnsafeDataFile, match="md5 differs"):  # the official md5 sums reject our tiny files
         load_source(DataConfig(name=which, root=str(tmp_path), verify_checksums=True))
 
 
 def test_cifar_missing_folder_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="othing is downloaded") as caught:
         load_source(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert "download=True" not in str(caught.value) and "data_batch_1" in str(caught.value)
 
 
 def test_imagefolder_loader(tmp_path):

@@ -1,0 +1,391 @@
+"""Bad inputs, as a careful user and an attacker would give them: each is refused with exit code 2,
+an error that names the field or the file, no traceback, nothing written or overwritten, and
+before any real work (in-process, a refusal must come sooner than a fresh ``sylva-ray config``
+process takes just to import: a ratio to that, not an absolute limit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sylva_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A refusal in-process may take at most this many times a fresh `sylva-ray config` process.
+IMPORT_TIME_RATIO = 1.0
+
+
+@pytest.fixture(scope="module")
+def import_seconds() -> float:
+    """Wall time of a fresh `sylva-ray config` process: the imports, which a refusal must not exceed."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "sylva_ray", "config", "--preset", "smoke"], check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def refused(argv: list[str], named: str, where: Path, import_seconds: float, entry=main) -> str:
+    """Run ``entry(argv)`` in this process; assert a clean refusal; return what was logged."""
+    before = snapshot(where)
+    errors = io.StringIO()
+    handler = logging.StreamHandler(errors)
+    handler.setLevel(logging.ERROR)
+    logging.getLogger().addHandler(handler)
+    started = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = entry(argv)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    seconds = time.monotonic() - started
+    text = errors.getvalue()
+    assert code == 2, (code, text)
+    assert named in text, text
+    assert "Traceback" not in text
+    assert snapshot(where) == before  # nothing written or overwritten
+    assert seconds / import_seconds <= IMPORT_TIME_RATIO, (seconds, import_seconds)
+    return text
+
+
+def write_cifar(root: Path, payload: bytes | None = None) -> Path:
+    """A tiny CIFAR-10 folder in torchvision's python format; ``payload`` replaces data_batch_1."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": rng.integers(0, 256, size=(8, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, 8).tolist()}, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle)
+    if payload is not None:
+        (folder / "data_batch_1").write_bytes(payload)
+    return folder
+
+
+class Planted:
+    """Unpickling this runs a command that creates a marker file: it must never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+RUN_SET_CASES = [
+    ("lora.rank=4096", "lora.rank"),
+    ("layer_selection.top_k=99", "layer_selection.top_k"),
+    ("train.lr=.inf", "train.lr"),
+    ("attack.eps=.nan", "attack.eps"),
+    ("loss.proximal_mu=-.inf", "loss.proximal_mu"),
+    ("model.name=vit_does_not_exist", "model.name"),
+    ("model.kwargs={no_such_argument: 1}", "model.kwargs"),
+    ("model.kwargs={embed_dim: 7}", "model.kwargs"),
+    ("lora.target_modules=[attn.nothing]", "lora.target_modules"),
+    ("lora.target_modules=[proj]", "lora.target_modules"),
+    ("data.num_clients=5000", "data.num_clients"),
+    ("runtime.client_resources={num_cpus: 512}", "runtime.client_resources"),
+    ("runtime.client_resources={gpus: 1}", "runtime.client_resources.gpus"),
+    ("runtime.address=not-an-address", "runtime.address"),
+    ("runtime.address=127.0.0.1:9", "--address"),
+    ("name=/../../escape", "name"),
+    ("name=a/b", "name"),
+    ("name=..", "name"),
+    ("federation.aggregation=nope", "federation.aggregation"),
+    ("algorithm.name=nope", "algorithm.name"),
+    ("data.test_fraction=1.5", "data.test_fraction"),
+    ("unknown.field=1", "unknown: unknown field"),
+    ("model.pretrained=checkpoint", "model.checkpoint"),
+    ("data.name=cifar10", "data.root"),
+    ("data.partition=nope", "data.partition"),
+]
+
+
+@pytest.mark.parametrize("override, named", RUN_SET_CASES)
+def test_run_refuses_a_bad_value(override, named, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    refused(["run", "--preset", "smoke", "--set", override, "--out", str(tmp_path / "run")], named, tmp_path, import_seconds)
+
+
+def test_algorithm_ablation_of_another_algorithm(tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    refused(["run", "--preset", "smoke", "--set", "algorithm.name=fat", "--set", "algorithm.ablations=[no_phase2]"],
+            "algorithm.ablations", tmp_path, import_seconds)
+
+
+@pytest.mark.parametrize("content, named", [
+    ("just a string", "--config"),
+    ("lora: {rank: [unclosed", "--config"),
+    ("lora: {rankk: 4}", "lora.rankk"),
+])
+def test_run_refuses_a_bad_yaml_file(content, named, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text(content)
+    refused(["run", "--config", str(tmp_path / "exp.yaml")], named, tmp_path, import_seconds)
+
+
+def test_run_refuses_a_missing_yaml_file(tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    refused(["run", "--config", str(tmp_path / "nope.yaml")], "--config", tmp_path, import_seconds)
+
+
+def test_run_refuses_a_nonempty_out(tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "summary.json").write_text("{}")
+    refused(["run", "--preset", "smoke", "--out", str(tmp_path / "taken")], "--out", tmp_path, import_seconds)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "wrong_content"])
+def test_run_refuses_bad_cifar_folders(case, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "cifar"
+    named = "data.root"
+    if case == "empty":
+        root.mkdir()
+    elif case == "garbage":
+        write_cifar(root, payload=os.urandom(4000))
+        named = "data_batch_1"
+    elif case == "truncated":
+        folder = write_cifar(root)
+        (folder / "data_batch_1").write_bytes((folder / "data_batch_1").read_bytes()[:100])
+        named = "data_batch_1"
+    elif case == "wrong_content":
+        write_cifar(root, payload=pickle.dumps({"data": [1, 2, 3], "labels": [0]}))
+        named = "data_batch_1"
+    refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}", "--set", "data.verify_checksums=false",
+             "--set", "model.pretrained=none", "--set", "data.public_fraction=0"], named, tmp_path, import_seconds)
+
+
+def test_a_crafted_cifar_pickle_never_runs_its_code(tmp_path, monkeypatch, import_seconds):
+    """The payload would create a marker file when unpickled; checksums off, as for files of one's own."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+    root = tmp_path / "cifar"
+    write_cifar(root, payload=pickle.dumps({"data": Planted(marker), "labels": [0]}))
+    text = refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}",
+                    "--set", "data.verify_checksums=false", "--set", "model.pretrained=none", "--set", "data.public_fraction=0"],
+                   "data_batch_1", tmp_path, import_seconds)
+    assert not marker.exists() and "system" in text
+    # the meta file is read the same way
+    (root / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(Planted(marker)))
+    write_ok = root / "cifar-10-batches-py" / "data_batch_1"
+    write_ok.write_bytes(pickle.dumps({"data": np.zeros((8, 3072), np.uint8), "labels": [0] * 8}))
+    refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}",
+             "--set", "data.verify_checksums=false", "--set", "model.pretrained=none", "--set", "data.public_fraction=0"],
+            "batches.meta", tmp_path, import_seconds)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix, content", [
+    (".safetensors", b"\x00" * 64),
+    (".safetensors", b"not a safetensors file at all"),
+    (".pt", b"garbage torch file"),
+    (".pth", b""),
+])
+def test_run_refuses_damaged_weight_files(suffix, content, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / f"weights{suffix}"
+    weights.write_bytes(content)
+    text = refused(["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
+                   weights.name, tmp_path, import_seconds)
+    assert "damaged" in text and "weights_only=False" not in text
+
+
+def test_a_torch_file_with_code_never_runs_it(tmp_path, monkeypatch, import_seconds):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+    weights = tmp_path / "weights.pt"
+    torch.save({"state_dict": Planted(marker)}, weights)
+    refused(["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
+            "weights.pt", tmp_path, import_seconds)
+    assert not marker.exists()
+
+
+# --- resume and phase2 on a real (interrupted) run ------------------------------------------------
+@pytest.fixture(scope="module")
+def interrupted_run(ray_cluster, tmp_path_factory):
+    """A smoke run stopped after its first round, as an interruption leaves it."""
+    from sylva_ray.config import load_config
+    from sylva_ray.simulation import run
+
+    run_dir = tmp_path_factory.mktemp("bad_inputs") / "interrupted"
+    run_dir.mkdir()
+    cfg = load_config("smoke", overrides=["federation.rounds=2", "layer_selection.enabled=false",
+                                          "evaluation.autoattack=false", "evaluation.sanity_checks=false"])
+    assert run(cfg, run_dir, stop_after=1, progress=False) is None
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+@pytest.mark.parametrize("field, value", [("lora", {"rank": 16}), ("attack", {"eps": 0.2}), ("data", {"alpha": 0.9}),
+                                          ("runtime", {"seed": 7})])
+def test_resume_refuses_a_hand_edited_config(field, value, interrupted_run, tmp_path, import_seconds):
+    run_dir = _copy(interrupted_run, tmp_path)
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw[field].update(value)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    key = f"{field}.{next(iter(value))}"
+    text = refused(["resume", str(run_dir)], key, tmp_path, import_seconds)
+    assert "differ" in text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_resume_refuses_a_damaged_checkpoint(damage, interrupted_run, tmp_path, import_seconds):
+    run_dir = _copy(interrupted_run, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes({"truncated": data[: len(data) // 3], "garbage": os.urandom(2048), "empty": b""}[damage])
+    text = refused(["resume", str(run_dir)], "checkpoint.pt", tmp_path, import_seconds)
+    assert "damaged" in text and "weights_only=False" not in text
+
+
+def test_resume_refuses_a_garbage_partition(interrupted_run, tmp_path, import_seconds):
+    run_dir = _copy(interrupted_run, tmp_path)
+    (run_dir / "partition.json").write_text("{not json")
+    refused(["resume", str(run_dir)], "partition.json", tmp_path, import_seconds)
+
+
+def test_resume_refuses_a_folder_that_is_no_run(tmp_path, import_seconds):
+    (tmp_path / "stranger").mkdir()
+    refused(["resume", str(tmp_path / "stranger")], "config.yaml", tmp_path, import_seconds)
+    (tmp_path / "stranger" / "config.yaml").write_text("lora: [")
+    refused(["resume", str(tmp_path / "stranger")], "config.yaml", tmp_path, import_seconds)
+
+
+def test_phase2_refuses_an_unfinished_run_and_bad_values(interrupted_run, tmp_path, import_seconds):
+    run_dir = _copy(interrupted_run, tmp_path)
+    refused(["phase2", str(run_dir)], "Phase 1 has not finished", tmp_path, import_seconds)
+    refused(["phase2", str(run_dir), "--set", "layer_selection.top_k=99"], "layer_selection.top_k", tmp_path, import_seconds)
+    refused(["phase2", str(run_dir), "--set", "lora.rank=.inf"], "lora.rank", tmp_path, import_seconds)
+
+
+# --- compare and the sweep script ---------------------------------------------------------------
+@pytest.mark.parametrize("args, named", [
+    (["--algorithms", "nope"], "--algorithms"),
+    (["--algorithms", "sylva,sylva"], "--algorithms"),
+    (["--algorithms", "sylva", "--seeds", "0"], "--seeds"),
+    (["--algorithms", "sylva,fat", "--reference", "calfat"], "--reference"),
+    (["--algorithms", "sylva", "--actors-per-run", "0"], "--actors-per-run"),
+    (["--algorithms", "fat-no_phase2"], "fat-no_phase2"),
+])
+def test_compare_refuses_bad_arguments(args, named, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    refused(["compare", "--preset", "smoke", "--out", str(tmp_path / "cmp"), *args], named, tmp_path, import_seconds)
+
+
+def _sweep_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rank_eps", ROOT / "sweeps" / "rank_eps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--grid", "lora.rank=0,4"], "lora.rank"),
+    (["--grid", "lora.rank"], "--grid"),
+    (["--heterogeneity", "mild"], "heterogeneity"),
+    (["--set", "attack.eps=2"], "attack.eps"),
+])
+def test_sweep_refuses_bad_arguments(args, named, tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), *args], named, tmp_path, import_seconds, entry=_sweep_main())
+
+
+def test_sweep_resume_refuses_a_world_writable_storage_folder(tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    storage = tmp_path / "shared"
+    (storage / "rank_eps").mkdir(parents=True)
+    storage.chmod(0o777)
+    refused(["--smoke-test", "--storage-path", str(storage), "--resume"], "world-writable", tmp_path, import_seconds, entry=_sweep_main())
+
+
+def test_sweep_resume_never_unpickles_a_planted_tuner_state(tmp_path, monkeypatch, import_seconds):
+    """Anyone who can write the storage path could plant Tune's pickled state: without our own
+    manifest (plain JSON) naming the same sweep, the folder is never handed to Tune."""
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+    experiment = tmp_path / "sweeps" / "rank_eps"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"], "sweep.json", tmp_path, import_seconds,
+            entry=_sweep_main())
+    (experiment / "sweep.json").write_text('{"name": "rank_eps", "grid": {"lora.rank": [99]}}')
+    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"], "sweep.json", tmp_path, import_seconds,
+            entry=_sweep_main())
+    assert not marker.exists()
+
+
+# --- the run directory after kills ----------------------------------------------------------------
+def test_a_folder_left_by_a_killed_first_write_is_reusable(tmp_path, monkeypatch):
+    """A write killed before its rename leaves only its temporary sibling: --out accepts the folder."""
+    from sylva_ray.config import load_config
+    from sylva_ray.results import create_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / ".config.yaml.abcd1234.tmp").write_text("name: half writ")
+    assert create_run_dir(load_config("smoke"), folder) == folder and not any(folder.iterdir())
+
+
+def test_an_unfinished_run_is_pointed_to_resume(tmp_path, monkeypatch, import_seconds):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "started"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("name: started\n")
+    text = refused(["run", "--preset", "smoke", "--out", str(folder)], "--out", tmp_path, import_seconds)
+    assert "sylva-ray resume" in text
+
+
+def test_results_follow_the_umask(tmp_path):
+    from sylva_ray.storage import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        written = atomic_write_text(tmp_path / "table.csv", "a,b\n")
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_finished_runs_damaged_tables_are_rewritten_from_its_checkpoint(interrupted_run, tmp_path):
+    """Resume of a finished run rewrites metrics.csv/rounds.csv that no longer match its checkpoint."""
+    import pandas as pd
+
+    from sylva_ray.simulation import resume
+
+    run_dir = _copy(interrupted_run, tmp_path)
+    assert resume(run_dir, progress=False)["final"]  # finishes round 2
+    good = (run_dir / "metrics.csv").read_text()
+    (run_dir / "metrics.csv").write_text("garbage,\n1")
+    (run_dir / "rounds.csv").write_bytes(b"\xff\xfe")
+    resume(run_dir, progress=False)
+    assert (run_dir / "metrics.csv").read_text() == good
+    assert len(pd.read_csv(run_dir / "rounds.csv")) == 2

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sylva_ray.config import PRESETS, ConfigError, ExperimentConfig, load_config
+from sylva_ray.config import PRESETS, ExperimentConfig, load_config
 
 log = logging.getLogger("sylva_ray")
 

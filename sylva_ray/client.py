@@ -18,7 +18,7 @@ import torch
 from sylva_ray.algorithms import algorithm_for
 from sylva_ray.config import ExperimentConfig
 from sylva_ray.data import ArrayDataset, ClientData, DataSource, Partition, client_data, global_test_set
-from sylva_ray.models import build_pretrained_model, full_model_nbytes, resolve_device
+from sylva_ray.models import build_pretrained_model, full_model_nbytes, resolve_device, state_digest
 from sylva_ray.precision import configure_runtime
 from sylva_ray.seeding import derive_seed, torch_seeded
 from sylva_ray.training import EvalResult, RoundMetrics, adversarial_round, evaluate
@@ -80,6 +80,7 @@ class ClientWorker:
         self.scope = self.algorithm.scope
         base = build_pretrained_model(cfg.model, cfg.data, source, backbone_state)
         self.full_model_bytes = full_model_nbytes(base)
+        self.backbone_digest = state_digest(base.backbone.state_dict())  # which pre-trained weights this run uses
         # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.
         with torch_seeded(derive_seed(cfg.runtime.seed, "lora-init")):
             self.model = self.scope.wrap(base, cfg.lora).to(self.device)

@@ -95,6 +95,7 @@ class WorkerInfo:
     majority_rates: dict[int, float]
     num_train: dict[int, int]
     players: list[str] = field(default_factory=list)
+    backbone_digest: str = ""
 
 
 class ClientExecutor(Protocol):
@@ -114,6 +115,7 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
         majority_rates={c: worker.data(c).majority_class_rate() for c in range(num_clients)},
         num_train={c: len(worker.data(c).train) for c in range(num_clients)},
         players=worker.player_names() if worker.cfg.layer_selection.enabled else [],
+        backbone_digest=worker.backbone_digest,
     )
 
 
@@ -263,9 +265,19 @@ def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUMABLE_FIELDS}
 
 
+INPUTS_PREFIX = "inputs."
+
+
+def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
+    """The run's inputs beyond its config: the partition file and the pre-trained weights."""
+    partition = Path(run_dir) / "partition.json"
+    return {f"{INPUTS_PREFIX}partition_sha256": hashlib.sha256(partition.read_bytes()).hexdigest() if partition.is_file() else "",
+            f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest}
+
+
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``field: checkpoint value -> config.yaml value`` for every field that differs."""
-    return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in config.yaml"
+    """``field: value at the checkpoint -> value now`` for every field that differs."""
+    return [f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
@@ -299,8 +311,17 @@ class Federation:
         self.algorithm = algorithm_for(cfg)
         self.adapter_bytes = len(encode_state(self.info.initial_adapter))
         checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
+        identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
         if resume and checkpoint.is_file():
             self.state = FederationState.load(checkpoint)
+            if self.state.fingerprint:  # checkpoints from before fingerprints cannot be checked
+                # The config was checked where the run was resumed (Phase 2 alone may change its own
+                # fields); here, what only a built worker knows: the weights, and the partition.
+                saved = {k: v for k, v in self.state.fingerprint.items() if k.startswith(INPUTS_PREFIX)}
+                differences = fingerprint_differences(saved, {k: v for k, v in identity.items() if k.startswith(INPUTS_PREFIX)})
+                if differences:
+                    raise ConfigError(f"{checkpoint} was made with other inputs than this resume has, so it would mix two "
+                                      "experiments: " + "; ".join(differences))
             log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
         else:
             self.state = FederationState(
@@ -308,7 +329,7 @@ class Federation:
                 global_adapter=self.info.initial_adapter,
                 client_states={c: ClientState(head={k: v.clone() for k, v in self.info.initial_head.items()})
                                for c in range(cfg.data.num_clients)},
-                fingerprint=config_fingerprint(cfg),
+                fingerprint=identity,
             )
 
     @property

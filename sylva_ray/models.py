@@ -296,6 +296,16 @@ def build_pretrained_model(
     return _pixel_model(backbone, model_cfg).eval()
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def pretrained_backbone_state(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource) -> dict[str, torch.Tensor]:
     """The pre-trained backbone's weights as CPU tensors: resolved once where a run starts, then
     shared with every actor (``build_pretrained_model(..., backbone_state=...)``)."""

@@ -10,6 +10,7 @@ The driver actor is pinned to this node (the run directory is on this node's dis
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -282,10 +283,15 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Federation
     if not state.fingerprint:
         log.warning("%s predates configuration fingerprints: config.yaml cannot be checked against it", checkpoint)
         return state
-    differences = fingerprint_differences(state.fingerprint, config_fingerprint(cfg))
+    current = config_fingerprint(cfg)
+    if partition.is_file():  # the weights' digest is checked by the driver, once it has built the model
+        current["inputs.partition_sha256"] = hashlib.sha256(partition.read_bytes()).hexdigest()
+    saved = {k: v for k, v in state.fingerprint.items() if k in current}
+    differences = fingerprint_differences(saved, current)
     if differences:
-        raise ConfigError(f"{run_dir / 'config.yaml'} and the run's checkpoint differ, so resuming would mix two experiments:\n  "
-                          + "\n  ".join(differences) + "\nrestore config.yaml, or start a new run with these values")
+        raise ConfigError(f"{run_dir}: config.yaml (or partition.json) differs from what the run's checkpoint was made with, "
+                          "so resuming would mix two experiments:\n  " + "\n  ".join(differences)
+                          + "\nrestore the run's files, or start a new run with these values")
     return state
 
 

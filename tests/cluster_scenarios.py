@@ -18,10 +18,7 @@ as that request needs, after a boot delay. Then:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import sys
 import threading
 import time
@@ -32,6 +29,7 @@ import pandas as pd
 import ray
 from ray.cluster_utils import Cluster
 
+from cli_capture import run_captured
 from sylva_ray.cli import main as cli_main
 from sylva_ray.config import load_config
 from sylva_ray.simulation import run
@@ -102,17 +100,7 @@ def autoscale_while(job: Background, cluster: Cluster, record: dict[str, Any]) -
 
 def run_cli(args: list[str]) -> tuple[int, str, float]:
     """``sylva-ray`` in this process; returns its exit code, what it logged at ERROR, and seconds."""
-    errors = io.StringIO()
-    handler = logging.StreamHandler(errors)
-    handler.setLevel(logging.ERROR)
-    logging.getLogger().addHandler(handler)
-    started = time.monotonic()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = cli_main(args)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    return code, errors.getvalue(), time.monotonic() - started
+    return run_captured(cli_main, args)
 
 
 def first_round_after(run_dir: Path, started: float, done: threading.Event, found: dict) -> None:

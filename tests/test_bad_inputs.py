@@ -6,9 +6,6 @@ process takes just to import: a ratio to that, not an absolute limit).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import pickle
 import subprocess
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cli_capture import run_captured
 from sylva_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,18 +40,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def refused(argv: list[str], named: str, where: Path, import_seconds: float, entry=main) -> str:
     """Run ``entry(argv)`` in this process; assert a clean refusal; return what was logged."""
     before = snapshot(where)
-    errors = io.StringIO()
-    handler = logging.StreamHandler(errors)
-    handler.setLevel(logging.ERROR)
-    logging.getLogger().addHandler(handler)
-    started = time.monotonic()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = entry(argv)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    seconds = time.monotonic() - started
-    text = errors.getvalue()
+    code, text, seconds = run_captured(entry, argv)
     assert code == 2, (code, text)
     assert named in text, text
     assert "Traceback" not in text
@@ -389,3 +376,38 @@ def test_a_finished_runs_damaged_tables_are_rewritten_from_its_checkpoint(interr
     resume(run_dir, progress=False)
     assert (run_dir / "metrics.csv").read_text() == good
     assert len(pd.read_csv(run_dir / "rounds.csv")) == 2
+
+
+def test_resume_refuses_a_tampered_partition(interrupted_run, tmp_path, import_seconds):
+    import json
+
+    run_dir = _copy(interrupted_run, tmp_path)
+    partition = json.loads((run_dir / "partition.json").read_text())
+    first = next(iter(k for k in partition if isinstance(partition[k], list) and partition[k]))
+    partition[first] = list(reversed(partition[first]))  # still valid JSON, other contents
+    (run_dir / "partition.json").write_text(json.dumps(partition))
+    refused(["resume", str(run_dir)], "inputs.partition_sha256", tmp_path, import_seconds)
+
+
+def test_resume_refuses_other_pretrained_weights(ray_cluster, tmp_path, monkeypatch):
+    """The weight file changed between the interruption and the resume: the driver refuses to mix them."""
+    from safetensors.torch import save_file
+
+    from sylva_ray.config import ModelConfig, load_config
+    from sylva_ray.models import create_backbone, seeded_create
+    from sylva_ray.simulation import run
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in create_backbone(ModelConfig(pretrained="none"), 10).state_dict().items()}, str(weights))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config("smoke", overrides=["federation.rounds=2", "layer_selection.enabled=false", "evaluation.autoattack=false",
+                                          "evaluation.sanity_checks=false", "model.pretrained=checkpoint", f"model.checkpoint={weights}"])
+    assert run(cfg, run_dir, stop_after=1, progress=False) is None
+    other = seeded_create("vit_pico_patch4_16", 10, {}, seed=123)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    before = snapshot(run_dir)
+    code, text, _ = run_captured(main, ["resume", str(run_dir)])
+    assert code == 2 and "inputs.weights_sha256" in text
+    assert snapshot(run_dir) == before

@@ -1,7 +1,5 @@
 """Where results land: absolute run directories, $SYLVA_RAY_HOME, and a Ray job's temporary working dir."""
 
-from pathlib import Path
-
 import pytest
 
 from sylva_ray.config import load_config

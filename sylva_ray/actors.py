@@ -147,15 +147,14 @@ class ClientActor:
         with self._guard(job.client_id, "Phase 2 coalition"):
             adapter = self._adapter(adapter_payload)
             outcome = run_coalition_job(self.worker, job, adapter, self._decoded[0] or "")
-        outcome.metrics["actor_pid"] = os.getpid()
+        outcome.metrics["actor_pid"] = os.getpid()  # read by the driver for the value only; never in a result file
         return outcome
 
     def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
+        # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
         with self._guard(job.client_id, "Phase 2 tailoring"):
             adapter = self._adapter(adapter_payload)
-            outcome = run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")
-        outcome.metrics["actor_pid"] = os.getpid()
-        return outcome
+            return run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")
 
 
 @dataclass

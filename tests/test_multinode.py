@@ -102,3 +102,10 @@ def test_a_worker_lost_mid_round_is_survived_and_the_run_resumes(scenarios):
     assert metrics.loc[metrics["round"] > loss["removed_after_rounds"], "actor_node"].nunique() == 1  # one worker left
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dropped_client_rounds"] == int(metrics["dropped"].fillna(False).astype(bool).sum())
+
+
+def test_a_runs_summary_holds_nothing_that_depends_on_the_machine(scenarios):
+    """The same run on one node and on two: summary.json's per-client rows are equal too."""
+    out, _ = scenarios
+    rows = json.loads((out / "multinode" / "summary.json").read_text())["per_client"]
+    assert rows and not any(key in row for row in rows for key in MACHINE_COLUMNS)

@@ -19,11 +19,11 @@ import logging
 import sys
 
 from sylva_ray.cli import explain
-from sylva_ray.config import load_config
-from sylva_ray.results import resolve_result_path
-from sylva_ray.simulation import connect
-from sylva_ray.sweep_report import heterogeneity_axis, write_report
-from sylva_ray.tune import parse_grid, run_sweep, validate_sweep
+from sylva_ray.distributed.connect import connect
+from sylva_ray.distributed.tune import parse_grid, run_sweep, validate_sweep
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.engine.rundir import resolve_result_path
+from sylva_ray.experiments.sweep_report import heterogeneity_axis, write_report
 
 log = logging.getLogger("sweeps.rank_eps")
 

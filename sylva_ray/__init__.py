@@ -11,7 +11,7 @@ __all__ = ["load_client_model", "load_client_split"]
 
 def __getattr__(name: str):  # lazy: `import sylva_ray` stays cheap (no torch/timm/ray at import)
     if name in __all__:
-        from sylva_ray import api
+        from sylva_ray.experiments import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'sylva_ray' has no attribute {name!r}")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sylva_ray.config import PRESETS, ExperimentConfig, load_config
+from sylva_ray.base.config import PRESETS, ExperimentConfig
+from sylva_ray.engine.resolve import load_config
 
 log = logging.getLogger("sylva_ray")
 
@@ -42,27 +43,26 @@ def _report(run_dir: object, summary: dict) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sylva_ray.results import create_run_dir
-    from sylva_ray.preflight import preflight
-    from sylva_ray.simulation import check_local_device, run
+    from sylva_ray.distributed.connect import check_before_start
+    from sylva_ray.distributed.launcher import run
+    from sylva_ray.engine.rundir import create_run_dir
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
     cfg = load_config(args.preset, args.config_file, overrides)
-    check_local_device(cfg)  # before the run directory exists
-    preflight(cfg)
+    check_before_start(cfg)  # before the run directory exists
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)
     return _report(run_dir, run(cfg, run_dir))
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from sylva_ray.simulation import resume
+    from sylva_ray.distributed.launcher import resume
 
     return _report(args.run_dir, resume(args.run_dir, address=args.address))
 
 
 def _cmd_phase2(args: argparse.Namespace) -> int:
-    from sylva_ray.simulation import phase2_only
+    from sylva_ray.distributed.launcher import phase2_only
 
     out, summary = phase2_only(args.run_dir, args.overrides, args.address)
     return _report(out, summary)
@@ -74,12 +74,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from sylva_ray.algorithms import default_comparison
-    from sylva_ray.compare import run_comparison
-    from sylva_ray.config import raw_config
+    from sylva_ray.engine.resolve import raw_config
+    from sylva_ray.experiments.compare import run_comparison
+    from sylva_ray.method.algorithms import default_comparison
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
-    from sylva_ray.results import resolve_result_path
+    from sylva_ray.engine.rundir import resolve_result_path
 
     out = resolve_result_path(args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     algorithms = ([a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms is not None
@@ -92,7 +92,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sylva_ray.bench import run_bench
+    from sylva_ray.experiments.bench import run_bench
 
     cfg = _config_from(args)
     frame = run_bench(args.which, cfg, args.out)

@@ -27,13 +27,13 @@ from typing import Any, Callable
 
 import pandas as pd
 import ray
+from cli_capture import run_captured
 from ray.cluster_utils import Cluster
 
-from cli_capture import run_captured
 from sylva_ray.cli import main as cli_main
-from sylva_ray.config import load_config
-from sylva_ray.simulation import run
-from sylva_ray.placement import capacity
+from sylva_ray.distributed.launcher import run
+from sylva_ray.distributed.placement import capacity
+from sylva_ray.engine.resolve import load_config
 
 #: The worker node type the stand-in autoscaler launches: a g5.xlarge in miniature (logical GPU).
 WORKER_NODE = {"num_cpus": 2, "num_gpus": 1}

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from sylva_ray.config import ExperimentConfig, LoRAConfig, ModelConfig, load_config
-from sylva_ray.data import ArrayDataset
+from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.method.data import ArrayDataset
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sylva_ray.aggregation import (
+from sylva_ray.base.config import FederationConfig
+from sylva_ray.method.aggregation import (
     AGGREGATORS,
     aggregate,
     balltree_weights,
@@ -12,7 +13,6 @@ from sylva_ray.aggregation import (
     product_gap,
     weighted_average,
 )
-from sylva_ray.config import FederationConfig
 
 
 def _state(a, b):

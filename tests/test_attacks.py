@@ -3,10 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from sylva_ray.attacks import ATTACKS, build_attack, perturb
-from sylva_ray.config import AttackConfig
-from sylva_ray.models import PixelSpaceModel, create_backbone
-from sylva_ray.config import ModelConfig
+from sylva_ray.base.config import AttackConfig, ModelConfig
+from sylva_ray.method.attacks import ATTACKS, build_attack, perturb
+from sylva_ray.method.models import PixelSpaceModel, create_backbone
 
 EPS = 0.05
 

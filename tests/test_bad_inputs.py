@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from cli_capture import run_captured
+
 from sylva_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,8 +210,8 @@ def test_a_torch_file_with_code_never_runs_it(tmp_path, monkeypatch, import_seco
 @pytest.fixture(scope="module")
 def interrupted_run(ray_cluster, tmp_path_factory):
     """A smoke run stopped after its first round, as an interruption leaves it."""
-    from sylva_ray.config import load_config
-    from sylva_ray.simulation import run
+    from sylva_ray.distributed.launcher import run
+    from sylva_ray.engine.resolve import load_config
 
     run_dir = tmp_path_factory.mktemp("bad_inputs") / "interrupted"
     run_dir.mkdir()
@@ -332,8 +332,8 @@ def test_sweep_resume_never_unpickles_a_planted_tuner_state(tmp_path, monkeypatc
 # --- the run directory after kills ----------------------------------------------------------------
 def test_a_folder_left_by_a_killed_first_write_is_reusable(tmp_path, monkeypatch):
     """A write killed before its rename leaves only its temporary sibling: --out accepts the folder."""
-    from sylva_ray.config import load_config
-    from sylva_ray.results import create_run_dir
+    from sylva_ray.engine.resolve import load_config
+    from sylva_ray.engine.rundir import create_run_dir
 
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "killed"
@@ -352,7 +352,7 @@ def test_an_unfinished_run_is_pointed_to_resume(tmp_path, monkeypatch, import_se
 
 
 def test_results_follow_the_umask(tmp_path):
-    from sylva_ray.storage import atomic_write_text
+    from sylva_ray.base.storage import atomic_write_text
 
     old = os.umask(0o027)
     try:
@@ -366,7 +366,7 @@ def test_a_finished_runs_damaged_tables_are_rewritten_from_its_checkpoint(interr
     """Resume of a finished run rewrites metrics.csv/rounds.csv that no longer match its checkpoint."""
     import pandas as pd
 
-    from sylva_ray.simulation import resume
+    from sylva_ray.distributed.launcher import resume
 
     run_dir = _copy(interrupted_run, tmp_path)
     assert resume(run_dir, progress=False)["final"]  # finishes round 2
@@ -393,9 +393,10 @@ def test_resume_refuses_other_pretrained_weights(ray_cluster, tmp_path, monkeypa
     """The weight file changed between the interruption and the resume: the driver refuses to mix them."""
     from safetensors.torch import save_file
 
-    from sylva_ray.config import ModelConfig, load_config
-    from sylva_ray.models import create_backbone, seeded_create
-    from sylva_ray.simulation import run
+    from sylva_ray.base.config import ModelConfig
+    from sylva_ray.distributed.launcher import run
+    from sylva_ray.engine.resolve import load_config
+    from sylva_ray.method.models import create_backbone, seeded_create
 
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "weights.safetensors"

@@ -2,15 +2,15 @@
 
 import pandas as pd
 
-from sylva_ray.bench import run_bench
-from sylva_ray.config import load_config
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.experiments.bench import run_bench
 
 
 def test_comm_bench_counts_real_bytes(tmp_path):
     frame = run_bench("comm", load_config("smoke"), tmp_path)
     assert list(frame["model"]) == ["vit_pico_patch4_16", "vit_base_patch16_224"]
     vit_b = frame.iloc[1]
-    assert vit_b["lora_params"] == 12 * 8 * (768 + 2304)  # METHOD.md's arithmetic
+    assert vit_b["lora_params"] == 12 * 8 * (768 + 2304)  # 12 blocks x r8 x (in + out) of attn.qkv
     assert vit_b["adapter_bytes"] >= 4 * vit_b["lora_params"]
     assert vit_b["full_over_adapter"] > 200
     assert (tmp_path / "bench_comm.csv").is_file()

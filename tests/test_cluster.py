@@ -102,7 +102,6 @@ def test_the_token_commands_generate_once_and_hand_the_same_token_on(tmp_path):
 def test_cluster_pins_satisfy_the_project_dependencies():
     """Every runtime dependency is pinned for the cluster, at a version pyproject.toml accepts."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["dependencies"]

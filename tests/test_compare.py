@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from sylva_ray.base.config import ConfigError
 from sylva_ray.cli import main
-from sylva_ray.compare import plan_runs
-from sylva_ray.config import ConfigError, raw_config
+from sylva_ray.engine.resolve import raw_config
+from sylva_ray.experiments.compare import plan_runs
 
 TINY = ["federation.rounds=1", "data.num_clients=3", "train.local_steps=2", "attack.eval_max_samples=8",
         "evaluation.autoattack_max_samples=4", "evaluation.sanity_samples=4", "evaluation.sanity_long_steps=6",

@@ -2,13 +2,19 @@
 import pytest
 import yaml
 
-from sylva_ray.config import PRESETS, ConfigError, ExperimentConfig, build_config, config_field_docs, load_config
+from sylva_ray.base.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    config_field_docs,
+)
+from sylva_ray.engine.resolve import build_config, load_config
 
 
 def test_defaults_are_the_embedded_default():
     cfg = load_config()
     assert cfg.data.name == "digits"
-    assert cfg.attack.eps == pytest.approx(0.05)  # METHOD.md: 0.05 for digits
+    assert cfg.attack.eps == pytest.approx(0.05)  # README's defaults table: 0.05 for 8x8 digits
     assert cfg.lora.target_modules == ["attn.qkv"]
     assert cfg.federation.aggregation == "balltree"
 

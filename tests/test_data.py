@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sylva_ray.cifar import UnsafeDataFile
-
-from sylva_ray.config import DataConfig
-from sylva_ray.data import (
+from sylva_ray.base.config import DataConfig
+from sylva_ray.base.seeding import numpy_rng
+from sylva_ray.method.cifar import UnsafeDataFile
+from sylva_ray.method.data import (
     DATASETS,
     PARTITIONERS,
     Partition,
@@ -16,7 +16,6 @@ from sylva_ray.data import (
     load_source,
     make_partition,
 )
-from sylva_ray.seeding import numpy_rng
 
 
 def _labels(n_per_class=50, classes=10):

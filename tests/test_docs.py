@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sylva_ray.config import config_field_docs
+from sylva_ray.base.config import config_field_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

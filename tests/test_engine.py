@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import sylva_ray
-from sylva_ray.config import ConfigError, load_config
-from sylva_ray.simulation import probe_address, resume, run
+from sylva_ray.base.config import ConfigError
+from sylva_ray.distributed.connect import probe_address
+from sylva_ray.distributed.launcher import resume, run
+from sylva_ray.engine.resolve import load_config
 
 #: Columns that measure the machine, not the experiment.
 TIMING = ["train_seconds", "actor_rss_mb", "actor_pid", "actor_node", "seconds"]
@@ -128,7 +130,7 @@ def test_unreachable_address_is_a_quick_clear_error():
 
 
 def test_phase2_outputs_and_phase2_only_command(two_actor_run):
-    from sylva_ray.simulation import phase2_only
+    from sylva_ray.distributed.launcher import phase2_only
 
     run_dir, summary = two_actor_run
     assert {"phase1", "phase2", "selected_layers"} <= set(summary)

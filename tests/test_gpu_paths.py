@@ -13,19 +13,31 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
-from sylva_ray.cli import explain
-from sylva_ray.client import ClientState
-from sylva_ray.config import ConfigError, DataConfig, LoRAConfig, ModelConfig, load_config
-from sylva_ray.data import load_source
-from sylva_ray.federation import CHECKPOINT_NAME, FederationState, Job
-from sylva_ray.memory import estimate_actor_memory
-from sylva_ray.models import add_lora, bilinear_resize_by_matmul, build_pretrained_model, encode_state
-from sylva_ray.placement import GPUMemoryError, PoolPlan
-from sylva_ray.precision import CUBLAS_WORKSPACE_CONFIG, configure_runtime, training_precision
-from sylva_ray.simulation import check_local_device, resume, run
-from sylva_ray.training import adversarial_round, evaluate
 from test_training import ATTACK, TRAIN, objective
+
+from sylva_ray.base.config import ConfigError, DataConfig, LoRAConfig, ModelConfig
+from sylva_ray.base.precision import (
+    CUBLAS_WORKSPACE_CONFIG,
+    configure_runtime,
+    training_precision,
+)
+from sylva_ray.cli import explain
+from sylva_ray.distributed.connect import check_local_device
+from sylva_ray.distributed.launcher import resume, run
+from sylva_ray.distributed.placement import GPUMemoryError, PoolPlan
+from sylva_ray.engine.client import ClientState
+from sylva_ray.engine.federation import CHECKPOINT_NAME, FederationState
+from sylva_ray.engine.jobs import Job
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.experiments.memory import estimate_actor_memory
+from sylva_ray.method.data import load_source
+from sylva_ray.method.models import (
+    add_lora,
+    bilinear_resize_by_matmul,
+    build_pretrained_model,
+    encode_state,
+)
+from sylva_ray.method.training import adversarial_round, evaluate
 
 CPU = torch.device("cpu")
 
@@ -50,8 +62,8 @@ def test_matmul_resize_is_torchs_bilinear_resize_values_and_gradients(size):
 
 
 def test_bf16_autocast_changes_training_and_evaluation_stays_fp32(model, tiny_dataset):
-    from sylva_ray.config import LossConfig
-    from sylva_ray.models import load_adapter_state, personal_state, shared_state
+    from sylva_ray.base.config import LossConfig
+    from sylva_ray.method.models import load_adapter_state, personal_state, shared_state
 
     start = {**shared_state(model), **personal_state(model)}
     trained = {}
@@ -110,12 +122,12 @@ def test_cuda_is_not_refused_where_a_cluster_decides(monkeypatch):
 
 
 def test_user_errors_are_explained_also_through_rays_wrappers():
-    from sylva_ray.data import PartitionError
-    from sylva_ray.placement import PlacementError
+    from sylva_ray.distributed.placement import PlacementError
+    from sylva_ray.method.data import PartitionError
 
     assert explain(PartitionError("data.num_clients=500: too few samples")) == "data.num_clients=500: too few samples"
     actor_died = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
-                              "sylva_ray.placement.PlacementError: runtime.client_resources: no node offers {'GPU': 2.0}\n")
+                              "sylva_ray.distributed.placement.PlacementError: runtime.client_resources: no node offers {'GPU': 2.0}\n")
     assert explain(actor_died) == "runtime.client_resources: no node offers {'GPU': 2.0}"
     assert explain(KeyError("a bug")) is None  # a bug keeps its traceback
     assert explain(PlacementError("x")) == "x"
@@ -155,9 +167,9 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     tailoring goes there too); summary rows stay free of machine-dependent fields."""
     import ray
 
-    from sylva_ray.actors import RayExecutor
-    from sylva_ray.models import pretrained_backbone_state
-    from sylva_ray.simulation import prepare_data
+    from sylva_ray.distributed.actors import RayExecutor
+    from sylva_ray.engine.rundir import prepare_data
+    from sylva_ray.method.models import pretrained_backbone_state
 
     cfg = load_config("smoke", overrides=["layer_selection.coalition_steps=1", "layer_selection.finetune_steps=1",
                                           "evaluation.autoattack=false", "evaluation.sanity_checks=false"])
@@ -167,7 +179,7 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     try:
         info = executor.info()
         payload = encode_state(info.initial_adapter)
-        state = ClientState(head=info.initial_head)
+        state = ClientState(personal=info.initial_personal)
         jobs = [Job(client, state, mask=mask) for mask in range(3) for client in range(4)]
         outcomes = executor.coalitions(jobs, payload)
         tailored = executor.tailor([Job(client, state, players=[0]) for client in range(4)], payload)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from sylva_ray.client import ClientWorker
-from sylva_ray.config import load_config
-from sylva_ray.data import load_source, make_partition
-from sylva_ray.layer_selection import player_prefixes, split_validation
-from sylva_ray.shapley import exact_shapley, members_mask, solve
+from sylva_ray.engine.client import ClientWorker
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.method.data import load_source, make_partition
+from sylva_ray.method.layer_selection import player_prefixes, split_validation
+from sylva_ray.method.shapley import exact_shapley, members_mask, solve
 
 
 @pytest.fixture(scope="module")

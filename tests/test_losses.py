@@ -5,8 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sylva_ray.config import LossConfig
-from sylva_ray.losses import class_weights, proximal_term, similarity_kl, sylva_loss
+from sylva_ray.base.config import LossConfig
+from sylva_ray.method.losses import (
+    class_weights,
+    proximal_term,
+    similarity_kl,
+    sylva_loss,
+)
 
 
 def test_class_weights_hand_computed():

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sylva_ray.config import DataConfig, LoRAConfig, ModelConfig
-from sylva_ray.data import load_source
-from sylva_ray.models import (
+from sylva_ray.base.config import DataConfig, LoRAConfig, ModelConfig
+from sylva_ray.method.data import load_source
+from sylva_ray.method.models import (
     ModelSourceError,
     Role,
     add_lora,
@@ -142,7 +142,7 @@ def test_timm_hub_offline_fails_with_a_way_out(monkeypatch, blank_model_cfg):
 
 
 def test_embedded_weights_are_cached_by_what_determines_them(tmp_path, monkeypatch, digits_source):
-    import sylva_ray.models as models
+    import sylva_ray.method.models as models
 
     cfg = ModelConfig(cache_dir=str(tmp_path), pretrain_epochs=1)
     first = embedded_weights(cfg, DIGITS, digits_source)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sylva_ray.config import load_config
-from sylva_ray.federation import CHECKPOINT_NAME
-from sylva_ray.simulation import run
+from sylva_ray.distributed.launcher import run
+from sylva_ray.engine.federation import CHECKPOINT_NAME
+from sylva_ray.engine.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Columns that measure the machine or the placement, not the experiment.

@@ -1,16 +1,16 @@
 import pytest
 
-from sylva_ray.config import ConfigError, load_config
-from sylva_ray.placement import (
+from sylva_ray.base.config import ConfigError
+from sylva_ray.distributed.placement import (
     PlacementError,
     actor_request,
-    address_problem,
     capacity,
     fits_on_node,
     gpu_problem,
     plan_pool,
     threads_for,
 )
+from sylva_ray.engine.resolve import address_problem, load_config
 
 CPU_BOX = {"CPU": 2.0, "memory": 8e9}
 GPU_BOX = {"CPU": 16.0, "GPU": 2.0}

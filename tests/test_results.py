@@ -2,8 +2,14 @@
 
 import pytest
 
-from sylva_ray.config import load_config
-from sylva_ray.results import HOME_ENV, RunDirectoryError, create_run_dir, resolve_result_path, results_base
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.engine.rundir import (
+    HOME_ENV,
+    RunDirectoryError,
+    create_run_dir,
+    resolve_result_path,
+    results_base,
+)
 
 
 @pytest.fixture

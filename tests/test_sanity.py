@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 
-from sylva_ray.config import AttackConfig, EvaluationConfig
-from sylva_ray.data import ArrayDataset
-from sylva_ray.sanity import sanity_warnings
-from sylva_ray.training import evaluate
+from sylva_ray.base.config import AttackConfig, EvaluationConfig
+from sylva_ray.method.data import ArrayDataset
+from sylva_ray.method.sanity import sanity_warnings
+from sylva_ray.method.training import evaluate
 
 CFG = EvaluationConfig(sanity_tolerance=0.02, sanity_large_eps_max_acc=0.1)
 
@@ -31,7 +31,7 @@ def test_a_healthy_evaluation_raises_nothing():
     ({"autoattack_acc": 0.7}, "AutoAttack accuracy"),
 ])
 def test_each_red_flag_is_reported_loudly(overrides, needle, caplog):
-    with caplog.at_level(logging.WARNING, logger="sylva_ray.sanity"):
+    with caplog.at_level(logging.WARNING, logger="sylva_ray.method.sanity"):
         warnings = sanity_warnings([row(0, **overrides), row(1, **overrides)], CFG, "round 3")
     assert any(needle in w and w.startswith("round 3") for w in warnings)
     assert any("SANITY CHECK FAILED" in r.message for r in caplog.records)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sylva_ray.shapley import (
+from sylva_ray.method.shapley import (
     exact_shapley,
     full_mask,
     make_estimator,
@@ -114,7 +114,7 @@ def test_masks_round_trip():
 
 
 def test_baseline_selections_need_no_game():
-    from sylva_ray.phase2 import baseline_selection
+    from sylva_ray.engine.phase2 import baseline_selection
 
     assert baseline_selection("all", 4, 2, seed=0) == [0, 1, 2, 3]
     drawn = baseline_selection("random", 4, 2, seed=0)

@@ -4,12 +4,26 @@ import numpy as np
 import pytest
 import torch
 
-from sylva_ray.config import AttackConfig, DataConfig, LoRAConfig, LossConfig, ModelConfig, TrainConfig
-from sylva_ray.data import load_source
-from sylva_ray.models import add_lora, build_pretrained_model, parameter_roles, Role, shared_state, personal_state
-from sylva_ray.algorithms import SylvaObjective
-from sylva_ray.config import ExperimentConfig
-from sylva_ray.training import adversarial_round, benign_finetune, evaluate
+from sylva_ray.base.config import (
+    AttackConfig,
+    DataConfig,
+    ExperimentConfig,
+    LoRAConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from sylva_ray.method.algorithms import SylvaObjective
+from sylva_ray.method.data import load_source
+from sylva_ray.method.models import (
+    Role,
+    add_lora,
+    build_pretrained_model,
+    parameter_roles,
+    personal_state,
+    shared_state,
+)
+from sylva_ray.method.training import adversarial_round, benign_finetune, evaluate
 
 CPU = torch.device("cpu")
 ATTACK = AttackConfig(eps=0.05, train_steps=2, eval_steps=3)
@@ -46,7 +60,7 @@ def test_adversarial_round_moves_only_lora_and_head(model, tiny_dataset):
 
 def test_adversarial_round_is_deterministic_given_its_seed(model, tiny_dataset):
     start = {**shared_state(model), **personal_state(model)}
-    from sylva_ray.models import load_adapter_state
+    from sylva_ray.method.models import load_adapter_state
 
     results = []
     for seed in (5, 5, 6):
@@ -60,7 +74,7 @@ def test_adversarial_round_is_deterministic_given_its_seed(model, tiny_dataset):
 def test_max_grad_norm_bounds_each_step(model, tiny_dataset):
     # one SGD step (momentum buffer = the gradient) moves the trainable tensors by lr * ||clipped grad||
     start = {**shared_state(model), **personal_state(model)}
-    from sylva_ray.models import load_adapter_state
+    from sylva_ray.method.models import load_adapter_state
 
     def step_norm(max_norm):
         load_adapter_state(model, start)
@@ -76,7 +90,7 @@ def test_max_grad_norm_bounds_each_step(model, tiny_dataset):
 
 
 def test_proximal_term_pulls_towards_the_global_adapter(model, tiny_dataset):
-    from sylva_ray.models import load_adapter_state
+    from sylva_ray.method.models import load_adapter_state
 
     anchor = shared_state(model)
     start = {**anchor, **personal_state(model)}

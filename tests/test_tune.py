@@ -6,9 +6,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sylva_ray.config import ConfigError, load_config
-from sylva_ray.sweep_report import heterogeneity_axis
-from sylva_ray.tune import DRIVER_BUNDLE_CPUS, check_grid, expand, parse_grid, trial_resources
+from sylva_ray.base.config import ConfigError
+from sylva_ray.distributed.tune import (
+    DRIVER_BUNDLE_CPUS,
+    check_grid,
+    expand,
+    parse_grid,
+    trial_resources,
+)
+from sylva_ray.engine.resolve import load_config
+from sylva_ray.experiments.sweep_report import heterogeneity_axis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +74,7 @@ def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
 
 
 def test_trials_share_staged_inputs_unless_the_data_source_or_model_differ():
-    from sylva_ray.tune import inputs_key
+    from sylva_ray.distributed.tune import inputs_key
 
     base = load_config("smoke")
     same = [load_config("smoke", overrides=o) for o in (["data.alpha=0.1"], ["data.partition=iid"], ["lora.rank=16"],
@@ -78,7 +85,7 @@ def test_trials_share_staged_inputs_unless_the_data_source_or_model_differ():
 
 
 def test_a_trial_does_not_recheck_paths_the_sweeps_main_process_read(tmp_path):
-    from sylva_ray.tune import apply_overrides
+    from sylva_ray.distributed.tune import apply_overrides
 
     base = load_config("paper", overrides=[f"data.root={tmp_path}"]).to_dict()
     base["data"]["root"] = "/only/on/the/head/cifar10"

@@ -1,0 +1,238 @@
+"""Launching a run from the main process: start or join Ray, start the driver actor, drive it.
+
+    run(cfg, run_dir)             a new run (the run directory is new or empty)
+    resume(run_dir)               continue from the run's last checkpoint, with the run's own config
+    phase2_only(run_dir, ...)     Phase 2 alone on a finished run, into a new sub-folder
+
+The driver actor is pinned to this node (the run directory is on this node's disk); the engine's
+runner (``engine.runner.drive``) calls it round by round, then Phase 2, then the summary. With
+``runtime.engine = inprocess`` the same ``Federation`` runs here without Ray. No math here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from sylva_ray.base.config import ConfigError, ExperimentConfig, apply_overrides
+from sylva_ray.base.storage import remove_orphaned_temp_files
+from sylva_ray.distributed.connect import (
+    check_before_start,
+    check_local_device,
+    cluster_can_grow,
+    connect,
+)
+from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation
+from sylva_ray.engine.jobs import InProcessExecutor
+from sylva_ray.engine.resolve import address_problem, build_config
+from sylva_ray.engine.rundir import (
+    load_run_config,
+    new_unique_dir,
+    prepare_data,
+    read_json,
+    utc_stamp,
+    write_config,
+    write_json,
+)
+from sylva_ray.engine.runner import (
+    LocalSession,
+    check_resumable,
+    drive,
+    phase2_of,
+    restore_tables,
+)
+from sylva_ray.method.data import DataSource, load_source
+
+log = logging.getLogger(__name__)
+
+def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_after: Optional[int] = None,
+        faults: Optional[dict[str, Any]] = None, progress: bool = True) -> Optional[dict[str, Any]]:
+    """Run (or continue) Phase 1 into ``run_dir``; returns the summary, or None if stopped early.
+
+    ``stop_after`` ends the session after that many rounds in total, as an interruption would
+    (the checkpoint is written after every round); ``faults`` is a fault drill for the Ray engine.
+    """
+    if not resume:
+        write_config(run_dir, cfg)
+    if cfg.runtime.engine == "inprocess":
+        check_local_device(cfg)
+        source, partition = prepare_data(cfg, run_dir, resume)
+        session = LocalSession(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume))
+        return drive(session, cfg, run_dir, stop_after, progress)
+
+    with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
+        if faults:
+            federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}), faults.get("ooms", {}))
+        log.info("driver ready: %d client actors for %d clients", federation.status["actors"], cfg.data.num_clients)
+        return drive(federation, cfg, run_dir, stop_after, progress)
+
+
+@dataclass(frozen=True)
+class StagedInputs:
+    """The data and the pre-trained backbone, read once where the run starts and shared through
+    Ray's object store: no other node needs the data folder, the weight file or hub access."""
+
+    source: Any  # ray.ObjectRef of a DataSource
+    backbone: Any  # ray.ObjectRef of the backbone's state dict (CPU tensors)
+
+
+def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> StagedInputs:
+    """Load the data (unless given) and resolve the pre-trained weights here; ``ray.put`` both once."""
+    import ray
+
+    from sylva_ray.method.models import pretrained_backbone_state
+
+    source = source if source is not None else load_source(cfg.data)
+    return StagedInputs(source=ray.put(source), backbone=ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
+
+
+@contextlib.contextmanager
+def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, staged: Optional[StagedInputs] = None,
+                      progress: bool = True) -> Iterator["RemoteFederation"]:
+    """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
+    with its client actors on exit.
+
+    What runs here, in the main process, before the driver starts, cheapest check first: the GPU
+    policy on the nodes there are; the data and backbone are read and put in the object store
+    (``staged`` when a Tune sweep already did) and the partition is written; then the client-actor
+    pool is planned, waiting for an autoscaler if the cluster can grow (GPU nodes cost from here on).
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    from sylva_ray.distributed.actors import DriverActor
+    from sylva_ray.distributed.capacity import (
+        acquire_pool,
+        alive_nodes,
+        bundles_of,
+        check_gpus,
+        release_request,
+    )
+    from sylva_ray.distributed.placement import plan_pool
+
+    connect(cfg.runtime.address)
+    check_local_device(cfg)
+    group = get_current_placement_group()  # set inside a Tune trial: everything goes into its bundles
+    if group is None:
+        check_gpus(cfg, alive_nodes())
+    # Data and weights next: a bad folder or weight file fails here, before GPU nodes are paid for.
+    if staged is None:
+        source, partition = prepare_data(cfg, run_dir, resume)
+        staged = stage_inputs(cfg, source)
+    else:
+        _, partition = prepare_data(cfg, run_dir, resume, source=ray.get(staged.source))
+    requested = False
+    if group is not None:
+        bundles = bundles_of(group)  # fixed by the trial; without GPUs in them, the GPU share is moot
+        plan = plan_pool(bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True)
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    else:
+        plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
+        where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    driver = None
+    try:
+        driver = DriverActor.options(scheduling_strategy=where).remote(
+            cfg, str(run_dir), resume, {"source": staged.source, "backbone": staged.backbone}, partition, plan, group,
+            logging.getLogger().getEffectiveLevel())
+        federation = RemoteFederation(driver)
+        federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
+        if requested:
+            release_request()  # the actors hold their resources now
+        yield federation
+    finally:
+        if requested:
+            release_request()
+        if driver is not None:
+            try:
+                ray.get(driver.shutdown.remote())
+            except Exception:  # the driver may already be gone; nothing to clean then
+                pass
+            ray.kill(driver)
+
+
+class RemoteFederation:
+    """The driver actor seen through the ``Federation`` interface the progress loop uses."""
+
+    def __init__(self, driver: Any) -> None:
+        import ray
+
+        self._ray, self._driver = ray, driver
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self._ray.get(self._driver.status.remote())
+
+    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        return self._ray.get(self._driver.run_round.remote(evaluate))
+
+    def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        return self._ray.get(self._driver.finish.remote(phase2))
+
+    def phase2(self, out_dir: Path) -> dict[str, Any]:
+        return self._ray.get(self._driver.phase2.remote(str(out_dir)))
+
+    def inject_faults(self, kills: dict, raises: dict, ooms: Optional[dict] = None) -> None:
+        self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))
+
+
+def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+    """Continue an interrupted run from its last checkpoint; a finished run just returns its summary
+    (after rewriting its tables from the checkpoint if they were damaged)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if address is not None:
+        problem = address_problem(address)
+        if problem:
+            raise ConfigError(f"--address {address!r}: {problem}")
+        cfg.runtime.address = address
+    state = check_resumable(run_dir, cfg)
+    for orphan in remove_orphaned_temp_files(run_dir):
+        log.info("removed %s, left by a write that was killed", orphan)
+    if (run_dir / "summary.json").is_file():
+        if state is not None:
+            restore_tables(run_dir, state)
+        log.info("%s is already complete", run_dir)
+        return read_json(run_dir / "summary.json")
+    check_before_start(cfg)
+    if state is None:
+        log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
+    return run(cfg, run_dir, resume=True, stop_after=stop_after, progress=progress)
+
+
+def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
+    """Phase 2 alone on a finished Phase-1 run, with its own overrides, into a *new* folder
+    ``RUN_DIR/phase2-<UTC timestamp>/`` (config.yaml, shapley.csv, summary.json, plots, models);
+    the original results are never touched."""
+    run_dir = Path(run_dir)
+    base = load_run_config(run_dir)
+    raw = apply_overrides(base.to_dict(), list(overrides))
+    if address is not None:
+        raw["runtime"]["address"] = address
+    raw["layer_selection"]["enabled"] = True
+    cfg = build_config(raw)
+    check_before_start(cfg)  # before the new folder exists
+    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
+    check_resumable(run_dir, base)
+    out = new_unique_dir(run_dir, f"phase2-{utc_stamp()}")
+    write_config(out, cfg)
+    (out / "phase1_run.txt").write_text(str(run_dir.resolve()) + "\n")
+    if cfg.runtime.engine == "inprocess":
+        source, partition = prepare_data(cfg, run_dir, resume=True)
+        result = phase2_of(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=True), out)
+    else:
+        with remote_federation(cfg, run_dir, resume=True) as federation:
+            result = federation.phase2(out)
+    phase1 = read_json(run_dir / "summary.json")["phase1"]
+    summary = {"phase1_run": str(run_dir.resolve()), "phase1": phase1, "phase2": result["means"], "final": result["means"],
+               "selected_layers": result["selected"], "evaluations": result["evaluations"], "seconds": result["seconds"],
+               "per_client": result["per_client"]}
+    write_json(out / "summary.json", summary)
+    return out, summary

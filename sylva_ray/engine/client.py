@@ -1,0 +1,176 @@
+"""One client's work -- train a round, evaluate -- on a model that is built once and reused.
+
+``ClientWorker`` holds the pre-trained backbone wrapped with LoRA and the data pools; the
+personal state of *any* client (its head) is passed in and handed back, never kept here.
+That is what lets one worker (and later one Ray actor) serve many virtual clients, and lets a
+restarted worker pick up where the last one left off: the caller owns the state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Optional
+
+import torch
+
+from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.precision import configure_runtime
+from sylva_ray.base.seeding import derive_seed, torch_seeded
+from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.data import (
+    ArrayDataset,
+    ClientData,
+    DataSource,
+    Partition,
+    client_data,
+    global_test_set,
+)
+from sylva_ray.method.models import (
+    build_pretrained_model,
+    full_model_nbytes,
+    resolve_device,
+    state_digest,
+)
+from sylva_ray.method.training import (
+    EvalResult,
+    RoundMetrics,
+    adversarial_round,
+    evaluate,
+)
+
+if TYPE_CHECKING:
+    from sylva_ray.method.layer_selection import LayerGame
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+BYTES_PER_MB = 1024 * 1024
+#: The pseudo-client id of the global test set: evaluating it scores the global model (FAT convention).
+GLOBAL_TEST_CLIENT = -1
+
+
+@dataclass
+class ClientState:
+    """A client's personal state; it lives with the driver, never in a worker.
+
+    ``personal``: the tensors the scope keeps on the client (the head for ``lora``; the LoRA
+    factors and the head for ``local``; nothing for ``full``).
+    """
+
+    personal: State
+    rounds_trained: int = 0
+
+
+@dataclass
+class ClientUpdate:
+    """What a client returns after a round: the adapter to upload and how it got there."""
+
+    client_id: int
+    adapter: State
+    num_samples: int
+    metrics: RoundMetrics
+    state: ClientState = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+class ClientWorker:
+    """Builds the model once; trains and evaluates any client given that client's state."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        source: DataSource,
+        partition: Partition,
+        backbone_state: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> None:
+        """``backbone_state``: pre-trained weights resolved once by the driver; None resolves them here."""
+        self.cfg = cfg
+        self.source = source
+        self.partition = partition
+        configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)
+        self.device = resolve_device(cfg.runtime.device)
+        self.algorithm = algorithm_for(cfg)
+        self.scope = self.algorithm.scope
+        base = build_pretrained_model(cfg.model, cfg.data, source, backbone_state)
+        self.full_model_bytes = full_model_nbytes(base)
+        self.backbone_digest = state_digest(base.backbone.state_dict())  # which pre-trained weights this run uses
+        # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.
+        with torch_seeded(derive_seed(cfg.runtime.seed, "lora-init")):
+            self.model = self.scope.wrap(base, cfg.lora).to(self.device)
+        self.model.eval()
+        self.initial_adapter = self.scope.shared(self.model)
+        self.initial_personal = self.scope.personal(self.model)
+        self._global_test: Optional[ArrayDataset] = None
+        self._data_cache: dict[int, ClientData] = {}
+        self._games: OrderedDict[tuple[int, str], "LayerGame"] = OrderedDict()
+
+    def data(self, client_id: int) -> ClientData:
+        if client_id not in self._data_cache:
+            self._data_cache[client_id] = client_data(self.source, self.partition, client_id)
+        return self._data_cache[client_id]
+
+    def global_test(self) -> ArrayDataset:
+        if self._global_test is None:
+            self._global_test = global_test_set(self.source, self.partition)
+        return self._global_test
+
+    def initial_state(self) -> ClientState:
+        return ClientState(personal={k: v.clone() for k, v in self.initial_personal.items()})
+
+    def _load(self, shared: Mapping[str, torch.Tensor], state: ClientState) -> None:
+        self.scope.load(self.model, {**shared, **state.personal})
+
+    def train(self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int) -> ClientUpdate:
+        """Start from the received shared tensors and the client's own personal ones; train one round."""
+        self._load(global_adapter, state)
+        data = self.data(client_id).train
+        metrics = adversarial_round(
+            self.model, data, self.algorithm.objective(data), self.cfg.train,
+            seed=derive_seed(self.cfg.runtime.seed, "train", round_index, client_id),
+            device=self.device, global_shared=global_adapter, precision=self.cfg.runtime.precision,
+        )
+        new_state = ClientState(personal=self.scope.personal(self.model), rounds_trained=state.rounds_trained + 1)
+        return ClientUpdate(client_id, self.scope.shared(self.model), len(data), metrics, new_state)
+
+    def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor],
+                 protocol: bool = False) -> EvalResult:
+        """The client's personalised model (given adapter + own head) on its own test split;
+        ``GLOBAL_TEST_CLIENT`` scores the given (global) model on the global test set.
+        ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well."""
+        self._load(adapter, state)
+        data = self.global_test() if client_id == GLOBAL_TEST_CLIENT else self.data(client_id).test
+        return evaluate(
+            self.model, data, self.cfg.attack, self.cfg.train.eval_batch_size,
+            seed=derive_seed(self.cfg.runtime.seed, "eval", "global" if client_id == GLOBAL_TEST_CLIENT else client_id),
+            device=self.device,
+            protocol=self.cfg.evaluation if protocol else None,
+        )
+
+    # --- Phase 2 ---------------------------------------------------------------------------------
+    def game(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], adapter_key: str) -> "LayerGame":
+        """The client's layer game on its fused model, built once per (client, global adapter).
+
+        Games are kept (most recently used last) while their device copies fit in
+        ``layer_selection.game_cache_mb``; the driver sends a client's coalitions to one actor, so
+        a game is normally built once per client in the whole pool.
+        """
+        from sylva_ray.method.layer_selection import LayerGame, fuse
+
+        key = (client_id, adapter_key)
+        if key not in self._games:
+            if self.scope.name != "lora":
+                raise ValueError(f"Phase 2 merges a LoRA adapter; algorithm {self.algorithm.name!r} has none")
+            fused = fuse(self.model, adapter, state.personal)
+            self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
+            budget = self.cfg.layer_selection.game_cache_mb * BYTES_PER_MB
+            while len(self._games) > 1 and sum(g.device_bytes for g in self._games.values()) > budget:
+                self._games.popitem(last=False)
+        self._games.move_to_end(key)
+        return self._games[key]
+
+    def player_names(self) -> list[str]:
+        from sylva_ray.method.layer_selection import fuse, player_prefixes
+
+        fused = fuse(self.model, self.initial_adapter, self.initial_personal)
+        return player_prefixes(fused, self.cfg.layer_selection.players, self.cfg.lora.target_modules)

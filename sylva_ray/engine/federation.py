@@ -1,0 +1,348 @@
+"""Phase 1's round loop, Ray-free: sample -> broadcast -> train -> aggregate -> evaluate -> record.
+
+``Federation`` owns the federation's state (global adapter, every client's personal state, the
+metrics so far) and runs one round at a time. *Where* client work runs is an executor's business
+(``engine.jobs``): ``InProcessExecutor`` calls one ``ClientWorker`` in turn; the Ray engine
+(``distributed.actors.RayExecutor``) fans jobs out to client actors and copes with failures. Updates
+are ordered by client id before aggregation, so results never depend on completion order.
+Phase 2 is not called from here: the runner (``engine.runner``) calls it after the last round.
+
+One round, as data:
+    driver --(global adapter as safetensors bytes, one copy)--> clients
+    clients --(their adapter bytes + metrics; head stays in ClientState)--> driver
+    driver: aggregate in client-id order -> new global adapter -> evaluate -> checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sylva_ray.base.config import ConfigError, ExperimentConfig
+from sylva_ray.base.seeding import numpy_rng
+from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
+from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
+from sylva_ray.engine.jobs import ClientExecutor, Job, WorkerInfo
+from sylva_ray.engine.rundir import plot_accuracy, write_json, write_table
+from sylva_ray.engine.summaries import client_means
+from sylva_ray.method.aggregation import aggregate
+from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.models import damaged_file_message, decode_state, encode_state
+from sylva_ray.method.sanity import sanity_warnings
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def sample_participants(num_clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
+    """Seeded client sampling: ``max(1, round(fraction * K))`` distinct clients, sorted by id."""
+    count = max(1, int(round(fraction * num_clients)))
+    rng = numpy_rng(seed, "participants", round_index)
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def is_eval_round(round_index: int, cfg: ExperimentConfig) -> bool:
+    last = round_index == cfg.federation.rounds - 1
+    return last or (round_index + 1) % cfg.federation.eval_every == 0
+
+
+# --- the federation -------------------------------------------------------------------------------
+@dataclass
+class FederationState:
+    """Everything needed to continue a run: what a checkpoint holds."""
+
+    next_round: int
+    global_adapter: State
+    client_states: dict[int, ClientState]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    round_rows: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_eval: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    global_eval: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the experiment this state belongs to
+
+    def save(self, path: Path) -> None:
+        """One file, written atomically; loadable with ``torch.load(weights_only=True)``."""
+        payload = {
+            "next_round": self.next_round,
+            "global_adapter": self.global_adapter,
+            "personal": {str(c): s.personal for c, s in self.client_states.items()},
+            "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
+            "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval,
+                                  "initial": self.initial, "global_eval": self.global_eval, "warnings": self.warnings}),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "seconds": self.seconds,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+        }
+        atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+
+    @classmethod
+    def load(cls, path: Path) -> "FederationState":
+        """Read a checkpoint (``weights_only``: never arbitrary pickles); a damaged one is a
+        ``ConfigError`` naming the file."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            tables = json.loads(payload["tables"])
+            return cls._from_payload(payload, tables)
+        except Exception as exc:  # zip, pickle, torch, JSON and key errors all mean the same here
+            raise ConfigError(damaged_file_message(f"checkpoint {path}", exc) + "; resume cannot continue from it") from None
+
+    @classmethod
+    def _from_payload(cls, payload: dict[str, Any], tables: dict[str, Any]) -> "FederationState":
+        if "personal" in payload:
+            personal = payload["personal"]
+        else:  # checkpoints before the "local" scope: heads, and a local client's own adapter beside them
+            personal = {c: {**payload.get("adapters", {}).get(c, {}), **head} for c, head in payload["heads"].items()}
+        return cls(
+            next_round=int(payload["next_round"]),
+            global_adapter=payload["global_adapter"],
+            client_states={int(c): ClientState(personal=p, rounds_trained=int(payload["rounds_trained"][c]))
+                           for c, p in personal.items()},
+            rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"], initial=tables["initial"],
+            global_eval=tables.get("global_eval", {}), warnings=tables.get("warnings", []),
+            bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
+            fingerprint=json.loads(payload.get("fingerprint", "{}")),
+        )
+
+
+#: Fields a resume may change (``sylva-ray resume --address``); every other resolved field in
+#: config.yaml must be what the checkpoint was made with.
+RESUMABLE_FIELDS = frozenset({"runtime.address"})
+#: Dict-valued fields compared whole, as values.
+_OPAQUE = frozenset({"kwargs", "client_resources"})
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved configuration as ``{dotted field: value}`` (JSON values), less RESUMABLE_FIELDS."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix.rsplit(".", 1)[-1] not in _OPAQUE:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", cfg.to_dict())
+    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUMABLE_FIELDS}
+
+
+INPUTS_PREFIX = "inputs."
+
+
+def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
+    """The run's inputs beyond its config: the partition file and the pre-trained weights."""
+    partition = Path(run_dir) / "partition.json"
+    return {f"{INPUTS_PREFIX}partition_sha256": hashlib.sha256(partition.read_bytes()).hexdigest() if partition.is_file() else "",
+            f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest}
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: value at the checkpoint -> value now`` for every field that differs."""
+    return [f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+class Federation:
+    """Phase 1 on any executor: one call per round, a checkpoint after each."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.executor = executor
+        self.info = executor.info()
+        self.algorithm = algorithm_for(cfg)
+        self.adapter_bytes = len(encode_state(self.info.initial_adapter))
+        checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
+        identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
+        if resume and checkpoint.is_file():
+            self.state = FederationState.load(checkpoint)
+            if self.state.fingerprint:  # checkpoints from before fingerprints cannot be checked
+                # The config was checked where the run was resumed (Phase 2 alone may change its own
+                # fields); here, what only a built worker knows: the weights, and the partition.
+                saved = {k: v for k, v in self.state.fingerprint.items() if k.startswith(INPUTS_PREFIX)}
+                differences = fingerprint_differences(saved, {k: v for k, v in identity.items() if k.startswith(INPUTS_PREFIX)})
+                if differences:
+                    raise ConfigError(f"{checkpoint} was made with other inputs than this resume has, so it would mix two "
+                                      "experiments: " + "; ".join(differences))
+            log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
+        else:
+            self.state = FederationState(
+                next_round=0,
+                global_adapter=self.info.initial_adapter,
+                client_states={c: ClientState(personal={k: v.clone() for k, v in self.info.initial_personal.items()})
+                               for c in range(cfg.data.num_clients)},
+                fingerprint=identity,
+            )
+
+    @property
+    def done(self) -> bool:
+        return self.state.next_round >= self.cfg.federation.rounds
+
+    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        """The next communication round; returns its client means (the progress line)."""
+        r = self.state.next_round
+        started = time.perf_counter()
+        cfg, st = self.cfg, self.state
+        if r == 0 and not st.initial and (evaluate is None or evaluate):
+            # The reference a run must beat: the pre-trained model (LoRA B = 0) with its pre-trained head.
+            st.initial = client_means(pd.DataFrame(self._evaluate_all({}, r)))
+        participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
+        # One copy per round, whatever the number of clients (a scope that shares nothing sends b"").
+        payload = encode_state(st.global_adapter)
+        sent = len(payload)
+        outcomes = sorted(self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
+                          key=lambda o: o.client_id)
+        done = [o for o in outcomes if o.ok]
+        uploads = [decode_state(o.upload or b"") for o in done]
+        weights = np.zeros(0)
+        if not done:
+            log.warning("round %d: every participant dropped; the global adapter is unchanged", r + 1)
+        elif any(uploads):  # empty uploads (the local scope shares nothing) leave nothing to aggregate
+            st.global_adapter, weights = aggregate(cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation)
+        rows: dict[int, dict[str, Any]] = {}
+        for outcome in outcomes:
+            row: dict[str, Any] = {"round": r, "client": outcome.client_id, "participated": True,
+                                   "dropped": not outcome.ok, "attempts": outcome.attempts,
+                                   "bytes_down": sent, "bytes_up": len(outcome.upload or b"")}
+            if outcome.ok:
+                st.client_states[outcome.client_id] = outcome.state  # type: ignore[assignment]
+                row.update(outcome.metrics)
+            else:
+                row["error"] = (outcome.error or "").strip().splitlines()[-1][:200] if outcome.error else ""
+            st.bytes_up += row["bytes_up"]
+            st.bytes_down += sent
+            rows[outcome.client_id] = row
+        for outcome, weight in zip(done, weights):
+            rows[outcome.client_id]["agg_weight"] = float(weight)
+
+        final = r == cfg.federation.rounds - 1
+        if evaluate if evaluate is not None else is_eval_round(r, cfg):
+            # Phase 1's models are the final ones unless Phase 2 follows: they get the full protocol.
+            protocol = final and not cfg.layer_selection.enabled
+            st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
+            # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
+            st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
+            if protocol and self.algorithm.scope.global_form and cfg.evaluation.global_test:
+                st.global_eval = self._evaluate_global()
+                st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
+        st.rows.extend(rows[c] for c in sorted(rows))
+        seconds = time.perf_counter() - started
+        st.seconds += seconds
+        summary = self._round_summary(r, rows, seconds, len(participants))
+        st.round_rows.append(summary)
+        st.next_round = r + 1
+        self._persist()
+        log.info("round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
+                 r + 1, cfg.federation.rounds, len(participants), summary["dropped"], summary.get("train_loss", float("nan")),
+                 summary.get("clean_acc", float("nan")), summary.get("robust_acc", float("nan")), summary["bytes_up"], seconds)
+        return summary
+
+    def _evaluate_global(self) -> dict[str, Any]:
+        """The global model on the global test set (models with a global form only)."""
+        job = Job(GLOBAL_TEST_CLIENT, ClientState(personal={}), protocol=True)
+        outcome = self.executor.evaluate([job], encode_state(self.state.global_adapter))[0]
+        if not outcome.ok:
+            log.warning("global-test evaluation failed: %s", outcome.error)
+            return {}
+        return dict(outcome.metrics)
+
+    def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int, protocol: bool = False) -> list[dict[str, Any]]:
+        """Each client's personalised model (global adapter + own head) on its own test split."""
+        st = self.state
+        jobs = [Job(c, st.client_states[c], protocol=protocol) for c in range(self.cfg.data.num_clients)]
+        results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
+        evaluation = []
+        for outcome in results:
+            if not outcome.ok:
+                log.warning("evaluation of client %d failed: %s", outcome.client_id, outcome.error)
+                continue
+            row = rows.setdefault(outcome.client_id, {"round": r, "client": outcome.client_id, "participated": False})
+            majority = self.info.majority_rates[outcome.client_id]
+            row.update(outcome.metrics, majority_rate=majority, eval_attempts=outcome.attempts)
+            evaluation.append({"client": outcome.client_id, "num_train": self.info.num_train[outcome.client_id],
+                               **outcome.metrics, "majority_rate": majority})
+        return evaluation
+
+    def _round_summary(self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int) -> dict[str, Any]:
+        frame = pd.DataFrame(list(rows.values()))
+        summary: dict[str, Any] = {"round": r, "participants": participants, "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
+                                   "bytes_up": int(frame["bytes_up"].fillna(0).sum()), "seconds": seconds}
+        for column in ("train_loss", "train_adversarial", "train_benign", "train_similarity", "train_proximal",
+                       "clean_acc", "robust_acc", "majority_rate"):
+            if column in frame and frame[column].notna().any():
+                summary[column] = float(frame[column].mean())
+        for column in ("actor_rss_mb", "gpu_peak_mb"):  # gpu_peak_mb: torch.cuda.max_memory_allocated, GPU runs only
+            if column in frame and frame[column].notna().any():
+                summary[f"{column}_max"] = float(frame[column].max())
+        return summary
+
+    def _persist(self) -> None:
+        """Checkpoint and tables after every round: an interruption loses at most one round."""
+        self.state.save(self.run_dir / "checkpoints" / CHECKPOINT_NAME)
+        write_table(self.run_dir / "metrics.csv", pd.DataFrame(self.state.rows))
+        write_table(self.run_dir / "rounds.csv", pd.DataFrame(self.state.round_rows))
+
+    def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Final models, plot and summary.json (client means of the final personalised models).
+
+        ``phase2``: what ``engine.phase2.run_phase2`` returned, when Phase 2 ran after the last
+        round; its models are then the final ones.
+        """
+        st, cfg = self.state, self.cfg
+        phase2 = phase2 or {}
+        if not st.last_eval:
+            raise RuntimeError("no evaluation was recorded; the last round always evaluates")
+        final_eval = pd.DataFrame(st.last_eval)
+        plot_accuracy(self.run_dir, pd.DataFrame(st.round_rows))
+        if cfg.output.save_models:
+            for cid, client in st.client_states.items():
+                atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors",
+                                   encode_state({**st.global_adapter, **client.personal}))
+        means = client_means(final_eval)
+        below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
+        warnings = list(st.warnings) + list(phase2.get("sanity_warnings", []))
+        summary = {
+            "algorithm": {"name": cfg.algorithm.name, "ablations": list(cfg.algorithm.ablations),
+                          "scope": self.algorithm.scope_name, "federated": bool(self.info.initial_adapter)},
+            "final": phase2["means"] if phase2 else means,
+            "phase1": dict(means),
+            **({"phase2": phase2["means"], "selected_layers": phase2["selected"]} if phase2 else {}),
+            "initial": st.initial,
+            "global": st.global_eval or None,
+            "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()),
+                       "majority_rate_weighted": float(np.average(final_eval["majority_rate"], weights=final_eval["num_clean"])),
+                       "clients_below_majority_rate": below, "warnings": warnings},
+            "communication": {
+                "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "adapter_bytes": self.adapter_bytes,
+                "full_model_bytes": self.info.full_model_bytes,
+                "full_over_adapter": self.info.full_model_bytes / self.adapter_bytes if self.adapter_bytes else None,
+                "rounds": cfg.federation.rounds,
+                "upload_bytes_per_round": st.bytes_up / max(1, len(st.round_rows)),
+            },
+            "dropped_client_rounds": int(sum(bool(r.get("dropped")) for r in st.rows)),
+            "seconds": st.seconds,
+            "wall_seconds": st.seconds + float(phase2.get("seconds", 0.0)),
+            "per_client": phase2["per_client"] if phase2 else st.last_eval,
+        }
+        if below:
+            log.warning("clients %s end below their majority-class rate (a collapsed model)", below)
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+

@@ -1,0 +1,150 @@
+"""The job protocol between the driver and wherever client work runs.
+
+The driver's round loop (``engine.federation``) and Phase 2 (``engine.phase2``) hand *jobs* to a
+``ClientExecutor`` and get *outcomes* back; an executor runs each job with one of the ``run_*_job``
+functions on a ``ClientWorker``. ``InProcessExecutor`` runs them one after another in this process;
+the Ray executor (``distributed.actors``) runs the same functions inside client actors. Nothing
+here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.engine.client import ClientState, ClientWorker
+from sylva_ray.method.data import DataSource, Partition
+from sylva_ray.method.models import decode_state, encode_state
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Job:
+    """One unit of client work: which client, with which personal state (and, in Phase 2, which
+    coalition to score or which layers to tailor)."""
+
+    client_id: int
+    state: ClientState
+    mask: Optional[int] = None
+    players: Optional[list[int]] = None
+    protocol: bool = False  # evaluation: the final-model protocol (AutoAttack + sanity attacks)
+
+
+@dataclass
+class Outcome:
+    """A job's result. ``upload`` is the client's adapter exactly as serialised for the wire."""
+
+    client_id: int
+    attempts: int = 1
+    upload: Optional[bytes] = None
+    state: Optional[ClientState] = None
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class WorkerInfo:
+    """What the driver learns from a freshly built worker: the common starting point."""
+
+    initial_adapter: State
+    initial_personal: State
+    full_model_bytes: int
+    majority_rates: dict[int, float]
+    num_train: dict[int, int]
+    players: list[str] = field(default_factory=list)
+    backbone_digest: str = ""
+
+
+class ClientExecutor(Protocol):
+    def info(self) -> WorkerInfo: ...
+    def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
+    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def shutdown(self) -> None: ...
+
+
+def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
+    return WorkerInfo(
+        initial_adapter=worker.initial_adapter,
+        initial_personal=worker.initial_personal,
+        full_model_bytes=worker.full_model_bytes,
+        majority_rates={c: worker.data(c).majority_class_rate() for c in range(num_clients)},
+        num_train={c: len(worker.data(c).train) for c in range(num_clients)},
+        players=worker.player_names() if worker.cfg.layer_selection.enabled else [],
+        backbone_digest=worker.backbone_digest,
+    )
+
+
+def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_index: int) -> Outcome:
+    """The body of a training job, wherever it runs (in-process or inside an actor)."""
+    update = worker.train(job.client_id, job.state, global_adapter, round_index)
+    return Outcome(
+        client_id=job.client_id, upload=encode_state(update.adapter), state=update.state,
+        num_samples=update.num_samples, metrics=update.metrics.as_dict("train_"),
+    )
+
+
+def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
+    result = worker.evaluate(job.client_id, job.state, adapter, protocol=job.protocol)
+    return Outcome(client_id=job.client_id, metrics=result.as_dict())
+
+
+def payload_key(payload: bytes) -> str:
+    """Identifies a broadcast, so workers decode it and build fused models once per payload."""
+    return hashlib.sha1(payload).hexdigest()
+
+
+def run_coalition_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+    """Phase 2: v(S) of one coalition of one client's layer game."""
+    scored = worker.game(job.client_id, job.state, adapter, adapter_key).value(int(job.mask or 0))
+    return Outcome(client_id=job.client_id, metrics={"value": scored.value, "clean_acc": scored.clean_acc, "robust_acc": scored.robust_acc})
+
+
+def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+    """Phase 2: fine-tune the selected layers + head; the tuned tensors come back as the upload."""
+    game = worker.game(job.client_id, job.state, adapter, adapter_key)
+    result, tuned = game.tailor(list(job.players or []), worker.data(job.client_id).test)
+    return Outcome(client_id=job.client_id, upload=encode_state(tuned), metrics=result.as_dict())
+
+
+class InProcessExecutor:
+    """Every job on one ``ClientWorker`` in this process, one after another (debugging, baselines)."""
+
+    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition) -> None:
+        if cfg.runtime.torch_threads is not None:  # this process is the worker: its thread count is ours to set
+            torch.set_num_threads(cfg.runtime.torch_threads)
+        self.worker = ClientWorker(cfg, source, partition)
+        self.num_clients = cfg.data.num_clients
+
+    def info(self) -> WorkerInfo:
+        return worker_info(self.worker, self.num_clients)
+
+    def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]:
+        adapter = decode_state(global_payload)
+        return [run_train_job(self.worker, job, adapter, round_index) for job in jobs]
+
+    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter = decode_state(adapter_payload)
+        return [run_eval_job(self.worker, job, adapter) for job in jobs]
+
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        return [run_coalition_job(self.worker, job, adapter, key) for job in jobs]
+
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        return [run_tailor_job(self.worker, job, adapter, key) for job in jobs]
+
+    def shutdown(self) -> None:
+        pass

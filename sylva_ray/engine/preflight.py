@@ -1,0 +1,145 @@
+"""Checks that need the model's shape, the data's index or a file's content, run in the main
+process before a run directory is made or Ray starts: a value that cannot work is one line naming
+the field, the value and what is allowed, in about the time of the imports, not a traceback a
+minute later from an actor.
+
+* the model is built on torch's ``meta`` device (no memory, no weights): its timm name and
+  ``model.kwargs``, the LoRA targets it really has, ``lora.rank`` against the targeted layers'
+  width, ``layer_selection.top_k`` against the players of the layer game;
+* the data is loaded as the run will load it (digits and synthetic are instant; CIFAR through
+  the safe reader, ImageFolder by its index) and split as the run will split it;
+* a weight file is read as the run will read it (damage is named, never "retry with
+  weights_only=False");
+* a one-machine cluster's CPUs against ``runtime.client_resources`` (``local_cpus``; the caller
+  knows whether the run stays on this machine: ``distributed.connect.check_before_start``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from sylva_ray.base.config import ConfigError, ExperimentConfig
+
+#: Classes used to build the meta model when the dataset's own count is not known without reading it.
+META_NUM_CLASSES = 10
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def preflight(cfg: ExperimentConfig, *, data: bool = True, local_cpus: Optional[int] = None) -> None:
+    """Every check below; raises ``ConfigError`` listing all problems found. ``local_cpus``: the
+    CPUs of the one machine the run's Ray cluster will have (None: not a one-machine run)."""
+    problems = model_problems(cfg)
+    if data:
+        problems += data_problems(cfg)
+    problems += weight_problems(cfg)
+    problems += resource_problems(cfg, local_cpus)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def meta_model(cfg: ExperimentConfig) -> tuple[Optional[nn.Module], list[str]]:
+    """The configured backbone in pixel space on the meta device, or the problems building it."""
+    import timm
+    import torch
+
+    import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16)
+    from sylva_ray.method.models import _pixel_model
+
+    if cfg.model.name not in timm.list_models():
+        close = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:5]
+        return None, [f"model.name = {cfg.model.name!r}: not a timm model" + (f" (similar: {close})" if close else "")]
+    try:
+        with torch.device("meta"):
+            backbone = timm.create_model(cfg.model.name, pretrained=False, num_classes=META_NUM_CLASSES, **cfg.model.kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as exc:
+        return None, [f"model.kwargs = {cfg.model.kwargs!r}: timm.create_model({cfg.model.name!r}) refuses them "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"]
+    return _pixel_model(backbone, cfg.model), []
+
+
+def model_problems(cfg: ExperimentConfig) -> list[str]:
+    from sylva_ray.method.layer_selection import player_prefixes
+    from sylva_ray.method.models import matched_modules
+
+    model, problems = meta_model(cfg)
+    if model is None:
+        return problems
+    widths = []
+    for target in cfg.lora.target_modules:
+        found = [m for _, m in matched_modules(model, target)]
+        if not found:
+            names = sorted({name.split(".", 2)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})[:8]
+            problems.append(f"lora.target_modules entry {target!r} matches no module of {cfg.model.name}; its linear layers "
+                            f"include {names}")
+        widths += [min(m.in_features, m.out_features) for m in found if isinstance(m, nn.Linear)]
+    if widths and cfg.lora.rank > min(widths):
+        problems.append(f"lora.rank = {cfg.lora.rank}: larger than the narrowest targeted layer ({min(widths)} features); "
+                        f"choose at most {min(widths)} (LoRA is a low-rank update: rank 4-16 is usual)")
+    selection = cfg.layer_selection
+    if selection.enabled and selection.selection in {"top_k", "random"}:
+        try:
+            players = player_prefixes(model, selection.players, cfg.lora.target_modules)
+        except ValueError as exc:
+            problems.append(f"layer_selection.players = {selection.players!r}: {exc}")
+        else:
+            if selection.top_k > len(players):
+                problems.append(f"layer_selection.top_k = {selection.top_k}: the layer game has only {len(players)} players "
+                                f"({selection.players} of {cfg.model.name}); choose at most {len(players)}")
+    return problems
+
+
+def data_problems(cfg: ExperimentConfig) -> list[str]:
+    """Load and split the data as the run will (PartitionError and damaged files become problems)."""
+    from sylva_ray.method.cifar import UnsafeDataFile
+    from sylva_ray.method.data import PartitionError, load_source, make_partition
+
+    if cfg.data.name == "imagefolder":
+        return imagefolder_problems(cfg)
+    try:
+        source = load_source(cfg.data)
+        make_partition(source, cfg.data, cfg.runtime.seed)
+    except (FileNotFoundError, UnsafeDataFile, PartitionError) as exc:
+        return [str(exc)]
+    return []
+
+
+def imagefolder_problems(cfg: ExperimentConfig) -> list[str]:
+    """An ImageFolder's index (class folders and image files), without decoding an image."""
+    from pathlib import Path
+
+    root = Path(cfg.data.root or "")
+    classes = [d for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    counts = [sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for d in classes]
+    if sum(counts) == 0:
+        return [f"data.root = {cfg.data.root!r}: no images in class subfolders (expected root/<class>/<image>)"]
+    need = cfg.data.num_clients * cfg.data.min_samples_per_client
+    if sum(counts) < need:
+        return [f"data.num_clients={cfg.data.num_clients} x data.min_samples_per_client={cfg.data.min_samples_per_client} = "
+                f"{need} samples needed, but {cfg.data.root} holds {sum(counts)} images"]
+    return []
+
+
+def weight_problems(cfg: ExperimentConfig) -> list[str]:
+    from sylva_ray.method.models import ModelSourceError, read_checkpoint
+
+    if cfg.model.pretrained != "checkpoint" or not cfg.model.checkpoint:
+        return []
+    try:
+        read_checkpoint(cfg.model.checkpoint)
+    except ModelSourceError as exc:
+        return [str(exc)]
+    return []
+
+
+def resource_problems(cfg: ExperimentConfig, local_cpus: Optional[int]) -> list[str]:
+    """A run that starts its own one-machine Ray cluster gets this machine's CPUs, no more."""
+    if local_cpus is None:
+        return []
+    cpus = local_cpus
+    need = cfg.runtime.client_resources.get("num_cpus", 0)
+    if need > cpus:
+        return [f"runtime.client_resources.num_cpus = {need:g}: this machine has {cpus} CPUs, so no client actor could start; "
+                f"ask for at most {cpus}, or join a larger cluster with --address"]
+    return []

@@ -1,0 +1,213 @@
+"""Configuration resolution: from the user's layers to one validated ``ExperimentConfig``.
+
+    built-in defaults -> named preset -> ``--config FILE`` -> ``--set k=v``     (``raw_config``)
+    -> schema validation (``base.config``) -> the algorithm's implied settings -> registry and
+    cross-field checks                                                          (``build_config``)
+
+It sits above the registries (datasets, partitioners, attacks, aggregators, algorithms) because it
+checks names against them; ``base.config`` below stays the schema alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from sylva_ray.base.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    merge_layers,
+    validate_schema,
+)
+from sylva_ray.method.aggregation import AGGREGATORS
+from sylva_ray.method.algorithms import ALGORITHMS
+from sylva_ray.method.attacks import ATTACKS
+from sylva_ray.method.data import DATASETS, PARTITIONERS
+
+log = logging.getLogger(__name__)
+
+#: Datasets read from ``data.root`` (nothing is downloaded).
+LOCAL_DATASETS = frozenset({"cifar10", "cifar100", "imagefolder"})
+#: Datasets the embedded pre-training can take its public slice from.
+EMBEDDED_PRETRAINING_DATASETS = frozenset({"digits", "synthetic"})
+#: Module-name suffixes that are ambiguous without their parent (``proj`` is also ``patch_embed.proj``).
+BARE_SUFFIXES = frozenset({"proj", "qkv", "fc1", "fc2"})
+#: Resource names a client actor may ask for, besides ``custom:NAME``.
+ACTOR_RESOURCES = frozenset({"num_cpus", "num_gpus", "memory"})
+_HOST_PORT = re.compile(r"^(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+MAX_PORT = 65535
+
+
+def raw_config(
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The user's layers merged, before validation and before any algorithm's implied settings
+    (``compare`` derives one config per algorithm from it)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    raw: dict[str, Any] = copy.deepcopy(PRESETS[preset])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(path)!r}: expected a YAML mapping at the top level")
+        raw = merge_layers(raw, loaded)
+    return apply_overrides(raw, list(overrides or []))
+
+
+def load_config(
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    check_paths: bool = True,
+) -> ExperimentConfig:
+    """Defaults -> preset -> YAML file -> ``--set`` overrides, validated once at the end."""
+    return build_config(raw_config(preset, config_file, overrides), check_paths=check_paths)
+
+
+def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentConfig:
+    """Turn a nested dict into a validated ``ExperimentConfig`` (type checks + cross-field checks).
+
+    The algorithm's implied settings are applied last (they win over the user's layers): a run
+    named ``fat`` is FAT whatever the preset says about Sylva's loss; where the user's own value
+    loses, a warning says so. Resolution is idempotent, so a run's config.yaml loads back to
+    itself. ``check_paths=False`` leaves out the checks of local files and folders, for a process
+    on a node that does not read them (a Tune trial gets the data through the object store; the
+    sweep's main process checked the paths).
+    """
+    cfg = validate_schema(raw)
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}")
+    implied = ALGORITHMS.get(cfg.algorithm.name).implied_settings(cfg.algorithm)
+    if implied:
+        warn_overridden(cfg.algorithm.name, raw, implied)
+        cfg = validate_schema(apply_overrides(cfg.to_dict(), implied))
+    problems = semantic_problems(cfg, check_paths=check_paths)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+_UNSET = object()
+
+
+def _lookup(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _UNSET
+        node = node[part]
+    return node
+
+
+def warn_overridden(algorithm: str, raw: dict[str, Any], implied: dict[str, Any]) -> list[str]:
+    """Log (and return) every field the user set that the algorithm's implied settings replace."""
+    lost = [f"{key}={value!r} (yours: {mine!r})" for key, value in implied.items()
+            if (mine := _lookup(raw, key)) is not _UNSET and mine != value]
+    if lost:
+        log.warning("algorithm.name=%s fixes %s: its values are used (README 'Baselines, ablations' names the algorithm.* "
+                    "fields that set them)", algorithm, ", ".join(lost))
+    return lost
+
+
+def address_problem(address: str) -> Optional[str]:
+    """What is wrong with a ``--address`` value, or None (format only; reachability is checked at connect)."""
+    if address in {"auto", "local"}:
+        return None
+    match = _HOST_PORT.match(address)
+    if not match:
+        return "expected host:port, ray://host:port, auto or local (e.g. 127.0.0.1:6379)"
+    if not 0 < int(match.group("port")) <= MAX_PORT:
+        return f"port must be between 1 and {MAX_PORT}"
+    return None
+
+
+def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[str]:
+    """Checks that span fields or need the registries; each message names the field and the fix."""
+    problems: list[str] = []
+
+    def check_name(where: str, value: str, registry: Any) -> None:
+        if value not in registry:
+            problems.append(f"{where} = {value!r}: unknown; choose one of {sorted(registry.names())}")
+
+    check_name("data.name", cfg.data.name, DATASETS)
+    check_name("data.partition", cfg.data.partition, PARTITIONERS)
+    check_name("attack.train_attack", cfg.attack.train_attack, ATTACKS)
+    check_name("attack.eval_attack", cfg.attack.eval_attack, ATTACKS)
+    check_name("federation.aggregation", cfg.federation.aggregation, AGGREGATORS)
+    accepted = ALGORITHMS.get(cfg.algorithm.name).accepted_ablations
+    for ablation in cfg.algorithm.ablations:
+        if ablation not in accepted:
+            problems.append(f"algorithm.ablations entry {ablation!r} does not apply to algorithm.name={cfg.algorithm.name!r}"
+                            + (f"; it accepts {sorted(accepted)}" if accepted else "; it has no ablations"))
+    problems += _path_problems(cfg, check_paths)
+    problems += _model_problems(cfg)
+    problems += _runtime_problems(cfg)
+    return problems
+
+
+def _path_problems(cfg: ExperimentConfig, check_paths: bool) -> list[str]:
+    problems = []
+    if cfg.data.name in LOCAL_DATASETS:
+        if not cfg.data.root:
+            problems.append(f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder")
+        elif check_paths and not Path(cfg.data.root).is_dir():
+            problems.append(f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files there)")
+    if cfg.model.pretrained == "checkpoint":
+        if not cfg.model.checkpoint:
+            problems.append("model.checkpoint is required with model.pretrained='checkpoint': "
+                            "--set model.checkpoint=/path/weights.safetensors")
+        elif check_paths and not Path(cfg.model.checkpoint).is_file():
+            problems.append(f"model.checkpoint = {cfg.model.checkpoint!r}: no such file")
+    return problems
+
+
+def _model_problems(cfg: ExperimentConfig) -> list[str]:
+    problems = []
+    if cfg.model.pretrained == "embedded" and cfg.data.public_fraction <= 0:
+        problems.append("data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': "
+                        "set it > 0 or use another source")
+    if cfg.model.pretrained == "embedded" and cfg.data.name not in EMBEDDED_PRETRAINING_DATASETS:
+        problems.append(f"model.pretrained='embedded' pre-trains on a public slice of digits/synthetic only, "
+                        f"not {cfg.data.name!r}: use timm or checkpoint")
+    if (cfg.model.mean is None) != (cfg.model.std is None):
+        problems.append("model.mean and model.std must be given together (or both left unset)")
+    for entry in cfg.lora.target_modules:
+        if entry.split(".")[-1] == entry and entry in BARE_SUFFIXES:
+            problems.append(
+                f"lora.target_modules entry {entry!r} is a bare suffix: peft would also match e.g. patch_embed.proj; "
+                f"qualify it ('attn.{entry}' or 'mlp.{entry}')"
+            )
+    return problems
+
+
+def _runtime_problems(cfg: ExperimentConfig) -> list[str]:
+    problems = []
+    for key, value in cfg.runtime.client_resources.items():
+        if key not in ACTOR_RESOURCES and not key.startswith("custom:"):
+            problems.append(f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus, memory or custom:NAME")
+        if not math.isfinite(value) or value < 0:
+            problems.append(f"runtime.client_resources.{key} = {value}: must be a finite number >= 0")
+    if not any(v > 0 for v in cfg.runtime.client_resources.values()):
+        problems.append("runtime.client_resources needs a positive num_cpus or num_gpus, e.g. {num_cpus: 1}: "
+                        "without one Ray could start an unbounded number of client actors")
+    if cfg.runtime.address is not None:
+        problem = address_problem(cfg.runtime.address)
+        if problem:
+            problems.append(f"runtime.address = {cfg.runtime.address!r}: {problem}")
+    return problems

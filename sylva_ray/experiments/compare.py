@@ -1,0 +1,167 @@
+"""``sylva-ray compare``: algorithms x seeds in the same engine, on the same partitions, one table.
+
+    out/
+      compare.yaml                       what was asked (a re-run with other arguments is refused)
+      runs/<algorithm>/seed<k>/          a normal run directory each: `sylva-ray resume` works on it
+      comparison.csv / comparison.md     one row per algorithm x seed / the paper-style table
+      pareto.png, accuracy_vs_upload.png, per_client.png
+
+Seed k of every algorithm uses ``runtime.seed = base + k``: the same partition, pre-trained
+weights, initial LoRA, participant sampling and attack seeds across algorithms. Runs go to the Ray
+cluster in parallel (each is a driver actor with its own client actors, ``--actors-per-run`` of
+them), as many at once as the cluster's CPUs/GPUs hold; an interrupted compare re-run with the same
+``--out`` skips finished runs and resumes the others from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from sylva_ray.base.config import ConfigError, ExperimentConfig, apply_overrides
+from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.distributed.connect import check_before_start
+from sylva_ray.engine.resolve import build_config
+from sylva_ray.engine.rundir import read_json
+from sylva_ray.experiments.comparison_report import RunSpec, write_report
+from sylva_ray.method.algorithms import ALGORITHMS, parse_algorithm
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "compare.yaml"
+
+
+def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: Path) -> list[RunSpec]:
+    """One validated config per algorithm x seed; every error is raised here, before any run starts."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give at least 1")
+    if not algorithms:
+        raise ConfigError(f"--algorithms is empty; choose from {sorted(ALGORITHMS.names())} (sylva accepts -ablation suffixes)")
+    duplicates = sorted({a for a in algorithms if algorithms.count(a) > 1})
+    if duplicates:
+        raise ConfigError(f"--algorithms lists {duplicates} twice")
+    base_seed = int(base_raw.get("runtime", {}).get("seed", 0))
+    specs, problems = [], []
+    for spec in algorithms:
+        name, ablations = parse_algorithm(spec)
+        if name not in ALGORITHMS:
+            problems.append(f"--algorithms entry {spec!r}: unknown algorithm {name!r}; choose from {sorted(ALGORITHMS.names())}")
+            continue
+        for k in range(seeds):
+            seed = base_seed + k
+            raw = apply_overrides(base_raw, {"algorithm.name": name, "algorithm.ablations": ablations,
+                                             "runtime.seed": seed, "name": f"{spec}-seed{seed}"})
+            try:
+                cfg = build_config(raw)
+                if k == 0:
+                    check_before_start(cfg)  # the model, data and weights each algorithm will use
+            except ConfigError as exc:
+                problems.append(f"--algorithms entry {spec!r}: {exc}")
+                break
+            specs.append(RunSpec(spec, seed, cfg, out / "runs" / spec / f"seed{seed}"))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return specs
+
+
+def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """A compare folder belongs to one request: refuse to mix results of another into it."""
+    path = out / MANIFEST
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text())
+        changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        if changed:
+            raise ConfigError(f"--out {str(out)!r} holds a comparison with other {changed}; use a new --out, "
+                              "or repeat the original arguments to resume it")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {str(out)!r} exists, is not empty and is not a comparison folder; choose a new folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
+
+
+def run_parallelism(cfg: ExperimentConfig, actors_per_run: int, max_parallel: Optional[int] = None,
+                    progress: bool = True) -> tuple[int, bool]:
+    """How many runs fit the cluster at once, node by node (``placement.capacity``), and whether an
+    autoscaler request is outstanding. On a cluster that can grow and has no room for even one
+    run yet, room for ``max_parallel`` runs (1 if unset) is asked for and waited on first."""
+    if cfg.runtime.engine != "ray":
+        return 1, False
+    from sylva_ray.distributed.capacity import alive_nodes, wait_for_capacity
+    from sylva_ray.distributed.connect import cluster_can_grow
+    from sylva_ray.distributed.placement import actor_request, capacity
+
+    bundle = actor_request(cfg.runtime.client_resources)
+    nodes, requested = alive_nodes(), False
+    if capacity(nodes, bundle) < actors_per_run and cluster_can_grow() and cfg.runtime.resource_timeout_s > 0:
+        nodes, requested = wait_for_capacity(bundle, actors_per_run * (max_parallel or 1), cfg.runtime.resource_timeout_s,
+                                             cfg.runtime.resource_settle_s, what="compare's client actors", progress=progress)
+    return max(1, capacity(nodes, bundle) // actors_per_run), requested
+
+
+def execute_one(spec: RunSpec, lock: threading.Lock) -> dict[str, Any]:
+    """Run, resume or skip one run directory; returns its summary."""
+    from sylva_ray.distributed.launcher import resume, run
+
+    if (spec.run_dir / "summary.json").is_file():
+        return read_json(spec.run_dir / "summary.json")
+    with lock:  # creating directories and the config is quick; keep it ordered
+        fresh = not (spec.run_dir / "config.yaml").is_file()
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+    summary = run(spec.cfg, spec.run_dir, progress=False) if fresh else resume(spec.run_dir, progress=False)
+    if summary is None:
+        raise RuntimeError(f"{spec.run_dir}: the run stopped before its last round")
+    return summary
+
+
+def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: Path,
+                   reference: Optional[str] = None, actors_per_run: int = 1, max_parallel: Optional[int] = None) -> pd.DataFrame:
+    """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots."""
+    out = Path(out)
+    if reference is not None and reference not in algorithms:
+        raise ConfigError(f"--reference {reference!r} is not among --algorithms {algorithms}")
+    if actors_per_run < 1:
+        raise ConfigError(f"--actors-per-run {actors_per_run}: give at least 1")
+    base_raw = apply_overrides(base_raw, {"runtime.num_actors": actors_per_run})
+    specs = plan_runs(base_raw, algorithms, seeds, out)
+    check_manifest(out, {"algorithms": list(algorithms), "seeds": seeds, "base_config": base_raw})
+    engine = specs[0].cfg.runtime.engine
+    if engine == "ray":
+        from sylva_ray.distributed.connect import connect
+
+        connect(specs[0].cfg.runtime.address)
+    parallel, requested = run_parallelism(specs[0].cfg, actors_per_run, max_parallel)
+    if max_parallel is not None:
+        parallel = max(1, min(parallel, max_parallel))
+    log.info("compare: %d runs (%d algorithms x %d seeds), %d at a time, into %s", len(specs), len(algorithms), seeds, parallel, out)
+
+    summaries: dict[int, dict[str, Any]] = {}
+    errors: dict[int, str] = {}
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(specs), desc="compare runs") as bar:
+        futures = {pool.submit(execute_one, spec, lock): index for index, spec in enumerate(specs)}
+        for future in as_completed(futures):
+            index = futures[future]
+            spec = specs[index]
+            try:
+                summaries[index] = future.result()
+                log.info("done: %s seed %d", spec.algorithm, spec.seed)
+            except Exception as exc:  # one failed run must not lose the others' results
+                errors[index] = f"{type(exc).__name__}: {exc}"
+                log.error("run %s seed %d failed (%s): resume it with `sylva-ray resume %s`", spec.algorithm, spec.seed, exc, spec.run_dir)
+            bar.update(1)
+    if requested:
+        from sylva_ray.distributed.capacity import release_request
+
+        release_request()
+    frame = write_report(out, specs, summaries, errors, reference)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(specs)} runs failed; see comparison.csv; re-run the same command to resume them")
+    return frame

@@ -1,0 +1,256 @@
+"""The comparison's tables and plots, from the run directories' summary.json and rounds.csv.
+
+Columns of ``comparison.csv`` (one row per algorithm x seed), accuracies in [0, 1]:
+    clean_acc, robust_acc (PGD), autoattack_acc      per-client test splits, test-sample-weighted
+    *_client_std                                      weighted std over clients
+    *_unweighted                                      plain client means
+    global_clean_acc, global_robust_acc, global_autoattack_acc   global model on the global test set
+    upload_mb_per_round, upload_mb_per_client_round, total_upload_mb, total_mb (up + down), wall_s
+    majority_rate                                     the constant majority-class predictor's accuracy
+    sanity_warnings                                   count of failed gradient-masking checks
+
+``comparison.md`` averages over seeds (mean +- std) and, with a reference, gives the paper's three
+headline figures: upload ratio (reference bytes / algorithm bytes), robust and clean gains in
+points and in percent of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.storage import atomic_write_text, atomic_write_with
+from sylva_ray.engine.rundir import write_table
+
+MB = 1e6
+METRICS = ("clean_acc", "robust_acc", "autoattack_acc")
+
+
+@dataclass
+class RunSpec:
+    algorithm: str  # as written on the command line, e.g. "sylva-no_phase2"
+    seed: int
+    cfg: ExperimentConfig
+    run_dir: Path
+
+
+def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optional[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"algorithm": spec.algorithm, "seed": spec.seed, "run_dir": str(spec.run_dir),
+                           "status": "ok" if summary is not None else "failed", "error": error or ""}
+    if summary is None:
+        return row
+    final = summary["final"]
+    for metric in METRICS:
+        row[metric] = final.get(f"{metric}_weighted", np.nan)
+        row[f"{metric}_client_std"] = final.get(f"{metric}_client_std", np.nan)
+        row[f"{metric}_unweighted"] = final.get(metric, np.nan)
+        row[f"global_{metric}"] = (summary.get("global") or {}).get(metric, np.nan)
+    comm = summary["communication"]
+    rounds = max(1, int(comm["rounds"]))
+    clients = max(1, len(summary.get("per_client", [])))
+    row.update(
+        upload_mb_per_round=comm["bytes_up"] / rounds / MB,
+        upload_mb_per_client_round=comm["bytes_up"] / rounds / clients / MB,
+        total_upload_mb=comm["bytes_up"] / MB,
+        total_mb=(comm["bytes_up"] + comm["bytes_down"]) / MB,
+        wall_s=summary.get("wall_seconds", summary.get("seconds", np.nan)),
+        majority_rate=summary["sanity"].get("majority_rate_weighted", summary["sanity"]["majority_rate"]),
+        sanity_warnings=len(summary["sanity"].get("warnings", [])),
+        scope=summary.get("algorithm", {}).get("scope", ""),
+    )
+    return row
+
+
+def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds per algorithm, in the order the algorithms were asked for."""
+    ok = frame[frame["status"] == "ok"]
+    numeric = [c for c in ok.columns if c not in {"algorithm", "seed", "run_dir", "status", "error", "scope"}]
+    order = list(dict.fromkeys(frame["algorithm"]))
+    grouped = ok.groupby("algorithm", sort=False)[numeric]
+    means, stds = grouped.mean(), grouped.std(ddof=1)
+    out = means.add_suffix("_mean").join(stds.add_suffix("_std"))
+    out["seeds"] = ok.groupby("algorithm", sort=False).size()
+    return out.reindex([a for a in order if a in out.index])
+
+
+def relative_to(agg: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The paper's headline figures against a named reference, on seed means."""
+    ref = agg.loc[reference]
+    rows = []
+    for algorithm, row in agg.iterrows():
+        entry: dict[str, Any] = {"algorithm": algorithm}
+        up = row["upload_mb_per_round_mean"]
+        entry["upload_ratio"] = ref["upload_mb_per_round_mean"] / up if up > 0 else math.inf
+        for metric in METRICS:
+            a, r = row[f"{metric}_mean"], ref[f"{metric}_mean"]
+            entry[f"{metric}_gain_points"] = (a - r) * 100
+            entry[f"{metric}_gain_percent"] = (a - r) / r * 100 if r > 0 else math.nan
+        rows.append(entry)
+    return pd.DataFrame(rows).set_index("algorithm")
+
+
+def _pm(agg: pd.DataFrame, algorithm: str, column: str, scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = agg.loc[algorithm, f"{column}_mean"], agg.loc[algorithm, f"{column}_std"]
+    if pd.isna(mean):
+        return "-"
+    if pd.isna(std):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Optional[str], context: str) -> str:
+    lines = ["# Comparison", "", context, "",
+             "| algorithm | seeds | clean | PGD | AutoAttack | global clean | global PGD | global AA | upload MB / round | total MB | wall s | sanity warnings |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for algorithm in agg.index:
+        lines.append(
+            f"| {algorithm} | {int(agg.loc[algorithm, 'seeds'])} | {_pm(agg, algorithm, 'clean_acc')} | {_pm(agg, algorithm, 'robust_acc')} "
+            f"| {_pm(agg, algorithm, 'autoattack_acc')} | {_pm(agg, algorithm, 'global_clean_acc')} | {_pm(agg, algorithm, 'global_robust_acc')} "
+            f"| {_pm(agg, algorithm, 'global_autoattack_acc')} | {_pm(agg, algorithm, 'upload_mb_per_round', 1.0, 3)} "
+            f"| {_pm(agg, algorithm, 'total_mb', 1.0, 2)} | {_pm(agg, algorithm, 'wall_s', 1.0, 0)} "
+            f"| {int(agg.loc[algorithm, 'sanity_warnings_mean'] * agg.loc[algorithm, 'seeds'])} |")
+    floor = agg["majority_rate_mean"].mean()
+    lines += ["", f"Majority-class constant predictor (per client: its most frequent training label; perfectly 'robust'): "
+              f"{floor * 100:.1f}% clean = PGD = AutoAttack (sample-weighted, mean over the seeds' partitions).", ""]
+    if relative is not None and reference is not None:
+        lines += [f"## Relative to `{reference}`", "",
+                  "| algorithm | upload ratio (ref / alg) | Δ clean pts (%) | Δ PGD pts (%) | Δ AutoAttack pts (%) |", "|---|---|---|---|---|"]
+        for algorithm, row in relative.iterrows():
+            ratio = "no upload" if math.isinf(row["upload_ratio"]) else f"{row['upload_ratio']:.1f}x"
+            cells = []
+            for metric in METRICS:
+                pts, pct = row[f"{metric}_gain_points"], row[f"{metric}_gain_percent"]
+                cells.append("-" if pd.isna(pts) else f"{pts:+.1f} ({pct:+.1f}%)")
+            lines.append(f"| {algorithm} | {ratio} | {' | '.join(cells)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+#: Matplotlib's ten default colours; beyond ten algorithms the marker (and bar hatch) changes too,
+#: so ``compare``'s default twelve stay distinguishable.
+MARKERS = ("o", "s", "^", "D")
+HATCHES = ("", "//", "..", "xx")
+
+
+def _style(index: int) -> dict[str, str]:
+    cycle = index // 10 % len(MARKERS)
+    return {"color": f"C{index % 10}", "marker": MARKERS[cycle], "hatch": HATCHES[cycle]}
+
+
+def plot_pareto(out: Path, frame: pd.DataFrame, agg: pd.DataFrame) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for index, algorithm in enumerate(agg.index):
+        style = _style(index)
+        color = style["color"]
+        seeds = frame[(frame["algorithm"] == algorithm) & (frame["status"] == "ok")]
+        ax.scatter(seeds["clean_acc"] * 100, seeds["robust_acc"] * 100, color=color, marker=style["marker"], alpha=0.35, s=18)
+        ax.errorbar(agg.loc[algorithm, "clean_acc_mean"] * 100, agg.loc[algorithm, "robust_acc_mean"] * 100,
+                    xerr=np.nan_to_num(agg.loc[algorithm, "clean_acc_std"] * 100), yerr=np.nan_to_num(agg.loc[algorithm, "robust_acc_std"] * 100),
+                    fmt=style["marker"], color=color, label=algorithm, capsize=3)
+    floor = agg["majority_rate_mean"].mean() * 100
+    ax.axvline(floor, color="grey", ls=":", lw=1)
+    ax.axhline(floor, color="grey", ls=":", lw=1, label="majority-class floor")
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("PGD accuracy (%)")
+    ax.set_title("clean vs robust (mean ± std over seeds; faint: single seeds)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    atomic_write_with(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_accuracy_vs_upload(out: Path, frame: pd.DataFrame) -> None:
+    """Client-mean accuracy after each evaluated round against the bytes uploaded so far (first seed)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    first = frame[frame["status"] == "ok"].groupby("algorithm", sort=False).first()
+    for index, (algorithm, row) in enumerate(first.iterrows()):
+        rounds_path = Path(row["run_dir"]) / "rounds.csv"
+        if not rounds_path.is_file():
+            continue
+        rounds = pd.read_csv(rounds_path)
+        cumulative = rounds["bytes_up"].cumsum() / MB
+        for ax, metric in zip(axes, ("clean_acc", "robust_acc")):
+            if metric in rounds:
+                keep = rounds[metric].notna()
+                style = _style(index)
+                ax.plot(cumulative[keep], rounds.loc[keep, metric] * 100, marker=style["marker"], markersize=4,
+                        color=style["color"], label=algorithm)
+    for ax, label in zip(axes, ("clean", "PGD")):
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlabel("cumulative upload (MB, all clients)")
+        ax.set_ylabel(f"{label} accuracy (%, client mean)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("accuracy vs communication (first seed; no-upload algorithms sit at 0)")
+    fig.tight_layout()
+    atomic_write_with(out / "accuracy_vs_upload.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_per_client(out: Path, frame: pd.DataFrame) -> None:
+    """Each client's final PGD accuracy per algorithm, first seed (partitions differ between seeds)."""
+    from sylva_ray.engine.rundir import read_json
+
+    plt = _pyplot()
+    first = frame[frame["status"] == "ok"].groupby("algorithm", sort=False).first()
+    if first.empty:
+        return
+    per_client = {}
+    for algorithm, row in first.iterrows():
+        summary = read_json(Path(row["run_dir"]) / "summary.json")
+        per_client[algorithm] = {int(r["client"]): r for r in summary["per_client"]}
+    clients = sorted({c for rows in per_client.values() for c in rows})
+    width = 0.8 / max(1, len(per_client))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(clients) * 1.1), 7), sharex=True)
+    for ax, metric, label in zip(axes, ("clean_acc", "robust_acc"), ("clean", "PGD")):
+        for index, (algorithm, rows) in enumerate(per_client.items()):
+            xs = np.arange(len(clients)) + index * width
+            ax.bar(xs, [rows.get(c, {}).get(metric, np.nan) * 100 for c in clients], width, label=algorithm,
+                   color=_style(index)["color"], hatch=_style(index)["hatch"], edgecolor="white", linewidth=0)
+        majority = [next((rows[c]["majority_rate"] for rows in per_client.values() if c in rows), np.nan) * 100 for c in clients]
+        ax.scatter(np.arange(len(clients)) + 0.4 - width / 2, majority, marker="_", s=300, color="black", label="majority class", zorder=3)
+        ax.set_ylabel(f"{label} accuracy (%)")
+    axes[1].set_xticks(np.arange(len(clients)) + 0.4 - width / 2, [str(c) for c in clients])
+    axes[1].set_xlabel("client (first seed's partition)")
+    axes[0].legend(fontsize=6, ncol=7, loc="lower left", bbox_to_anchor=(0.0, 1.02))  # above the bars, not over them
+    fig.tight_layout()
+    atomic_write_with(out / "per_client.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def write_report(out: Path, specs: list[RunSpec], summaries: dict[int, dict[str, Any]], errors: dict[int, str],
+                 reference: Optional[str]) -> pd.DataFrame:
+    frame = pd.DataFrame([summary_row(spec, summaries.get(i), errors.get(i)) for i, spec in enumerate(specs)])
+    write_table(out / "comparison.csv", frame)
+    if not (frame["status"] == "ok").any():
+        return frame
+    agg = aggregate_seeds(frame)
+    relative = relative_to(agg, reference) if reference is not None and reference in agg.index else None
+    cfg = specs[0].cfg
+    context = (f"Dataset {cfg.data.name}, {cfg.data.num_clients} clients, {cfg.data.partition} alpha {cfg.data.alpha}, "
+               f"{cfg.federation.rounds} rounds, eps {cfg.attack.eps:g}; PGD-{cfg.attack.eval_steps} (step {cfg.attack.eval_step():g}), "
+               f"AutoAttack {cfg.attack.autoattack_steps} iterations / Square {cfg.attack.autoattack_square_queries} queries on the first "
+               f"{cfg.evaluation.autoattack_max_samples} test samples per client. Accuracies in % on each client's own test split, "
+               f"test-sample-weighted (mean ± std over seeds); 'global' = the global model on the global test set (full-model FedAvg only). "
+               f"Upload: all clients' bytes per round, as serialised (safetensors).")
+    atomic_write_text(out / "comparison.md", markdown(agg, relative, reference, context))
+    plot_pareto(out, frame, agg)
+    plot_accuracy_vs_upload(out, frame)
+    plot_per_client(out, frame)
+    return frame

@@ -1,0 +1,73 @@
+"""Gradient-masking red flags, checked on every final evaluation and warned about loudly.
+
+A defence that only *looks* robust usually betrays itself in one of these (Carlini et
+al. 2019, "On Evaluating Adversarial Robustness"):
+
+    robust <= clean          an attack that raises accuracy is not attacking (checked every evaluation)
+    long PGD <= PGD          more iterations must not help the model (PGD-100 vs PGD-20)
+    AutoAttack <= PGD        the stronger ensemble must not be weaker than PGD
+    ~0 at a large eps        with a large enough budget every input can be changed
+
+Counts are pooled over clients (a client's split can be a handful of images), each on the same
+images for both sides of a comparison; ``tolerance`` absorbs a sample or two of seeded noise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+from sylva_ray.base.config import EvaluationConfig
+
+log = logging.getLogger(__name__)
+
+
+def _pooled(rows: list[Mapping[str, Any]], value: str, count: str) -> tuple[float, int]:
+    """Sample-weighted accuracy over the rows that have ``value``."""
+    pairs = [(float(r[value]), int(r[count])) for r in rows if r.get(value) is not None and r.get(count)]
+    total = sum(n for _, n in pairs)
+    return (sum(v * n for v, n in pairs) / total if total else float("nan")), total
+
+
+def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, where: str) -> list[str]:
+    """Warnings for one evaluation (a list of per-client rows from ``EvalResult.as_dict``)."""
+    rows = [r for r in rows if r.get("clean_acc") is not None]
+    warnings: list[str] = []
+    tol = cfg.sanity_tolerance
+
+    robust, n = _pooled(rows, "robust_acc", "num_robust")
+    clean, _ = _pooled(rows, "clean_on_robust", "num_robust")
+    if n and robust > clean + tol:
+        warnings.append(f"{where}: robust accuracy {robust:.3f} > clean {clean:.3f} on the same {n} images: the attack is not attacking")
+    above = [int(r["client"]) for r in rows if "client" in r and r.get("clean_on_robust") is not None
+             and float(r["robust_acc"]) > float(r["clean_on_robust"]) + tol]
+    if above:
+        warnings.append(f"{where}: clients {above} have robust > clean accuracy")
+
+    long_pgd, n = _pooled(rows, "long_pgd_acc", "num_sanity")
+    short, _ = _pooled(rows, "pgd_on_sanity", "num_sanity")
+    if n and long_pgd > short + tol:
+        warnings.append(f"{where}: long PGD ({cfg.sanity_long_steps} steps) accuracy {long_pgd:.3f} > PGD {short:.3f} on {n} images: "
+                        "more iterations help the model (gradient masking?)")
+    large, n = _pooled(rows, "large_eps_acc", "num_sanity")
+    if n and large > cfg.sanity_large_eps_max_acc:
+        cause = "gradients may be masked or the attack broken"
+        # A model that predicts (nearly) one class whatever the input is trivially "robust": a
+        # collapsed run, not a masked one. Say which, so nobody hunts for masking in a diverged run.
+        clean_all, _ = _pooled(rows, "clean_acc", "num_clean")
+        majority, _ = _pooled(rows, "majority_rate", "num_clean")
+        if clean_all <= majority + tol:
+            cause = (f"clean accuracy {clean_all:.3f} does not beat the majority-class constant predictor "
+                     f"({majority:.3f}): the model looks collapsed (check the training loss), not masked")
+        elif abs(clean - robust) <= tol:
+            cause = (f"PGD changes nothing either (clean {clean:.3f}, PGD {robust:.3f}): the model looks collapsed "
+                     "to a near-constant prediction (check the training loss), or gradients are masked")
+        warnings.append(f"{where}: accuracy {large:.3f} at eps {cfg.sanity_large_eps} on {n} images is not near 0 "
+                        f"(> {cfg.sanity_large_eps_max_acc}): {cause}")
+    auto, n = _pooled(rows, "autoattack_acc", "num_autoattack")
+    pgd_same, _ = _pooled(rows, "pgd_on_autoattack", "num_autoattack")
+    if n and auto > pgd_same + tol:
+        warnings.append(f"{where}: AutoAttack accuracy {auto:.3f} > PGD {pgd_same:.3f} on {n} images: the stronger attack is weaker")
+    for message in warnings:
+        log.warning("SANITY CHECK FAILED -- %s", message)
+    return warnings

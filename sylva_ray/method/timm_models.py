@@ -1,0 +1,38 @@
+"""CPU-sized timm models registered under their own names (timm's ``@register_model`` habit).
+
+``vit_pico_patch4_16`` is the ViT the embedded-default study measured (README 'What the default run gives'):
+depth 4, width 96, 3 heads, 4x4 patches on a 16x16 input (8x8 digits are upsampled inside the
+model), ~0.45M parameters, so that 10 clients x 10 rounds of PGD training fit a 2-core CPU.
+The factory only fills in hyper-parameters; everything else is timm's VisionTransformer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+
+#: Input side of the pico ViT: 8x8 digits upsampled x2, so 4x4 patches give a 4x4 token grid.
+PICO_INPUT_SIDE = 16
+
+default_cfgs = generate_default_cfgs({
+    "vit_pico_patch4_16": {
+        "input_size": (3, PICO_INPUT_SIDE, PICO_INPUT_SIDE),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "num_classes": 10,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    },
+})
+
+
+@register_model
+def vit_pico_patch4_16(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Pico/4 at 16x16: 4 blocks x 96 dims x 3 heads (the embedded default's model)."""
+    model_args = dict(img_size=PICO_INPUT_SIDE, patch_size=4, embed_dim=96, depth=4, num_heads=3)
+    return _create_vision_transformer("vit_pico_patch4_16", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,316 @@
+"""THE local loop (adversarial and benign) and evaluation, used by every algorithm and both phases.
+
+A client's round: make adversarial examples with the configured attack (model in eval mode, fp32,
+seeded per batch), then one optimiser step on ``sylva_loss`` over the trainable tensors only.
+Seeds come from ``(run seed, round, client, batch)``: a client's round is the same whichever actor
+runs it and whenever it finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional, Protocol
+
+import numpy as np
+import torch
+import torchattacks
+from torch import nn
+
+from sylva_ray.base.config import AttackConfig, EvaluationConfig, TrainConfig
+from sylva_ray.base.precision import fp32_evaluation, training_precision
+from sylva_ray.base.seeding import derive_seed, torch_generator, torch_seeded
+from sylva_ray.method.attacks import build_attack, perturb
+from sylva_ray.method.data import ArrayDataset
+from sylva_ray.method.losses import LossTerms
+from sylva_ray.method.models import Role, parameter_role
+
+#: Adapter name peft gives the one adapter we create; parameter names carry it, state-dict keys do not.
+PEFT_ADAPTER = "default"
+
+
+@dataclass
+class RoundMetrics:
+    """What one local round reports (means over optimiser steps)."""
+
+    steps: int = 0
+    samples: int = 0
+    loss: float = 0.0
+    adversarial: float = 0.0
+    benign: float = 0.0
+    similarity: float = 0.0
+    proximal: float = 0.0
+    seconds: float = 0.0
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        values = {k: v for k, v in self.__dict__.items() if k != "extras"} | self.extras
+        return {f"{prefix}{k}": v for k, v in values.items()}
+
+
+def batches(data: ArrayDataset, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches as tensors; the shuffle order comes from an explicit generator."""
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    order = torch.randperm(len(labels), generator=torch_generator(seed)) if shuffle else torch.arange(len(labels))
+    for start in range(0, len(labels), batch_size):
+        idx = order[start:start + batch_size]
+        yield images[idx], labels[idx]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: Optional[float]) -> None:
+    """``train.max_grad_norm``: one global-norm clip before the step (None leaves gradients alone)."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Shared (LoRA) parameters keyed like peft's adapter state dict (adapter name removed)."""
+    return {
+        name.replace(f".{PEFT_ADAPTER}.", "."): param
+        for name, param in model.named_parameters()
+        if parameter_role(name) is Role.SHARED
+    }
+
+
+class LocalObjective(Protocol):
+    """What an algorithm changes inside the one local loop: the inner attack and the outer loss.
+
+    Built per client and round (``Algorithm.objective(data)``), so it may hold the client's class
+    weights or prior. ``uses_anchor``: the loss wants the local shared tensors and the received
+    global ones (a proximal term).
+    """
+
+    needs_benign: bool
+    uses_anchor: bool
+
+    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack: ...
+
+    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
+             local_shared: Optional[Mapping[str, torch.Tensor]], global_shared: Optional[Mapping[str, torch.Tensor]]) -> LossTerms: ...
+
+
+def adversarial_round(
+    model: nn.Module,
+    data: ArrayDataset,
+    objective: LocalObjective,
+    train_cfg: TrainConfig,
+    seed: int,
+    device: torch.device,
+    global_shared: Optional[Mapping[str, torch.Tensor]] = None,
+    precision: str = "fp32",
+) -> RoundMetrics:
+    """One client's local adversarial fine-tuning, in place, on the model's trainable tensors.
+
+    ``global_shared`` is the adapter the client received this round (the proximal anchor).
+    A fresh optimiser per round is the FedAvg convention: no optimiser state crosses rounds.
+    ``precision`` (``runtime.precision``) applies to the forward passes, the attack's included;
+    the backward pass runs outside autocast, as torch recommends.
+    """
+    start = time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = make_optimizer(trainable, train_cfg)
+    attack = objective.attack(model, seed)
+    needs_benign = objective.needs_benign
+    use_prox = objective.uses_anchor and global_shared is not None
+    anchor = {k: v.to(device) for k, v in global_shared.items()} if use_prox else None
+    local = shared_parameters(model) if use_prox else None
+
+    metrics = RoundMetrics()
+    sums = np.zeros(5)
+    model.train()
+    for epoch in range(train_cfg.local_epochs):
+        for step, (images, labels) in enumerate(batches(data, train_cfg.batch_size, derive_seed(seed, "shuffle", epoch))):
+            if train_cfg.local_steps is not None and metrics.steps >= train_cfg.local_steps:
+                break
+            images, labels = images.to(device), labels.to(device)
+            with training_precision(precision, device):
+                adversarial = perturb(attack, images, labels, derive_seed(seed, "attack", epoch, step))
+                with torch_seeded(derive_seed(seed, "dropout", epoch, step)):
+                    adv_logits = model(adversarial)
+                    ben_logits = model(images) if needs_benign else None
+                terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            clip_gradients(trainable, train_cfg.max_grad_norm)
+            optimizer.step()
+            metrics.steps += 1
+            metrics.samples += len(labels)
+            sums += [float(terms.total.detach()), terms.adversarial, terms.benign, terms.similarity, terms.proximal]
+    model.eval()
+    if metrics.steps:
+        metrics.loss, metrics.adversarial, metrics.benign, metrics.similarity, metrics.proximal = (sums / metrics.steps).tolist()
+    metrics.seconds = time.perf_counter() - start
+    return metrics
+
+
+def benign_finetune(
+    model: nn.Module,
+    data: ArrayDataset,
+    trainable_prefixes: list[str],
+    train_cfg: TrainConfig,
+    lr: float,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> RoundMetrics:
+    """Fine-tune only the parameters under ``trainable_prefixes`` plus the head, on benign data.
+
+    Phase 2 uses this with the layers its game selected. The head is always trainable. Other
+    parameters are frozen for the duration and their ``requires_grad`` flags restored afterwards.
+    An empty prefix list trains the head alone.
+    """
+    start = time.perf_counter()
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    head_names = {n for n in saved_flags if parameter_role(n) is Role.PERSONAL or _is_plain_head(model, n)}
+    unknown = [p for p in trainable_prefixes if not any(n.startswith(p) for n in saved_flags)]
+    if unknown:
+        raise KeyError(f"no parameters under {unknown}")
+    try:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in head_names or any(name.startswith(p) for p in trainable_prefixes))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, train_cfg, lr=lr)
+        metrics = RoundMetrics()
+        total = 0.0
+        model.train()
+        epoch = 0
+        while metrics.steps < steps:
+            for images, labels in batches(data, train_cfg.batch_size, derive_seed(seed, "benign", epoch)):
+                if metrics.steps >= steps:
+                    break
+                images, labels = images.to(device), labels.to(device)
+                with training_precision(precision, device), torch_seeded(derive_seed(seed, "dropout", epoch, metrics.steps)):
+                    loss = nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_gradients(trainable, train_cfg.max_grad_norm)
+                optimizer.step()
+                metrics.steps += 1
+                metrics.samples += len(labels)
+                total += float(loss.detach())
+            epoch += 1
+        metrics.loss = total / max(metrics.steps, 1)
+        metrics.benign = metrics.loss
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(saved_flags[name])
+        model.eval()
+    metrics.seconds = time.perf_counter() - start
+    return metrics
+
+
+def _is_plain_head(model: nn.Module, name: str) -> bool:
+    """For a merged (non-peft) model the head is the timm classifier."""
+    from sylva_ray.method.models import classifier_name
+
+    try:
+        return name.startswith(classifier_name(model) + ".")
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass
+class EvalResult:
+    """Accuracies of one model on one test split. The protocol fields are None unless asked for.
+
+    ``clean_on_robust``: clean accuracy on the attacked subset (robust <= clean is checked there);
+    ``pgd_on_sanity``: the evaluation PGD's accuracy on the sanity subset, next to ``long_pgd_acc``
+    and ``large_eps_acc`` on the same images; ``pgd_on_autoattack``: PGD on AutoAttack's subset.
+    """
+
+    clean_acc: float
+    robust_acc: float
+    num_clean: int
+    num_robust: int
+    clean_on_robust: Optional[float] = None
+    autoattack_acc: Optional[float] = None
+    num_autoattack: Optional[int] = None
+    pgd_on_autoattack: Optional[float] = None
+    long_pgd_acc: Optional[float] = None
+    large_eps_acc: Optional[float] = None
+    pgd_on_sanity: Optional[float] = None
+    num_sanity: Optional[int] = None
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
+
+
+def _attack_hits(model: nn.Module, attack: torchattacks.attack.Attack, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Per-sample correctness under ``attack``, batch by batch, each batch seeded by its index."""
+    hits = []
+    for index, start in enumerate(range(0, len(labels), batch_size)):
+        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+        adversarial = perturb(attack, x, y, derive_seed(seed, "eval-attack", index))
+        with torch.no_grad():
+            hits.append((model(adversarial).argmax(1) == y).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    attack_cfg: AttackConfig,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    attack_name: Optional[str] = None,
+    protocol: Optional[EvaluationConfig] = None,
+) -> EvalResult:
+    """Clean accuracy on all of ``data``; robust accuracy under the evaluation attack.
+
+    The robust subset is the first ``attack.eval_max_samples`` samples (a fixed subset: every
+    model of a client is attacked on the same images). Attacks run with gradients on, in eval mode.
+    With ``protocol`` (final models): AutoAttack on the first ``autoattack_max_samples`` and the
+    gradient-masking attacks (long PGD, PGD at a large eps) on the first ``sanity_samples``.
+    Always in full fp32 (``precision.fp32_evaluation``): a lower-precision attack overstates robustness.
+    """
+    with fp32_evaluation(device):
+        return _evaluate(model, data, attack_cfg, batch_size, seed, device, attack_name, protocol)
+
+
+def _evaluate(model: nn.Module, data: ArrayDataset, attack_cfg: AttackConfig, batch_size: int, seed: int,
+              device: torch.device, attack_name: Optional[str], protocol: Optional[EvaluationConfig]) -> EvalResult:
+    model.eval()
+    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    with torch.no_grad():
+        clean = torch.cat([(model(images[i:i + batch_size].to(device)).argmax(1) == labels[i:i + batch_size].to(device)).cpu()
+                           for i in range(0, len(labels), batch_size)]) if len(labels) else torch.zeros(0, dtype=torch.bool)
+    limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
+    attack = build_attack(attack_name or attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
+    robust = _attack_hits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
+    result = EvalResult(_rate(clean), _rate(robust), len(data), limit, clean_on_robust=_rate(clean[:limit]))
+    if protocol is None or not len(labels):
+        return result
+    if protocol.autoattack:
+        n = min(len(labels), protocol.autoattack_max_samples)
+        auto = build_attack("autoattack", model, attack_cfg, "eval", data.num_classes, derive_seed(seed, "autoattack"))
+        hits = _attack_hits(model, auto, images[:n], labels[:n], batch_size, derive_seed(seed, "autoattack"), device)
+        result.autoattack_acc, result.num_autoattack = _rate(hits), n
+        result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
+    if protocol.sanity_checks:
+        n = min(len(labels), protocol.sanity_samples)
+        long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
+        long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)
+        large_cfg = dataclasses.replace(attack_cfg, eps=protocol.sanity_large_eps, eval_step_size=None)
+        large = build_attack("pgd", model, large_cfg, "eval", data.num_classes, seed)
+        result.long_pgd_acc = _rate(_attack_hits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device))
+        result.large_eps_acc = _rate(_attack_hits(model, large, images[:n], labels[:n], batch_size, seed, device))
+        result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
+        result.num_sanity = n
+    return result
+
+
+def _rate(hits: torch.Tensor) -> float:
+    return int(hits.sum()) / len(hits) if len(hits) else 0.0  # exact counts, as a user would compute them

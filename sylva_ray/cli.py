@@ -1,11 +1,11 @@
 """``sylva-ray`` entry point: parse -> config -> run. Nothing else lives here.
 
-    sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
-    sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
-    sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
-    sylva-ray config [same options]          print the resolved configuration as YAML
-    sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
-    sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
+sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
+sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
+sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
+sylva-ray config [same options]          print the resolved configuration as YAML
+sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
+sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
 """
 
 from __future__ import annotations
@@ -28,8 +28,14 @@ log = logging.getLogger("sylva_ray")
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named starting configuration")
     parser.add_argument("--config", dest="config_file", help="YAML file applied on top of the preset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field, e.g. --set federation.rounds=5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set federation.rounds=5 (repeatable)",
+    )
 
 
 def _config_from(args: argparse.Namespace) -> ExperimentConfig:
@@ -37,7 +43,12 @@ def _config_from(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _report(run_dir: object, summary: dict) -> int:
-    log.info("final client means: clean %.4f robust %.4f (%s)", summary["final"]["clean_acc"], summary["final"]["robust_acc"], run_dir)
+    log.info(
+        "final client means: clean %.4f robust %.4f (%s)",
+        summary["final"]["clean_acc"],
+        summary["final"]["robust_acc"],
+        run_dir,
+    )
     print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
 
@@ -82,10 +93,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from sylva_ray.engine.rundir import resolve_result_path
 
     out = resolve_result_path(args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    algorithms = ([a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms is not None
-                  else default_comparison())
-    run_comparison(raw_config(args.preset, args.config_file, overrides), algorithms, args.seeds, out,
-                   reference=args.reference, actors_per_run=args.actors_per_run, max_parallel=args.max_parallel)
+    algorithms = (
+        [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        if args.algorithms is not None
+        else default_comparison()
+    )
+    run_comparison(
+        raw_config(args.preset, args.config_file, overrides),
+        algorithms,
+        args.seeds,
+        out,
+        reference=args.reference,
+        actors_per_run=args.actors_per_run,
+        max_parallel=args.max_parallel,
+    )
     log.info("comparison written to %s", out)
     sys.stdout.write((out / "comparison.md").read_text())
     return 0
@@ -116,10 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
     again.set_defaults(handler=_cmd_resume)
 
-    tailor = sub.add_parser("phase2", help="run Phase 2 alone on a finished Phase-1 run, into RUN_DIR/phase2-<timestamp>/")
+    tailor = sub.add_parser(
+        "phase2", help="run Phase 2 alone on a finished Phase-1 run, into RUN_DIR/phase2-<timestamp>/"
+    )
     tailor.add_argument("run_dir", type=Path)
-    tailor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field for this Phase 2, e.g. --set layer_selection.top_k=1")
+    tailor.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field for this Phase 2, e.g. --set layer_selection.top_k=1",
+    )
     tailor.add_argument("--address", help="join a running Ray cluster")
     tailor.set_defaults(handler=_cmd_phase2)
 
@@ -127,17 +156,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(show)
     show.set_defaults(handler=_cmd_config)
 
-    compare = sub.add_parser("compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots")
+    compare = sub.add_parser(
+        "compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots"
+    )
     _add_config_options(compare)
-    compare.add_argument("--algorithms",
-                         help="comma-separated algorithm names; sylva takes ablation suffixes, e.g. sylva-no_phase2 "
-                              "(default: every registered algorithm and Sylva's ablations)")
+    compare.add_argument(
+        "--algorithms",
+        help="comma-separated algorithm names; sylva takes ablation suffixes, e.g. sylva-no_phase2 "
+        "(default: every registered algorithm and Sylva's ablations)",
+    )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per algorithm: runtime.seed, +1, ... (default 3)")
     compare.add_argument("--reference", help="algorithm the relative figures are computed against, e.g. fat")
-    compare.add_argument("--out", help="comparison folder (new, or an earlier comparison to resume); default runs/compare-<timestamp>")
+    compare.add_argument(
+        "--out", help="comparison folder (new, or an earlier comparison to resume); default runs/compare-<timestamp>"
+    )
     compare.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
-    compare.add_argument("--actors-per-run", type=int, default=1, help="client actors per run (runs go in parallel as the cluster allows)")
-    compare.add_argument("--max-parallel", type=int, help="cap on runs at once (default: as many as the cluster's resources hold)")
+    compare.add_argument(
+        "--actors-per-run",
+        type=int,
+        default=1,
+        help="client actors per run (runs go in parallel as the cluster allows)",
+    )
+    compare.add_argument(
+        "--max-parallel", type=int, help="cap on runs at once (default: as many as the cluster's resources hold)"
+    )
     compare.set_defaults(handler=_cmd_compare)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
@@ -149,7 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Errors that are the user's to fix: reported as one clear message, exit code 2, no traceback.
-USER_ERRORS = ("ConfigError", "PlacementError", "GPUMemoryError", "ModelSourceError", "PartitionError", "RunDirectoryError")
+USER_ERRORS = (
+    "ConfigError",
+    "PlacementError",
+    "GPUMemoryError",
+    "ModelSourceError",
+    "PartitionError",
+    "RunDirectoryError",
+)
 _NAMED_ERROR = re.compile(r"(?:^|\s|\.)(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)
 
 

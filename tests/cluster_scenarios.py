@@ -51,8 +51,20 @@ POLL_S = 0.2
 
 def smoke_args(out: Path, address: str, *extra: str) -> list[str]:
     """``sylva-ray run --preset smoke --address ADDRESS`` with GPU shares and ``extra`` --set items."""
-    return ["--log-level", "WARNING", "run", "--preset", "smoke", "--address", address, "--out", str(out),
-            "--set", GPU_SHARES, *(flag for item in extra for flag in ("--set", item))]
+    return [
+        "--log-level",
+        "WARNING",
+        "run",
+        "--preset",
+        "smoke",
+        "--address",
+        address,
+        "--out",
+        str(out),
+        "--set",
+        GPU_SHARES,
+        *(flag for item in extra for flag in ("--set", item)),
+    ]
 
 
 def read_request() -> list[dict[str, float]]:
@@ -128,7 +140,9 @@ def remove_mid_round(job: Background, cluster: Cluster, node: Any, run_dir: Path
 def node_of_actor_pids(run_dir: Path) -> dict[str, list[int]]:
     frame = pd.read_csv(run_dir / "metrics.csv")
     frame = frame.dropna(subset=["actor_node"])
-    return {str(node): sorted(int(p) for p in group["actor_pid"].unique()) for node, group in frame.groupby("actor_node")}
+    return {
+        str(node): sorted(int(p) for p in group["actor_pid"].unique()) for node, group in frame.groupby("actor_node")
+    }
 
 
 def main(out: Path) -> None:
@@ -141,8 +155,19 @@ def main(out: Path) -> None:
         # 1. autoscale: 0-CPU head, no workers; the run must ask, wait, then finish.
         run_dir, record, first, done = out / "autoscale", {}, {}, threading.Event()
         # (Ray's read-only autoscaler on this head reports no launches: the settle time covers the boot delay)
-        job = Background(lambda: run_cli(smoke_args(run_dir, address, "runtime.num_actors=2", "layer_selection.enabled=false",
-                                                    *NO_PROTOCOL, *FAST_FAULTS, "runtime.resource_settle_s=30")))
+        job = Background(
+            lambda: run_cli(
+                smoke_args(
+                    run_dir,
+                    address,
+                    "runtime.num_actors=2",
+                    "layer_selection.enabled=false",
+                    *NO_PROTOCOL,
+                    *FAST_FAULTS,
+                    "runtime.resource_settle_s=30",
+                )
+            )
+        )
         watcher = threading.Thread(target=first_round_after, args=(run_dir, time.monotonic(), done, first), daemon=True)
         job.start()
         watcher.start()
@@ -150,36 +175,72 @@ def main(out: Path) -> None:
         job.join()
         done.set()
         code, errors, seconds = job.result if job.error is None else (None, repr(job.error), None)
-        record.update(exit_code=code, errors=errors, seconds=seconds, submit_to_first_round_s=first.get("seconds"),
-                      request_after_run=read_request(), alive_nodes=sum(n["Alive"] for n in ray.nodes()),
-                      summary=json.loads((run_dir / "summary.json").read_text()) if code == 0 else None)
+        record.update(
+            exit_code=code,
+            errors=errors,
+            seconds=seconds,
+            submit_to_first_round_s=first.get("seconds"),
+            request_after_run=read_request(),
+            alive_nodes=sum(n["Alive"] for n in ray.nodes()),
+            summary=json.loads((run_dir / "summary.json").read_text()) if code == 0 else None,
+        )
         results["autoscale"] = record
 
         # 2. impossible: two GPUs per actor on one-GPU nodes; fails within the timeout, nothing launched.
-        code, errors, seconds = run_cli(smoke_args(out / "impossible", address,
-                                                   "runtime.client_resources={num_cpus: 1, num_gpus: 2}", "runtime.resource_timeout_s=5"))
-        results["impossible"] = {"exit_code": code, "errors": errors, "seconds": seconds, "request_after_run": read_request(),
-                                 "files": sorted(p.name for p in (out / "impossible").rglob("*"))}
+        code, errors, seconds = run_cli(
+            smoke_args(
+                out / "impossible",
+                address,
+                "runtime.client_resources={num_cpus: 1, num_gpus: 2}",
+                "runtime.resource_timeout_s=5",
+            )
+        )
+        results["impossible"] = {
+            "exit_code": code,
+            "errors": errors,
+            "seconds": seconds,
+            "request_after_run": read_request(),
+            "files": sorted(p.name for p in (out / "impossible").rglob("*")),
+        }
 
         # 3. multinode: a second worker; 4 actors at half a GPU fill both.
         second = cluster.add_node(**WORKER_NODE)
         run_dir = out / "multinode"
-        code, errors, seconds = run_cli(smoke_args(run_dir, address, "runtime.num_actors=4", *NO_PROTOCOL, *FAST_FAULTS))
-        results["multinode"] = {"exit_code": code, "errors": errors, "seconds": seconds,
-                                "nodes": node_of_actor_pids(run_dir) if code == 0 else {}}
+        code, errors, seconds = run_cli(
+            smoke_args(run_dir, address, "runtime.num_actors=4", *NO_PROTOCOL, *FAST_FAULTS)
+        )
+        results["multinode"] = {
+            "exit_code": code,
+            "errors": errors,
+            "seconds": seconds,
+            "nodes": node_of_actor_pids(run_dir) if code == 0 else {},
+        }
 
         # 4. node_loss: remove the second worker while round 2 runs; interrupted after round 3; resumed.
         run_dir, record = out / "node_loss", {}
-        cfg = load_config("smoke", overrides=[GPU_SHARES, f"runtime.address={address}", "runtime.num_actors=4",
-                                              "federation.rounds=4", *NO_PROTOCOL, *FAST_FAULTS])
+        cfg = load_config(
+            "smoke",
+            overrides=[
+                GPU_SHARES,
+                f"runtime.address={address}",
+                "runtime.num_actors=4",
+                "federation.rounds=4",
+                *NO_PROTOCOL,
+                *FAST_FAULTS,
+            ],
+        )
         run_dir.mkdir()
         started = time.monotonic()
         job = Background(lambda: run(cfg, run_dir, stop_after=3, progress=False))  # an interruption after round 3
         job.start()
         remove_mid_round(job, cluster, second, run_dir, record)
         job.join()
-        record.update(stopped_early=job.error is None and job.result is None, error=repr(job.error) if job.error else None,
-                      seconds=time.monotonic() - started, rows_before_resume=len(pd.read_csv(run_dir / "rounds.csv")))
+        record.update(
+            stopped_early=job.error is None and job.result is None,
+            error=repr(job.error) if job.error else None,
+            seconds=time.monotonic() - started,
+            rows_before_resume=len(pd.read_csv(run_dir / "rounds.csv")),
+        )
         code, errors, seconds = run_cli(["--log-level", "WARNING", "resume", str(run_dir)])
         record.update(resume_exit_code=code, resume_errors=errors, resume_seconds=seconds)
         results["node_loss"] = record

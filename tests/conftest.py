@@ -60,11 +60,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+#: Fixtures that run whole (small) experiments: a test using one is ``slow`` like the fixture.
+EXPERIMENT_FIXTURES = frozenset({"runs", "smoke_run", "two_actor_run", "interrupted_run", "scenarios"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests run only where CUDA exists (written now, so the first GPU machine runs them)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Tests on an experiment fixture are ``slow`` (``pytest -m "not slow"`` for a quick pass);
+    ``gpu`` tests run only where CUDA exists (written now, so the first GPU machine runs them)."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if EXPERIMENT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

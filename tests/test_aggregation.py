@@ -16,7 +16,10 @@ from sylva_ray.method.aggregation import (
 
 
 def _state(a, b):
-    return {"m.lora_A.weight": torch.tensor(a, dtype=torch.float32), "m.lora_B.weight": torch.tensor(b, dtype=torch.float32)}
+    return {
+        "m.lora_A.weight": torch.tensor(a, dtype=torch.float32),
+        "m.lora_B.weight": torch.tensor(b, dtype=torch.float32),
+    }
 
 
 def test_fedavg_hand_computed():

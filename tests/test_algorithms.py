@@ -27,10 +27,19 @@ from sylva_ray.method.losses import calfat_loss, class_prior, mart_loss
 from sylva_ray.method.models import decode_state
 
 TINY = [
-    "runtime.engine=inprocess", "data.num_clients=3", "federation.rounds=1", "train.local_steps=2",
-    "attack.eval_max_samples=8", "evaluation.autoattack_max_samples=4", "evaluation.sanity_samples=4",
-    "evaluation.sanity_long_steps=6", "attack.autoattack_steps=2", "attack.autoattack_square_queries=10",
-    "layer_selection.finetune_steps=2", "layer_selection.coalition_steps=1", "layer_selection.top_k=1",
+    "runtime.engine=inprocess",
+    "data.num_clients=3",
+    "federation.rounds=1",
+    "train.local_steps=2",
+    "attack.eval_max_samples=8",
+    "evaluation.autoattack_max_samples=4",
+    "evaluation.sanity_samples=4",
+    "evaluation.sanity_long_steps=6",
+    "attack.autoattack_steps=2",
+    "attack.autoattack_square_queries=10",
+    "layer_selection.finetune_steps=2",
+    "layer_selection.coalition_steps=1",
+    "layer_selection.top_k=1",
 ]
 
 
@@ -43,11 +52,24 @@ def tiny(algorithm: str, *extra: str):
 def runs(tmp_path_factory):
     """One tiny run per algorithm, shared by the tests below: (config, run dir, summary)."""
     results = {}
-    for algorithm in ["sylva", "fat", "fedtrades", "fedmart", "calfat", "local_at", "fedavg_lora_at", "sylva-no_phase2"]:
+    for algorithm in [*ALGORITHMS.registered(), "sylva-no_phase2"]:  # a newly registered baseline runs too
         cfg = tiny(algorithm)
         run_dir = tmp_path_factory.mktemp(algorithm)
         results[algorithm] = (cfg, run_dir, run(cfg, run_dir, progress=False))
     return results
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS.registered())
+def test_every_registered_algorithm_runs_a_round_and_reports(runs, algorithm):
+    cfg, run_dir, summary = runs[algorithm]
+    metrics = _metrics(run_dir)
+    assert summary["algorithm"]["name"] == algorithm and summary["communication"]["rounds"] == 1
+    assert 0 <= summary["final"]["robust_acc"] <= summary["final"]["clean_acc"] + 0.5
+    assert len(summary["per_client"]) == cfg.data.num_clients and (run_dir / "models").is_dir()
+    shares = algorithm_for(cfg).scope.name != "local"
+    assert (
+        summary["algorithm"]["federated"] == shares(metrics["bytes_up"].fillna(0) > 0).any() == shares
+    )  # a scope that shares nothing uploads nothing
 
 
 def _metrics(run_dir):
@@ -81,7 +103,9 @@ def test_calfat_loss_equals_a_hand_computed_value():
     terms = calfat_loss(adversarial, benign, labels, log_prior, tau, scale)
     assert float(terms.total) == pytest.approx(expected, rel=1e-5)
     # tau matters: without calibration the value differs (the test fails if the prior is ignored)
-    assert float(calfat_loss(adversarial, benign, labels, log_prior, 0.0, scale).total) != pytest.approx(expected, rel=1e-3)
+    assert float(calfat_loss(adversarial, benign, labels, log_prior, 0.0, scale).total) != pytest.approx(
+        expected, rel=1e-3
+    )
 
 
 def test_mart_loss_equals_a_hand_computed_value():
@@ -112,12 +136,21 @@ def test_calfat_attacks_calibrated_logits():
 # --- configuration --------------------------------------------------------------------------------
 def test_algorithms_fix_their_settings_and_resolution_is_idempotent():
     fat = tiny("fat")
-    assert (fat.federation.aggregation, fat.loss.benign_weight, fat.loss.similarity_weight, fat.layer_selection.enabled) == ("fedavg", 0.0, 0.0, False)
+    assert (
+        fat.federation.aggregation,
+        fat.loss.benign_weight,
+        fat.loss.similarity_weight,
+        fat.layer_selection.enabled,
+    ) == ("fedavg", 0.0, 0.0, False)
     assert fat.train.lr == fat.algorithm.full_model_lr
     assert fat.train.max_grad_norm == fat.algorithm.full_model_max_grad_norm is not None
     assert tiny("sylva").train.max_grad_norm is None  # LoRA algorithms keep the shared optimiser as configured
     trades = tiny("fedtrades")
-    assert (trades.loss.similarity_weight, trades.loss.similarity_target, trades.attack.train_attack) == (6.0, "both", "trades_kl")
+    assert (trades.loss.similarity_weight, trades.loss.similarity_target, trades.attack.train_attack) == (
+        6.0,
+        "both",
+        "trades_kl",
+    )
     sylva = tiny("sylva")
     assert sylva.federation.aggregation == "balltree" and sylva.layer_selection.enabled
     for name in ALGORITHMS.names():
@@ -125,17 +158,26 @@ def test_algorithms_fix_their_settings_and_resolution_is_idempotent():
         assert build_config(cfg.to_dict()) == cfg  # a run's config.yaml loads back to itself
 
 
-@pytest.mark.parametrize("ablation, field, value", [
-    ("no_phase2", "layer_selection.enabled", False), ("fedavg", "federation.aggregation", "fedavg"),
-    ("no_class_balance", "loss.class_weighting", "none"), ("no_similarity", "loss.similarity_weight", 0.0),
-    ("no_proximal", "loss.proximal_mu", 0.0),
-])
+@pytest.mark.parametrize(
+    "ablation, field, value",
+    [
+        ("no_phase2", "layer_selection.enabled", False),
+        ("fedavg", "federation.aggregation", "fedavg"),
+        ("no_class_balance", "loss.class_weighting", "none"),
+        ("no_similarity", "loss.similarity_weight", 0.0),
+        ("no_proximal", "loss.proximal_mu", 0.0),
+    ],
+)
 def test_each_sylva_ablation_switches_off_one_part(ablation, field, value):
     full, ablated = tiny("sylva"), tiny(f"sylva-{ablation}")
     section, name = field.split(".")
     assert getattr(getattr(ablated, section), name) == value != getattr(getattr(full, section), name)
-    differing = [f"{s}.{n}" for s in ("loss", "federation", "layer_selection", "attack", "train")
-                 for n in getattr(full, s).__pydantic_fields__ if getattr(getattr(full, s), n) != getattr(getattr(ablated, s), n)]
+    differing = [
+        f"{s}.{n}"
+        for s in ("loss", "federation", "layer_selection", "attack", "train")
+        for n in getattr(full, s).__pydantic_fields__
+        if getattr(getattr(full, s), n) != getattr(getattr(ablated, s), n)
+    ]
     assert differing == [field]
 
 
@@ -189,7 +231,9 @@ def test_local_at_uploads_nothing_and_keeps_its_own_adapter(runs):
 def test_fedavg_lora_at_weighs_by_samples_and_skips_phase2(runs):
     cfg, run_dir, summary = runs["fedavg_lora_at"]
     metrics = _metrics(run_dir)
-    sizes = np.array([row["num_train"] for row in sorted(summary["per_client"], key=lambda r: r["client"])], dtype=float)
+    sizes = np.array(
+        [row["num_train"] for row in sorted(summary["per_client"], key=lambda r: r["client"])], dtype=float
+    )
     assert np.allclose(metrics.sort_values("client")["agg_weight"], sizes / sizes.sum())
     assert "phase2" not in summary and cfg.loss.benign_weight == 0 and cfg.federation.aggregation == "fedavg"
     sylva = _metrics(runs["sylva"][1]).sort_values("client")
@@ -212,7 +256,7 @@ def test_sylva_runs_phase2_and_its_ablation_does_not(runs):
 
 
 def test_final_evaluation_reports_protocol_fields_for_every_algorithm(runs):
-    for name, (cfg, run_dir, summary) in runs.items():
+    for name, (_cfg, _run_dir, summary) in runs.items():
         for row in summary["per_client"]:
             for field in ("autoattack_acc", "long_pgd_acc", "large_eps_acc", "clean_on_robust"):
                 assert field in row and 0 <= row[field] <= 1, (name, field)

@@ -105,8 +105,11 @@ def test_only_the_distributed_package_imports_ray():
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) in LAYERS))
 def test_imports_go_down_the_layers_only(module):
     rank = LAYERS.index(layer_of(module))
-    upward = sorted(target for target in package_imports(module)
-                    if layer_of(target) in LAYERS and LAYERS.index(layer_of(target)) > rank)
+    upward = sorted(
+        target
+        for target in package_imports(module)
+        if layer_of(target) in LAYERS and LAYERS.index(layer_of(target)) > rank
+    )
     assert upward == [], f"{module} ({layer_of(module)}) imports from a higher layer: {upward}"
 
 

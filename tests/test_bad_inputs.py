@@ -56,7 +56,13 @@ def write_cifar(root: Path, payload: bytes | None = None) -> Path:
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as handle:
-            pickle.dump({"data": rng.integers(0, 256, size=(8, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, 8).tolist()}, handle)
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, size=(8, 3072), dtype=np.uint8),
+                    "labels": rng.integers(0, 10, 8).tolist(),
+                },
+                handle,
+            )
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle)
     if payload is not None:
@@ -106,20 +112,29 @@ RUN_SET_CASES = [
 @pytest.mark.parametrize("override, named", RUN_SET_CASES)
 def test_run_refuses_a_bad_value(override, named, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
-    refused(["run", "--preset", "smoke", "--set", override, "--out", str(tmp_path / "run")], named, tmp_path, import_seconds)
+    refused(
+        ["run", "--preset", "smoke", "--set", override, "--out", str(tmp_path / "run")], named, tmp_path, import_seconds
+    )
 
 
 def test_algorithm_ablation_of_another_algorithm(tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
-    refused(["run", "--preset", "smoke", "--set", "algorithm.name=fat", "--set", "algorithm.ablations=[no_phase2]"],
-            "algorithm.ablations", tmp_path, import_seconds)
+    refused(
+        ["run", "--preset", "smoke", "--set", "algorithm.name=fat", "--set", "algorithm.ablations=[no_phase2]"],
+        "algorithm.ablations",
+        tmp_path,
+        import_seconds,
+    )
 
 
-@pytest.mark.parametrize("content, named", [
-    ("just a string", "--config"),
-    ("lora: {rank: [unclosed", "--config"),
-    ("lora: {rankk: 4}", "lora.rankk"),
-])
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ("just a string", "--config"),
+        ("lora: {rank: [unclosed", "--config"),
+        ("lora: {rankk: 4}", "lora.rankk"),
+    ],
+)
 def test_run_refuses_a_bad_yaml_file(content, named, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.yaml").write_text(content)
@@ -155,8 +170,26 @@ def test_run_refuses_bad_cifar_folders(case, tmp_path, monkeypatch, import_secon
     elif case == "wrong_content":
         write_cifar(root, payload=pickle.dumps({"data": [1, 2, 3], "labels": [0]}))
         named = "data_batch_1"
-    refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}", "--set", "data.verify_checksums=false",
-             "--set", "model.pretrained=none", "--set", "data.public_fraction=0"], named, tmp_path, import_seconds)
+    refused(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "data.verify_checksums=false",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.public_fraction=0",
+        ],
+        named,
+        tmp_path,
+        import_seconds,
+    )
 
 
 def test_a_crafted_cifar_pickle_never_runs_its_code(tmp_path, monkeypatch, import_seconds):
@@ -165,32 +198,73 @@ def test_a_crafted_cifar_pickle_never_runs_its_code(tmp_path, monkeypatch, impor
     marker = tmp_path / "PWNED"
     root = tmp_path / "cifar"
     write_cifar(root, payload=pickle.dumps({"data": Planted(marker), "labels": [0]}))
-    text = refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}",
-                    "--set", "data.verify_checksums=false", "--set", "model.pretrained=none", "--set", "data.public_fraction=0"],
-                   "data_batch_1", tmp_path, import_seconds)
+    text = refused(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "data.verify_checksums=false",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.public_fraction=0",
+        ],
+        "data_batch_1",
+        tmp_path,
+        import_seconds,
+    )
     assert not marker.exists() and "system" in text
     # the meta file is read the same way
     (root / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(Planted(marker)))
     write_ok = root / "cifar-10-batches-py" / "data_batch_1"
     write_ok.write_bytes(pickle.dumps({"data": np.zeros((8, 3072), np.uint8), "labels": [0] * 8}))
-    refused(["run", "--preset", "smoke", "--set", "data.name=cifar10", "--set", f"data.root={root}",
-             "--set", "data.verify_checksums=false", "--set", "model.pretrained=none", "--set", "data.public_fraction=0"],
-            "batches.meta", tmp_path, import_seconds)
+    refused(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "data.verify_checksums=false",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.public_fraction=0",
+        ],
+        "batches.meta",
+        tmp_path,
+        import_seconds,
+    )
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("suffix, content", [
-    (".safetensors", b"\x00" * 64),
-    (".safetensors", b"not a safetensors file at all"),
-    (".pt", b"garbage torch file"),
-    (".pth", b""),
-])
+@pytest.mark.parametrize(
+    "suffix, content",
+    [
+        (".safetensors", b"\x00" * 64),
+        (".safetensors", b"not a safetensors file at all"),
+        (".pt", b"garbage torch file"),
+        (".pth", b""),
+    ],
+)
 def test_run_refuses_damaged_weight_files(suffix, content, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / f"weights{suffix}"
     weights.write_bytes(content)
-    text = refused(["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
-                   weights.name, tmp_path, import_seconds)
+    text = refused(
+        ["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
+        weights.name,
+        tmp_path,
+        import_seconds,
+    )
     assert "damaged" in text and "weights_only=False" not in text
 
 
@@ -201,8 +275,12 @@ def test_a_torch_file_with_code_never_runs_it(tmp_path, monkeypatch, import_seco
     marker = tmp_path / "PWNED"
     weights = tmp_path / "weights.pt"
     torch.save({"state_dict": Planted(marker)}, weights)
-    refused(["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
-            "weights.pt", tmp_path, import_seconds)
+    refused(
+        ["run", "--preset", "smoke", "--set", "model.pretrained=checkpoint", "--set", f"model.checkpoint={weights}"],
+        "weights.pt",
+        tmp_path,
+        import_seconds,
+    )
     assert not marker.exists()
 
 
@@ -215,8 +293,15 @@ def interrupted_run(ray_cluster, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("bad_inputs") / "interrupted"
     run_dir.mkdir()
-    cfg = load_config("smoke", overrides=["federation.rounds=2", "layer_selection.enabled=false",
-                                          "evaluation.autoattack=false", "evaluation.sanity_checks=false"])
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "federation.rounds=2",
+            "layer_selection.enabled=false",
+            "evaluation.autoattack=false",
+            "evaluation.sanity_checks=false",
+        ],
+    )
     assert run(cfg, run_dir, stop_after=1, progress=False) is None
     return run_dir
 
@@ -229,8 +314,10 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("field, value", [("lora", {"rank": 16}), ("attack", {"eps": 0.2}), ("data", {"alpha": 0.9}),
-                                          ("runtime", {"seed": 7})])
+@pytest.mark.parametrize(
+    "field, value",
+    [("lora", {"rank": 16}), ("attack", {"eps": 0.2}), ("data", {"alpha": 0.9}), ("runtime", {"seed": 7})],
+)
 def test_resume_refuses_a_hand_edited_config(field, value, interrupted_run, tmp_path, import_seconds):
     run_dir = _copy(interrupted_run, tmp_path)
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -267,19 +354,24 @@ def test_resume_refuses_a_folder_that_is_no_run(tmp_path, import_seconds):
 def test_phase2_refuses_an_unfinished_run_and_bad_values(interrupted_run, tmp_path, import_seconds):
     run_dir = _copy(interrupted_run, tmp_path)
     refused(["phase2", str(run_dir)], "Phase 1 has not finished", tmp_path, import_seconds)
-    refused(["phase2", str(run_dir), "--set", "layer_selection.top_k=99"], "layer_selection.top_k", tmp_path, import_seconds)
+    refused(
+        ["phase2", str(run_dir), "--set", "layer_selection.top_k=99"], "layer_selection.top_k", tmp_path, import_seconds
+    )
     refused(["phase2", str(run_dir), "--set", "lora.rank=.inf"], "lora.rank", tmp_path, import_seconds)
 
 
 # --- compare and the sweep script ---------------------------------------------------------------
-@pytest.mark.parametrize("args, named", [
-    (["--algorithms", "nope"], "--algorithms"),
-    (["--algorithms", "sylva,sylva"], "--algorithms"),
-    (["--algorithms", "sylva", "--seeds", "0"], "--seeds"),
-    (["--algorithms", "sylva,fat", "--reference", "calfat"], "--reference"),
-    (["--algorithms", "sylva", "--actors-per-run", "0"], "--actors-per-run"),
-    (["--algorithms", "fat-no_phase2"], "fat-no_phase2"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--algorithms", "nope"], "--algorithms"),
+        (["--algorithms", "sylva,sylva"], "--algorithms"),
+        (["--algorithms", "sylva", "--seeds", "0"], "--seeds"),
+        (["--algorithms", "sylva,fat", "--reference", "calfat"], "--reference"),
+        (["--algorithms", "sylva", "--actors-per-run", "0"], "--actors-per-run"),
+        (["--algorithms", "fat-no_phase2"], "fat-no_phase2"),
+    ],
+)
 def test_compare_refuses_bad_arguments(args, named, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
     refused(["compare", "--preset", "smoke", "--out", str(tmp_path / "cmp"), *args], named, tmp_path, import_seconds)
@@ -294,15 +386,24 @@ def _sweep_main():
     return module.main
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--grid", "lora.rank=0,4"], "lora.rank"),
-    (["--grid", "lora.rank"], "--grid"),
-    (["--heterogeneity", "mild"], "heterogeneity"),
-    (["--set", "attack.eps=2"], "attack.eps"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--grid", "lora.rank=0,4"], "lora.rank"),
+        (["--grid", "lora.rank"], "--grid"),
+        (["--heterogeneity", "mild"], "heterogeneity"),
+        (["--set", "attack.eps=2"], "attack.eps"),
+    ],
+)
 def test_sweep_refuses_bad_arguments(args, named, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
-    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), *args], named, tmp_path, import_seconds, entry=_sweep_main())
+    refused(
+        ["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), *args],
+        named,
+        tmp_path,
+        import_seconds,
+        entry=_sweep_main(),
+    )
 
 
 def test_sweep_resume_refuses_a_world_writable_storage_folder(tmp_path, monkeypatch, import_seconds):
@@ -310,7 +411,13 @@ def test_sweep_resume_refuses_a_world_writable_storage_folder(tmp_path, monkeypa
     storage = tmp_path / "shared"
     (storage / "rank_eps").mkdir(parents=True)
     storage.chmod(0o777)
-    refused(["--smoke-test", "--storage-path", str(storage), "--resume"], "world-writable", tmp_path, import_seconds, entry=_sweep_main())
+    refused(
+        ["--smoke-test", "--storage-path", str(storage), "--resume"],
+        "world-writable",
+        tmp_path,
+        import_seconds,
+        entry=_sweep_main(),
+    )
 
 
 def test_sweep_resume_never_unpickles_a_planted_tuner_state(tmp_path, monkeypatch, import_seconds):
@@ -321,11 +428,21 @@ def test_sweep_resume_never_unpickles_a_planted_tuner_state(tmp_path, monkeypatc
     experiment = tmp_path / "sweeps" / "rank_eps"
     experiment.mkdir(parents=True)
     (experiment / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"], "sweep.json", tmp_path, import_seconds,
-            entry=_sweep_main())
+    refused(
+        ["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"],
+        "sweep.json",
+        tmp_path,
+        import_seconds,
+        entry=_sweep_main(),
+    )
     (experiment / "sweep.json").write_text('{"name": "rank_eps", "grid": {"lora.rank": [99]}}')
-    refused(["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"], "sweep.json", tmp_path, import_seconds,
-            entry=_sweep_main())
+    refused(
+        ["--smoke-test", "--storage-path", str(tmp_path / "sweeps"), "--resume"],
+        "sweep.json",
+        tmp_path,
+        import_seconds,
+        entry=_sweep_main(),
+    )
     assert not marker.exists()
 
 
@@ -389,6 +506,7 @@ def test_resume_refuses_a_tampered_partition(interrupted_run, tmp_path, import_s
     refused(["resume", str(run_dir)], "inputs.partition_sha256", tmp_path, import_seconds)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_pretrained_weights(ray_cluster, tmp_path, monkeypatch):
     """The weight file changed between the interruption and the resume: the driver refuses to mix them."""
     from safetensors.torch import save_file
@@ -400,11 +518,23 @@ def test_resume_refuses_other_pretrained_weights(ray_cluster, tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in create_backbone(ModelConfig(pretrained="none"), 10).state_dict().items()}, str(weights))
+    save_file(
+        {k: v.contiguous() for k, v in create_backbone(ModelConfig(pretrained="none"), 10).state_dict().items()},
+        str(weights),
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    cfg = load_config("smoke", overrides=["federation.rounds=2", "layer_selection.enabled=false", "evaluation.autoattack=false",
-                                          "evaluation.sanity_checks=false", "model.pretrained=checkpoint", f"model.checkpoint={weights}"])
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "federation.rounds=2",
+            "layer_selection.enabled=false",
+            "evaluation.autoattack=false",
+            "evaluation.sanity_checks=false",
+            "model.pretrained=checkpoint",
+            f"model.checkpoint={weights}",
+        ],
+    )
     assert run(cfg, run_dir, stop_after=1, progress=False) is None
     other = seeded_create("vit_pico_patch4_16", 10, {}, seed=123)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))

@@ -1,6 +1,7 @@
 """The benchmarks run (no timing thresholds: only that they measure what they say)."""
 
 import pandas as pd
+import pytest
 
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.experiments.bench import run_bench
@@ -16,6 +17,7 @@ def test_comm_bench_counts_real_bytes(tmp_path):
     assert (tmp_path / "bench_comm.csv").is_file()
 
 
+@pytest.mark.slow
 def test_engine_bench_runs_three_variants_side_by_side(ray_cluster, tmp_path):
     frame = run_bench("engine", load_config("smoke", overrides=["federation.rounds=1"]), tmp_path)
     assert list(frame["variant"]) == ["plain in-process loop", "ray engine, 1 actor", "ray engine, 2 actors"]

@@ -27,7 +27,11 @@ def test_aws_cluster_promises():
     cfg = yaml.safe_load(text)
     nodes = cfg["available_node_types"]
     assert nodes[cfg["head_node_type"]]["resources"] == {"CPU": 0}  # the head takes no client actors
-    markets = {n: c["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand") for n, c in nodes.items() if n != "head"}
+    markets = {
+        n: c["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+        for n, c in nodes.items()
+        if n != "head"
+    }
     assert set(markets.values()) == {"spot", "on-demand"}
     assert all(c["node_config"]["InstanceType"].startswith(("g", "p")) for n, c in nodes.items() if n != "head")
     assert any(target.endswith("sylva_ray") for target in cfg["file_mounts"])
@@ -45,9 +49,18 @@ def test_aws_cluster_boots_a_current_image_not_rays_2020_default():
     assert len(amis) == 1 and (amis.pop().startswith(("resolve:ssm:/aws/service/deeplearning/", "ami-")))
     image = cfg["docker"]["image"]
     repository, tag = image.split(":")
-    ray_pin = next(line.split("==")[1] for line in (CLUSTER / "requirements.txt").read_text().splitlines() if line.startswith("ray["))
-    assert repository == "rayproject/ray" and tag.startswith(f"{ray_pin}-py311-"), (image, ray_pin)  # pinned, = the pinned Ray
-    assert tag.endswith(("-gpu", "-cu121", "-cu128")) and "head_image" not in cfg["docker"]  # one CUDA image on every node
+    ray_pin = next(
+        line.split("==")[1]
+        for line in (CLUSTER / "requirements.txt").read_text().splitlines()
+        if line.startswith("ray[")
+    )
+    assert repository == "rayproject/ray" and tag.startswith(f"{ray_pin}-py311-"), (
+        image,
+        ray_pin,
+    )  # pinned, = the pinned Ray
+    assert (
+        tag.endswith(("-gpu", "-cu121", "-cu128")) and "head_image" not in cfg["docker"]
+    )  # one CUDA image on every node
     assert "--gpus all" in cfg["docker"]["worker_run_options"]
 
 
@@ -113,4 +126,6 @@ def test_cluster_pins_satisfy_the_project_dependencies():
             pins[requirement.name.lower()] = next(iter(requirement.specifier)).version
     assert set(wanted) <= set(pins), sorted(set(wanted) - set(pins))
     for name, pinned in pins.items():
-        assert wanted.get(name) is None or wanted[name].contains(pinned), f"{name}=={pinned} outside pyproject's {wanted[name]}"
+        assert wanted.get(name) is None or wanted[name].contains(pinned), (
+            f"{name}=={pinned} outside pyproject's {wanted[name]}"
+        )

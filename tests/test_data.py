@@ -41,10 +41,14 @@ def _mean_classes_per_client(parts, labels):
 
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     labels = _labels(100)
+
     def classes(alpha):
         cfg = DataConfig(num_clients=10, alpha=alpha)
         return _mean_classes_per_client(PARTITIONERS.get("dirichlet")(labels, cfg, numpy_rng(0, "p")), labels)
-    iid = _mean_classes_per_client(PARTITIONERS.get("iid")(labels, DataConfig(num_clients=10), numpy_rng(0, "p")), labels)
+
+    iid = _mean_classes_per_client(
+        PARTITIONERS.get("iid")(labels, DataConfig(num_clients=10), numpy_rng(0, "p")), labels
+    )
     assert classes(0.05) < classes(1.0) < iid + 1e-9
     assert iid == 10
 
@@ -125,7 +129,10 @@ def _write_cifar(root: Path, which: str, n_train: int = 20, n_test: int = 10) ->
         meta_name, meta = "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}
         classes = 100
     for name, size in zip(files, sizes):
-        batch = {"data": rng.integers(0, 256, size=(size, 3072), dtype=np.uint8), key: rng.integers(0, classes, size).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, size=(size, 3072), dtype=np.uint8),
+            key: rng.integers(0, classes, size).tolist(),
+        }
         with open(folder / name, "wb") as handle:
             pickle.dump(batch, handle)
     with open(folder / meta_name, "wb") as handle:

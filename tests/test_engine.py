@@ -37,7 +37,14 @@ def two_actor_run(ray_cluster, tmp_path_factory):
 
 def test_end_to_end_run_directory(two_actor_run):
     run_dir, summary = two_actor_run
-    for name in ("config.yaml", "partition.json", "metrics.csv", "rounds.csv", "summary.json", "checkpoints/checkpoint.pt"):
+    for name in (
+        "config.yaml",
+        "partition.json",
+        "metrics.csv",
+        "rounds.csv",
+        "summary.json",
+        "checkpoints/checkpoint.pt",
+    ):
         assert (run_dir / name).is_file(), name
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["final"] == summary["final"]
@@ -76,13 +83,17 @@ def test_resume_equals_uninterrupted(two_actor_run, tmp_path):
     assert resume(cut)["final"] == summary["final"]  # a finished run just reports
 
 
+@pytest.mark.slow
 def test_killed_actor_is_restarted_and_client_retried_then_dropped(ray_cluster, tmp_path):
     # round 1: client 0's actor is killed once (retry succeeds); round 2: killed twice (dropped);
     # round 3: client 1's job raises twice (dropped, error recorded)
     faults = {"kills": {(0, 0): 1, (1, 0): 2}, "raises": {(2, 1): 2}}
     summary = run(_cfg("runtime.num_actors=2"), tmp_path, faults=faults)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    row = lambda r, c: metrics[(metrics["round"] == r) & (metrics["client"] == c)].iloc[0]
+
+    def row(r, c):
+        return metrics[(metrics["round"] == r) & (metrics["client"] == c)].iloc[0]
+
     assert row(0, 0)["attempts"] == 2 and not row(0, 0)["dropped"]
     assert row(1, 0)["attempts"] == 2 and row(1, 0)["dropped"] and "Actor" in row(1, 0)["error"]
     assert row(2, 1)["dropped"] and "InjectedFault" in row(2, 1)["error"]
@@ -91,6 +102,7 @@ def test_killed_actor_is_restarted_and_client_retried_then_dropped(ray_cluster, 
     assert len(pd.read_csv(tmp_path / "rounds.csv")) == 3
 
 
+@pytest.mark.slow
 def test_round_deadline_drops_stragglers(ray_cluster, tmp_path):
     summary = run(_cfg("federation.rounds=1", "federation.round_timeout_s=0.001", "runtime.num_actors=2"), tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")

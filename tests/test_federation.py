@@ -41,9 +41,13 @@ class FakeExecutor:
         self.received: list[dict[str, torch.Tensor]] = []
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(initial_adapter={KEY: torch.zeros(2, 2)}, initial_personal={"head.weight": torch.zeros(1)},
-                          full_model_bytes=10_000, majority_rates={c: 0.5 for c in range(NUM_CLIENTS)},
-                          num_train={c: samples_of(c) for c in range(NUM_CLIENTS)})
+        return WorkerInfo(
+            initial_adapter={KEY: torch.zeros(2, 2)},
+            initial_personal={"head.weight": torch.zeros(1)},
+            full_model_bytes=10_000,
+            majority_rates={c: 0.5 for c in range(NUM_CLIENTS)},
+            num_train={c: samples_of(c) for c in range(NUM_CLIENTS)},
+        )
 
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]:
         self.trained.append([job.client_id for job in jobs])
@@ -53,15 +57,35 @@ class FakeExecutor:
             if (round_index, job.client_id) in self.failures:
                 outcomes.append(Outcome(job.client_id, attempts=2, error="RuntimeError: injected"))
                 continue
-            state = ClientState(personal={"head.weight": torch.full((1,), float(job.client_id))},
-                                rounds_trained=job.state.rounds_trained + 1)
-            outcomes.append(Outcome(job.client_id, upload=encode_state(upload_of(job.client_id, round_index)), state=state,
-                                    num_samples=samples_of(job.client_id), metrics={"train_loss": float(job.client_id)}))
+            state = ClientState(
+                personal={"head.weight": torch.full((1,), float(job.client_id))},
+                rounds_trained=job.state.rounds_trained + 1,
+            )
+            outcomes.append(
+                Outcome(
+                    job.client_id,
+                    upload=encode_state(upload_of(job.client_id, round_index)),
+                    state=state,
+                    num_samples=samples_of(job.client_id),
+                    metrics={"train_loss": float(job.client_id)},
+                )
+            )
         return outcomes
 
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
-        return [Outcome(job.client_id, metrics={"clean_acc": 0.8, "robust_acc": 0.4, "num_clean": 10, "num_robust": 10,
-                                                "clean_on_robust": 0.8}) for job in reversed(jobs)]
+        return [
+            Outcome(
+                job.client_id,
+                metrics={
+                    "clean_acc": 0.8,
+                    "robust_acc": 0.4,
+                    "num_clean": 10,
+                    "num_robust": 10,
+                    "clean_on_robust": 0.8,
+                },
+            )
+            for job in reversed(jobs)
+        ]
 
     def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
         raise AssertionError("Phase 1 plays no layer game")
@@ -74,8 +98,16 @@ class FakeExecutor:
 
 @pytest.fixture
 def cfg():
-    return load_config("smoke", overrides=[f"data.num_clients={NUM_CLIENTS}", "federation.rounds=3", "federation.participation=0.5",
-                                           "federation.aggregation=fedavg", "layer_selection.enabled=false"])
+    return load_config(
+        "smoke",
+        overrides=[
+            f"data.num_clients={NUM_CLIENTS}",
+            "federation.rounds=3",
+            "federation.participation=0.5",
+            "federation.aggregation=fedavg",
+            "layer_selection.enabled=false",
+        ],
+    )
 
 
 def by_hand(clients: list[int], round_index: int) -> torch.Tensor:
@@ -85,8 +117,10 @@ def by_hand(clients: list[int], round_index: int) -> torch.Tensor:
 
 
 def test_rounds_sample_order_aggregate_and_checkpoint(cfg, tmp_path):
-    failures = [(1, sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, 1)[0]),
-                (2, sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, 2)[-1])]
+    failures = [
+        (1, sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, 1)[0]),
+        (2, sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, 2)[-1]),
+    ]
     executor = FakeExecutor(failures)
     federation = Federation(cfg, tmp_path, executor)
     while not federation.done:

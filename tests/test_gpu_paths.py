@@ -69,7 +69,9 @@ def test_bf16_autocast_changes_training_and_evaluation_stays_fp32(model, tiny_da
     trained = {}
     for precision in ("fp32", "bf16"):
         load_adapter_state(model, start)
-        metrics = adversarial_round(model, tiny_dataset, objective(LossConfig(), tiny_dataset), TRAIN, seed=1, device=CPU, precision=precision)
+        metrics = adversarial_round(
+            model, tiny_dataset, objective(LossConfig(), tiny_dataset), TRAIN, seed=1, device=CPU, precision=precision
+        )
         assert np.isfinite(metrics.loss)
         trained[precision] = shared_state(model)
     assert any(not torch.equal(trained["fp32"][k], trained["bf16"][k]) for k in trained["fp32"])  # autocast really ran
@@ -126,34 +128,56 @@ def test_user_errors_are_explained_also_through_rays_wrappers():
     from sylva_ray.method.data import PartitionError
 
     assert explain(PartitionError("data.num_clients=500: too few samples")) == "data.num_clients=500: too few samples"
-    actor_died = RuntimeError("The actor died because of an error raised in its creation task\n  File x\n"
-                              "sylva_ray.distributed.placement.PlacementError: runtime.client_resources: no node offers {'GPU': 2.0}\n")
+    actor_died = RuntimeError(
+        "The actor died because of an error raised in its creation task\n  File x\n"
+        "sylva_ray.distributed.placement.PlacementError: runtime.client_resources: no node offers {'GPU': 2.0}\n"
+    )
     assert explain(actor_died) == "runtime.client_resources: no node offers {'GPU': 2.0}"
     assert explain(KeyError("a bug")) is None  # a bug keeps its traceback
     assert explain(PlacementError("x")) == "x"
 
 
 def test_memory_estimate_is_linear_in_the_batch_and_names_its_inputs():
-    small = estimate_actor_memory(load_config("smoke", overrides=["train.batch_size=8", "train.eval_batch_size=16"]), (3, 8, 8), 10)
-    large = estimate_actor_memory(load_config("smoke", overrides=["train.batch_size=16", "train.eval_batch_size=32"]), (3, 8, 8), 10)
+    small = estimate_actor_memory(
+        load_config("smoke", overrides=["train.batch_size=8", "train.eval_batch_size=16"]), (3, 8, 8), 10
+    )
+    large = estimate_actor_memory(
+        load_config("smoke", overrides=["train.batch_size=16", "train.eval_batch_size=32"]), (3, 8, 8), 10
+    )
     assert small["activation_mb_per_sample_train"] == large["activation_mb_per_sample_train"] > 0
     growth = large["train_peak_gb"] - small["train_peak_gb"]
-    assert growth == pytest.approx(2 * 8 * large["activation_mb_per_sample_train"] / 1024, abs=0.01)  # two forwards x 8 more
+    assert growth == pytest.approx(
+        2 * 8 * large["activation_mb_per_sample_train"] / 1024, abs=0.01
+    )  # two forwards x 8 more
     assert {"model", "precision", "train_batch", "eval_batch", "needs_gb_with_headroom"} <= set(large)
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_error_stops_the_run_at_once_and_keeps_the_checkpoint(ray_cluster, tmp_path):
     """One injected CUDA OOM (torch's own error type, raised inside the actor's training job) in
     round 2: no retry (a retry would succeed, the drill fires once), the run stops with the fields to
     change, round 1's checkpoint and tables are intact, and resume finishes the run."""
-    cfg = load_config("smoke", overrides=["runtime.num_actors=2", "federation.rounds=2", "layer_selection.enabled=false",
-                                          "evaluation.autoattack=false", "evaluation.sanity_checks=false"])
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "runtime.num_actors=2",
+            "federation.rounds=2",
+            "layer_selection.enabled=false",
+            "evaluation.autoattack=false",
+            "evaluation.sanity_checks=false",
+        ],
+    )
     run_dir = tmp_path / "oom"
     run_dir.mkdir()
     with pytest.raises(GPUMemoryError) as caught:
         run(cfg, run_dir, faults={"ooms": {(1, 2): 1}}, progress=False)
     message = explain(caught.value)
-    for field in ("runtime.client_resources.num_gpus", "model.name='vit_pico_patch4_16'", "train.batch_size=32", "train.eval_batch_size"):
+    for field in (
+        "runtime.client_resources.num_gpus",
+        "model.name='vit_pico_patch4_16'",
+        "train.batch_size=32",
+        "train.eval_batch_size",
+    ):
         assert field in message
     assert FederationState.load(run_dir / "checkpoints" / CHECKPOINT_NAME).next_round == 1
     assert pd.read_csv(run_dir / "rounds.csv")["round"].tolist() == [0]
@@ -171,11 +195,20 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     from sylva_ray.engine.rundir import prepare_data
     from sylva_ray.method.models import pretrained_backbone_state
 
-    cfg = load_config("smoke", overrides=["layer_selection.coalition_steps=1", "layer_selection.finetune_steps=1",
-                                          "evaluation.autoattack=false", "evaluation.sanity_checks=false"])
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "layer_selection.coalition_steps=1",
+            "layer_selection.finetune_steps=1",
+            "evaluation.autoattack=false",
+            "evaluation.sanity_checks=false",
+        ],
+    )
     source, partition = prepare_data(cfg, tmp_path, resume=False)
     plan = PoolPlan(size=2, actor_options={"num_cpus": 1}, gpu_fraction=0.0, wanted=2)
-    executor = RayExecutor(cfg, plan, ray.put(source), partition, ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
+    executor = RayExecutor(
+        cfg, plan, ray.put(source), partition, ray.put(pretrained_backbone_state(cfg.model, cfg.data, source))
+    )
     try:
         info = executor.info()
         payload = encode_state(info.initial_adapter)
@@ -195,8 +228,14 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
 
 
 # --- on a machine with CUDA ----------------------------------------------------------------------
-GPU_SMOKE = ["runtime.device=cuda", "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}", "runtime.num_actors=2",
-             "federation.rounds=2", "evaluation.autoattack=false", "evaluation.sanity_checks=false"]
+GPU_SMOKE = [
+    "runtime.device=cuda",
+    "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}",
+    "runtime.num_actors=2",
+    "federation.rounds=2",
+    "evaluation.autoattack=false",
+    "evaluation.sanity_checks=false",
+]
 
 
 @pytest.mark.gpu
@@ -225,13 +264,19 @@ def test_deterministic_gpu_runs_repeat_bit_for_bit(ray_cluster, tmp_path):
 def test_reduced_precision_trains_on_the_gpu(ray_cluster, tmp_path, precision):
     run_dir = tmp_path / precision
     run_dir.mkdir()
-    summary = run(load_config("smoke", overrides=[*GPU_SMOKE, f"runtime.precision={precision}"]), run_dir, progress=False)
+    summary = run(
+        load_config("smoke", overrides=[*GPU_SMOKE, f"runtime.precision={precision}"]), run_dir, progress=False
+    )
     assert 0 <= summary["final"]["robust_acc"] <= summary["final"]["clean_acc"] <= 1
 
 
 @pytest.mark.gpu
 def test_a_real_cuda_oom_is_reported_not_retried(ray_cluster, tmp_path):
-    huge = [*GPU_SMOKE, "model.kwargs={img_size: 512, embed_dim: 1024, depth: 24, num_heads: 16}", "train.batch_size=4096"]
+    huge = [
+        *GPU_SMOKE,
+        "model.kwargs={img_size: 512, embed_dim: 1024, depth: 24, num_heads: 16}",
+        "train.batch_size=4096",
+    ]
     run_dir = tmp_path / "huge"
     run_dir.mkdir()
     with pytest.raises(GPUMemoryError, match="train.batch_size=4096"):

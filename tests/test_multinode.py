@@ -33,15 +33,24 @@ def scenarios(ray_cluster, tmp_path_factory):
     """Run every scenario once; ``ray_cluster`` first, so a cluster token exists in ~/.ray."""
     out = tmp_path_factory.mktemp("multinode")
     env = dict(os.environ, RAY_AUTH_MODE="token")  # every node with token authentication, as cluster/*.yaml set it
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_scenarios.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=SCENARIO_LIMIT_S)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cluster_scenarios.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SCENARIO_LIMIT_S,
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     return out, json.loads((out / "results.json").read_text())
 
 
 def _metrics(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_csv(run_dir / "metrics.csv")
-    return frame.drop(columns=[c for c in MACHINE_COLUMNS if c in frame]).sort_values(["round", "client"]).reset_index(drop=True)
+    return (
+        frame.drop(columns=[c for c in MACHINE_COLUMNS if c in frame])
+        .sort_values(["round", "client"])
+        .reset_index(drop=True)
+    )
 
 
 def test_a_zero_cpu_head_waits_for_the_autoscaler_then_runs(scenarios):
@@ -76,8 +85,19 @@ def test_actors_on_both_workers_give_the_single_node_results(scenarios, tmp_path
     single = tmp_path / "single"
     single.mkdir()
     # the session's one-node cluster cannot grow and has no GPU: the GPU share is dropped, 2 actors
-    run(load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 0.5}", "runtime.num_actors=4",
-                                        "evaluation.autoattack=false", "evaluation.sanity_checks=false"]), single, progress=False)
+    run(
+        load_config(
+            "smoke",
+            overrides=[
+                "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}",
+                "runtime.num_actors=4",
+                "evaluation.autoattack=false",
+                "evaluation.sanity_checks=false",
+            ],
+        ),
+        single,
+        progress=False,
+    )
     pd.testing.assert_frame_equal(_metrics(out / "multinode"), _metrics(single))
     spread = json.loads((out / "multinode" / "summary.json").read_text())
     assert spread["final"] == json.loads((single / "summary.json").read_text())["final"]
@@ -90,8 +110,17 @@ def test_a_worker_lost_mid_round_is_survived_and_the_run_resumes(scenarios):
     assert loss["error"] is None and loss["stopped_early"] and loss["rows_before_resume"] == 3
     assert loss["resume_exit_code"] == 0, loss["resume_errors"]
     run_dir = out / "node_loss"
-    for name in ("config.yaml", "partition.json", "metrics.csv", "rounds.csv", "summary.json", f"checkpoints/{CHECKPOINT_NAME}",
-                 "shapley.csv", "models/client_0000.safetensors", "models/phase2_client_0003.safetensors"):
+    for name in (
+        "config.yaml",
+        "partition.json",
+        "metrics.csv",
+        "rounds.csv",
+        "summary.json",
+        f"checkpoints/{CHECKPOINT_NAME}",
+        "shapley.csv",
+        "models/client_0000.safetensors",
+        "models/phase2_client_0003.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert sorted(metrics["round"].unique()) == [0, 1, 2, 3]

@@ -53,10 +53,19 @@ def test_threads_follow_the_cpu_share():
     assert threads_for({"num_cpus": 2}, 3) == 3
 
 
-@pytest.mark.parametrize("address, ok", [
-    ("127.0.0.1:6379", True), ("ray://head.example:10001", True), ("auto", True), ("[::1]:6379", True),
-    ("localhost", False), ("http://x:1", False), ("1.2.3.4:99999", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "address, ok",
+    [
+        ("127.0.0.1:6379", True),
+        ("ray://head.example:10001", True),
+        ("auto", True),
+        ("[::1]:6379", True),
+        ("localhost", False),
+        ("http://x:1", False),
+        ("1.2.3.4:99999", False),
+        ("", False),
+    ],
+)
 def test_address_format(address, ok):
     assert (address_problem(address) is None) == ok
 
@@ -98,4 +107,8 @@ def test_gpu_policy_refuses_silent_cpu_training_and_cuda_without_a_share():
 
 
 def test_actor_request_uses_rays_resource_names():
-    assert actor_request({"num_cpus": 2, "num_gpus": 0.5, "custom:trainer": 1, "memory": 0}) == {"CPU": 2.0, "GPU": 0.5, "trainer": 1.0}
+    assert actor_request({"num_cpus": 2, "num_gpus": 0.5, "custom:trainer": 1, "memory": 0}) == {
+        "CPU": 2.0,
+        "GPU": 0.5,
+        "trainer": 1.0,
+    }

@@ -49,7 +49,10 @@ def test_additive_game_gives_each_player_its_weight(estimator):
 def test_exact_matches_brute_force_on_a_random_game():
     rng = np.random.default_rng(3)
     table = rng.normal(size=1 << 5)
-    value = lambda mask: float(table[mask])
+
+    def value(mask):
+        return float(table[mask])
+
     assert solve(exact_shapley(5), value).values == pytest.approx(_brute_force(value, 5))
 
 
@@ -69,7 +72,10 @@ def test_symmetric_players_dummy_and_efficiency(estimator):
 def test_permutation_sampling_converges_to_exact_and_reports_stderr():
     rng = np.random.default_rng(7)
     table = rng.uniform(size=1 << 6)
-    value = lambda mask: float(table[mask]) + bin(mask).count("1")
+
+    def value(mask):
+        return float(table[mask]) + bin(mask).count("1")
+
     exact = solve(exact_shapley(6), value)
     mc = solve(_mc(6, seed=1, budget=64, tol=0.02), value)
     assert mc.evaluations <= 64
@@ -90,7 +96,10 @@ def test_truncation_saves_evaluations_and_budget_is_respected():
 
 def test_every_coalition_is_evaluated_once():
     calls = []
-    value = lambda mask: calls.append(mask) or float(bin(mask).count("1"))
+
+    def value(mask):
+        return calls.append(mask) or float(bin(mask).count("1"))
+
     solve(_mc(5, budget=1000, tol=1e-6), value)
     assert len(calls) == len(set(calls))
 

@@ -48,7 +48,15 @@ def _snapshot(model):
 
 def test_adversarial_round_moves_only_lora_and_head(model, tiny_dataset):
     before = _snapshot(model)
-    metrics = adversarial_round(model, tiny_dataset, objective(LossConfig(), tiny_dataset), TRAIN, seed=1, device=CPU, global_shared=shared_state(model))
+    metrics = adversarial_round(
+        model,
+        tiny_dataset,
+        objective(LossConfig(), tiny_dataset),
+        TRAIN,
+        seed=1,
+        device=CPU,
+        global_shared=shared_state(model),
+    )
     roles = parameter_roles(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(roles[n] is not Role.FROZEN for n in changed)
@@ -98,8 +106,15 @@ def test_proximal_term_pulls_towards_the_global_adapter(model, tiny_dataset):
     for mu in (0.0, 10.0):
         load_adapter_state(model, start)
         loss = dataclasses.replace(LossConfig(), proximal_mu=mu)
-        adversarial_round(model, tiny_dataset, objective(loss, tiny_dataset), dataclasses.replace(TRAIN, local_steps=20, lr=0.05, momentum=0.0),
-                          seed=2, device=CPU, global_shared=anchor)
+        adversarial_round(
+            model,
+            tiny_dataset,
+            objective(loss, tiny_dataset),
+            dataclasses.replace(TRAIN, local_steps=20, lr=0.05, momentum=0.0),
+            seed=2,
+            device=CPU,
+            global_shared=anchor,
+        )
         distances[mu] = sum(float((v - anchor[k]).pow(2).sum()) for k, v in shared_state(model).items())
     assert distances[10.0] < 0.6 * distances[0.0]  # mu ignored would give a ratio of 1
 
@@ -111,7 +126,9 @@ def test_benign_finetune_trains_only_the_chosen_layers_and_head(model, tiny_data
     benign_finetune(merged, tiny_dataset, ["backbone.blocks.3."], TRAIN, lr=0.05, steps=3, seed=0, device=CPU)
     changed = {n for n, p in merged.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("backbone.blocks.3.", "backbone.head.")) for n in changed)
-    assert any(n.startswith("backbone.head.") for n in changed) and any(n.startswith("backbone.blocks.3.") for n in changed)
+    assert any(n.startswith("backbone.head.") for n in changed) and any(
+        n.startswith("backbone.blocks.3.") for n in changed
+    )
     assert {n: p.requires_grad for n, p in merged.named_parameters()} == flags
     with pytest.raises(KeyError, match="no parameters"):
         benign_finetune(merged, tiny_dataset, ["backbone.blocks.99."], TRAIN, lr=0.05, steps=1, seed=0, device=CPU)

@@ -31,7 +31,10 @@ def test_grid_and_heterogeneity_parsing():
     assert parse_grid(["lora.rank=4,8", "attack.eps=0.03"]) == {"lora.rank": [4, 8], "attack.eps": [0.03]}
     axis = heterogeneity_axis("0.1,iid")
     assert axis == {"0.1": {"data.partition": "dirichlet", "data.alpha": 0.1}, "iid": {"data.partition": "iid"}}
-    assert expand({"lora.rank": 4, "heterogeneity": "iid"}, {"heterogeneity": axis}) == {"lora.rank": 4, "data.partition": "iid"}
+    assert expand({"lora.rank": 4, "heterogeneity": "iid"}, {"heterogeneity": axis}) == {
+        "lora.rank": 4,
+        "data.partition": "iid",
+    }
     for bad in (["lora.rank"], ["lora.rank="]):
         with pytest.raises(ConfigError, match="--grid"):
             parse_grid(bad)
@@ -47,12 +50,15 @@ def test_a_bad_grid_value_fails_before_any_trial():
 
 
 def test_trial_reserves_a_bundle_per_client_actor():
-    cfg = load_config("smoke", overrides=["runtime.num_actors=3", "runtime.client_resources={num_cpus: 0.5, num_gpus: 0.25}"])
+    cfg = load_config(
+        "smoke", overrides=["runtime.num_actors=3", "runtime.client_resources={num_cpus: 0.5, num_gpus: 0.25}"]
+    )
     bundles = trial_resources(cfg).bundles
     assert bundles[0] == {"CPU": DRIVER_BUNDLE_CPUS}
     assert bundles[1:] == [{"CPU": 0.5, "GPU": 0.25}] * 3
 
 
+@pytest.mark.slow
 def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
     sweep = _sweep_module()
     # a GPU share on this GPU-less one-machine cluster: dropped from the bundles and in the trial alike
@@ -77,8 +83,16 @@ def test_trials_share_staged_inputs_unless_the_data_source_or_model_differ():
     from sylva_ray.distributed.tune import inputs_key
 
     base = load_config("smoke")
-    same = [load_config("smoke", overrides=o) for o in (["data.alpha=0.1"], ["data.partition=iid"], ["lora.rank=16"],
-                                                         ["data.num_clients=3"], ["attack.eps=0.1"])]
+    same = [
+        load_config("smoke", overrides=o)
+        for o in (
+            ["data.alpha=0.1"],
+            ["data.partition=iid"],
+            ["lora.rank=16"],
+            ["data.num_clients=3"],
+            ["attack.eps=0.1"],
+        )
+    ]
     assert {inputs_key(c) for c in same} == {inputs_key(base)}  # the split and the training differ, not the inputs
     assert inputs_key(load_config("smoke", overrides=["data.max_samples=500"])) != inputs_key(base)
     assert inputs_key(load_config("smoke", overrides=["model.pretrain_epochs=3"])) != inputs_key(base)

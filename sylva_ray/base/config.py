@@ -38,18 +38,49 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data, and how it is split among clients."""
 
-    name: Annotated[str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, synthetic")] = "digits"
-    root: Annotated[Optional[str], Field(description="local folder for cifar10/cifar100/imagefolder; nothing is downloaded")] = None
+    name: Annotated[
+        str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, synthetic")
+    ] = "digits"
+    root: Annotated[
+        Optional[str], Field(description="local folder for cifar10/cifar100/imagefolder; nothing is downloaded")
+    ] = None
     num_clients: Annotated[int, Field(ge=1, description="number of clients the private data is split among")] = 10
-    partition: Annotated[str, Field(description="partitioner registry name: iid, dirichlet, shards, quantity")] = "dirichlet"
-    alpha: Annotated[float, Field(gt=0, description="Dirichlet concentration for dirichlet (label skew) and quantity (size skew); 0.1 extreme, 1.0 mild")] = 0.1
+    partition: Annotated[str, Field(description="partitioner registry name: iid, dirichlet, shards, quantity")] = (
+        "dirichlet"
+    )
+    alpha: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="Dirichlet concentration for dirichlet (label skew) and quantity (size skew); 0.1 extreme, "
+            "1.0 mild",
+        ),
+    ] = 0.1
     shards_per_client: Annotated[int, Field(ge=1, description="classes per client for the shards partitioner")] = 2
-    min_samples_per_client: Annotated[int, Field(ge=2, description="every client gets at least this many samples (train + test)")] = 10
-    test_fraction: Annotated[float, Field(gt=0, lt=1, description="fraction of each client's samples held out as its own test split")] = 0.2
-    public_fraction: Annotated[float, Field(ge=0, lt=1, description="digits/synthetic: seeded slice used only to pre-train the backbone")] = 0.3
-    public_seed: Annotated[int, Field(ge=0, description="seed of the public/private split; fixed apart from runtime.seed so seeds share one pre-trained backbone")] = 0
-    max_samples: Annotated[Optional[int], Field(ge=1, description="cap on the private pool (seeded subsample) for quick runs on large datasets")] = None
-    image_size: Annotated[int, Field(ge=1, description="imagefolder: images are resized to this square size at load time")] = 32
+    min_samples_per_client: Annotated[
+        int, Field(ge=2, description="every client gets at least this many samples (train + test)")
+    ] = 10
+    test_fraction: Annotated[
+        float, Field(gt=0, lt=1, description="fraction of each client's samples held out as its own test split")
+    ] = 0.2
+    public_fraction: Annotated[
+        float, Field(ge=0, lt=1, description="digits/synthetic: seeded slice used only to pre-train the backbone")
+    ] = 0.3
+    public_seed: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="seed of the public/private split; fixed apart from runtime.seed so seeds share one "
+            "pre-trained backbone",
+        ),
+    ] = 0
+    max_samples: Annotated[
+        Optional[int],
+        Field(ge=1, description="cap on the private pool (seeded subsample) for quick runs on large datasets"),
+    ] = None
+    image_size: Annotated[
+        int, Field(ge=1, description="imagefolder: images are resized to this square size at load time")
+    ] = 32
     verify_checksums: Annotated[bool, Field(description="cifar: check torchvision's md5 of the official files")] = True
     synthetic_num_samples: Annotated[int, Field(ge=1, description="synthetic: total samples")] = 800
     synthetic_num_classes: Annotated[int, Field(ge=2, description="synthetic: number of classes")] = 10
@@ -60,16 +91,35 @@ class DataConfig:
 class ModelConfig:
     """The timm backbone and where its pre-trained weights come from."""
 
-    name: Annotated[str, Field(description="timm model name; vit_pico_patch4_16 is this package's CPU-sized ViT")] = "vit_pico_patch4_16"
-    kwargs: Annotated[dict[str, Any], Field(description="extra keyword arguments for timm.create_model")] = field(default_factory=dict)
+    name: Annotated[str, Field(description="timm model name; vit_pico_patch4_16 is this package's CPU-sized ViT")] = (
+        "vit_pico_patch4_16"
+    )
+    kwargs: Annotated[dict[str, Any], Field(description="extra keyword arguments for timm.create_model")] = field(
+        default_factory=dict
+    )
     pretrained: Annotated[
         Literal["embedded", "timm", "checkpoint", "none"],
-        Field(description="embedded: pre-train on the public slice once and cache; timm: hub weights; checkpoint: local file"),
+        Field(
+            description="embedded: pre-train on the public slice once and cache; timm: hub weights; checkpoint: local "
+            "file"
+        ),
     ] = "embedded"
-    checkpoint: Annotated[Optional[str], Field(description="path of a .safetensors (or .pt/.pth, loaded weights_only) file for pretrained=checkpoint")] = None
-    cache_dir: Annotated[Optional[str], Field(description="where embedded pre-training is cached; default $SYLVA_RAY_CACHE or ~/.cache/sylva_ray")] = None
-    mean: Annotated[Optional[list[float]], Field(description="normalisation mean inside the model; default from the timm pretrained config")] = None
-    std: Annotated[Optional[list[float]], Field(description="normalisation std inside the model; default from the timm pretrained config")] = None
+    checkpoint: Annotated[
+        Optional[str],
+        Field(description="path of a .safetensors (or .pt/.pth, loaded weights_only) file for pretrained=checkpoint"),
+    ] = None
+    cache_dir: Annotated[
+        Optional[str],
+        Field(description="where embedded pre-training is cached; default $SYLVA_RAY_CACHE or ~/.cache/sylva_ray"),
+    ] = None
+    mean: Annotated[
+        Optional[list[float]],
+        Field(description="normalisation mean inside the model; default from the timm pretrained config"),
+    ] = None
+    std: Annotated[
+        Optional[list[float]],
+        Field(description="normalisation std inside the model; default from the timm pretrained config"),
+    ] = None
     pretrain_epochs: Annotated[int, Field(ge=1, description="embedded pre-training epochs on the public slice")] = 100
     pretrain_lr: Annotated[float, Field(gt=0, description="embedded pre-training AdamW learning rate")] = 1e-3
     pretrain_weight_decay: Annotated[float, Field(ge=0, description="embedded pre-training AdamW weight decay")] = 0.05
@@ -81,11 +131,22 @@ class LoRAConfig:
     """peft LoRA adapters: the only tensors that travel in Sylva's Phase 1."""
 
     rank: Annotated[int, Field(ge=1, description="LoRA rank r")] = 8
-    alpha: Annotated[Optional[float], Field(gt=0, description="LoRA alpha; scaling is alpha / r. None: alpha = r (scale 1), so a rank sweep keeps the step size")] = None
+    alpha: Annotated[
+        Optional[float],
+        Field(
+            gt=0,
+            description="LoRA alpha; scaling is alpha / r. None: alpha = r (scale 1), so a rank sweep keeps the step "
+            "size",
+        ),
+    ] = None
     dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout")] = 0.0
     target_modules: Annotated[
         list[str],
-        Field(min_length=1, description="module-name suffixes to adapt: attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (a bare 'proj' would also hit patch_embed.proj)"),
+        Field(
+            min_length=1,
+            description="module-name suffixes to adapt: attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (a bare 'proj' would "
+            "also hit patch_embed.proj)",
+        ),
     ] = field(default_factory=lambda: ["attn.qkv"])
 
 
@@ -93,17 +154,32 @@ class LoRAConfig:
 class AttackConfig:
     """L-inf attacks in the data's own [0, 1] pixel space (normalisation lives inside the model)."""
 
-    eps: Annotated[float, Field(gt=0, le=1, description="L-inf radius in [0,1] pixel space; 0.05 for 8x8 digits, 8/255 for CIFAR")] = 0.05
-    train_attack: Annotated[str, Field(description="attack registry name used to make training examples: pgd, trades_kl")] = "pgd"
+    eps: Annotated[
+        float, Field(gt=0, le=1, description="L-inf radius in [0,1] pixel space; 0.05 for 8x8 digits, 8/255 for CIFAR")
+    ] = 0.05
+    train_attack: Annotated[
+        str, Field(description="attack registry name used to make training examples: pgd, trades_kl")
+    ] = "pgd"
     train_steps: Annotated[int, Field(ge=1, description="attack iterations during training")] = 5
     train_step_size: Annotated[Optional[float], Field(gt=0, description="training step; default eps/4")] = None
     random_start: Annotated[bool, Field(description="PGD random start inside the eps ball")] = True
     eval_attack: Annotated[str, Field(description="attack registry name for evaluation: pgd, autoattack")] = "pgd"
     eval_steps: Annotated[int, Field(ge=1, description="PGD iterations at evaluation (PGD-20 convention)")] = 20
-    eval_step_size: Annotated[Optional[float], Field(gt=0, description="evaluation step; default eps/4 (2/255 at eps 8/255)")] = None
-    eval_max_samples: Annotated[Optional[int], Field(ge=1, description="attack at most this many test samples per client (fixed subset); clean accuracy uses all")] = None
-    autoattack_steps: Annotated[int, Field(ge=1, description="APGD/APGD-T/FAB iterations in AutoAttack (reference strength: 100)")] = 100
-    autoattack_square_queries: Annotated[int, Field(ge=1, description="Square queries in AutoAttack (reference: 5000)")] = 5000
+    eval_step_size: Annotated[
+        Optional[float], Field(gt=0, description="evaluation step; default eps/4 (2/255 at eps 8/255)")
+    ] = None
+    eval_max_samples: Annotated[
+        Optional[int],
+        Field(
+            ge=1, description="attack at most this many test samples per client (fixed subset); clean accuracy uses all"
+        ),
+    ] = None
+    autoattack_steps: Annotated[
+        int, Field(ge=1, description="APGD/APGD-T/FAB iterations in AutoAttack (reference strength: 100)")
+    ] = 100
+    autoattack_square_queries: Annotated[
+        int, Field(ge=1, description="Square queries in AutoAttack (reference: 5000)")
+    ] = 5000
 
     def train_step(self) -> float:
         return self.train_step_size if self.train_step_size is not None else self.eps / 4
@@ -121,10 +197,21 @@ class TrainConfig:
     momentum: Annotated[float, Field(ge=0, lt=1, description="SGD momentum")] = 0.9
     weight_decay: Annotated[float, Field(ge=0, description="weight decay on trainable tensors")] = 0.0
     local_epochs: Annotated[int, Field(ge=1, description="passes over the client's train split per round")] = 1
-    local_steps: Annotated[Optional[int], Field(ge=1, description="cap on optimiser steps per round (None: full epochs)")] = None
-    max_grad_norm: Annotated[Optional[float], Field(gt=0, description="clip the gradient's global L2 norm to this before each step (torch.nn.utils.clip_grad_norm_); None: no clipping")] = None
+    local_steps: Annotated[
+        Optional[int], Field(ge=1, description="cap on optimiser steps per round (None: full epochs)")
+    ] = None
+    max_grad_norm: Annotated[
+        Optional[float],
+        Field(
+            gt=0,
+            description="clip the gradient's global L2 norm to this before each step "
+            "(torch.nn.utils.clip_grad_norm_); None: no clipping",
+        ),
+    ] = None
     batch_size: Annotated[int, Field(ge=1, description="local batch size")] = 32
-    eval_batch_size: Annotated[int, Field(ge=1, description="batch size for evaluation and attacks at evaluation")] = 256
+    eval_batch_size: Annotated[int, Field(ge=1, description="batch size for evaluation and attacks at evaluation")] = (
+        256
+    )
 
 
 @dataclass(config=_STRICT)
@@ -137,20 +224,35 @@ class LossConfig:
     clipped at 10x, a benign CE anchor, a smaller similarity weight with a detached benign target.
     """
 
-    adversarial_weight: Annotated[float, Field(ge=0, description="weight of the class-balanced adversarial CE (L_A)")] = 1.0
-    benign_weight: Annotated[float, Field(ge=0, description="weight of a benign CE anchor (not in the paper's figure; it prevents collapse)")] = 1.0
-    similarity_weight: Annotated[float, Field(ge=0, description="weight of KL(benign || adversarial) logits (L_S, TRADES-style)")] = 0.5
+    adversarial_weight: Annotated[
+        float, Field(ge=0, description="weight of the class-balanced adversarial CE (L_A)")
+    ] = 1.0
+    benign_weight: Annotated[
+        float, Field(ge=0, description="weight of a benign CE anchor (not in the paper's figure; it prevents collapse)")
+    ] = 1.0
+    similarity_weight: Annotated[
+        float, Field(ge=0, description="weight of KL(benign || adversarial) logits (L_S, TRADES-style)")
+    ] = 0.5
     similarity_target: Annotated[
         Literal["detached", "both"],
         Field(description="detached: benign logits are a fixed target; both: gradients through both branches (TRADES)"),
     ] = "detached"
-    proximal_mu: Annotated[float, Field(ge=0, description="mu of mu/2 ||LoRA - global LoRA||^2 (L_R); 0 turns it off")] = 0.01
+    proximal_mu: Annotated[
+        float, Field(ge=0, description="mu of mu/2 ||LoRA - global LoRA||^2 (L_R); 0 turns it off")
+    ] = 0.01
     class_weighting: Annotated[
         Literal["effective_number", "inverse_frequency", "none"],
-        Field(description="class-balanced weights from the client's own label counts (Cui et al. 2019 effective number by default)"),
+        Field(
+            description="class-balanced weights from the client's own label counts (Cui et al. 2019 effective number "
+            "by default)"
+        ),
     ] = "effective_number"
-    class_weight_beta: Annotated[float, Field(ge=0, lt=1, description="beta of the effective number (1 - beta^n) / (1 - beta)")] = 0.999
-    class_weight_max_ratio: Annotated[float, Field(ge=1, description="largest class weight is at most this many times the smallest")] = 10.0
+    class_weight_beta: Annotated[
+        float, Field(ge=0, lt=1, description="beta of the effective number (1 - beta^n) / (1 - beta)")
+    ] = 0.999
+    class_weight_max_ratio: Annotated[
+        float, Field(ge=1, description="largest class weight is at most this many times the smallest")
+    ] = 10.0
 
 
 @dataclass(config=_STRICT)
@@ -158,11 +260,20 @@ class FederationConfig:
     """Rounds, participation and aggregation of Phase 1."""
 
     rounds: Annotated[int, Field(ge=1, description="communication rounds of Phase 1")] = 10
-    participation: Annotated[float, Field(gt=0, le=1, description="fraction of clients sampled per round (seeded)")] = 1.0
+    participation: Annotated[float, Field(gt=0, le=1, description="fraction of clients sampled per round (seeded)")] = (
+        1.0
+    )
     aggregation: Annotated[str, Field(description="aggregator registry name: balltree (Sylva), fedavg")] = "balltree"
     balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
     eval_every: Annotated[int, Field(ge=1, description="evaluate every k rounds (the last round always)")] = 1
-    round_timeout_s: Annotated[Optional[float], Field(gt=0, description="round deadline in seconds: clients not done by then are dropped for the round (None: wait forever)")] = 3600.0
+    round_timeout_s: Annotated[
+        Optional[float],
+        Field(
+            gt=0,
+            description="round deadline in seconds: clients not done by then are dropped for the round (None: wait "
+            "forever)",
+        ),
+    ] = 3600.0
 
 
 @dataclass(config=_STRICT)
@@ -170,30 +281,65 @@ class LayerSelectionConfig:
     """Phase 2: merge the global LoRA, score layers by Shapley values, fine-tune the chosen ones on benign data."""
 
     enabled: Annotated[bool, Field(description="run Phase 2 after Phase 1")] = True
-    players: Annotated[Literal["blocks", "modules"], Field(description="players of the game: transformer blocks, or the LoRA-adapted modules")] = "blocks"
+    players: Annotated[
+        Literal["blocks", "modules"],
+        Field(description="players of the game: transformer blocks, or the LoRA-adapted modules"),
+    ] = "blocks"
     value: Annotated[
         Literal["linear", "tolerance"],
-        Field(description="linear: v = clean + robust_weight * robust; tolerance: v = clean - robust_penalty * max(0, robust drop - robust_tolerance)"),
+        Field(
+            description="linear: v = clean + robust_weight * robust; tolerance: v = clean - robust_penalty * max(0, "
+            "robust drop - robust_tolerance)"
+        ),
     ] = "linear"
     robust_weight: Annotated[float, Field(ge=0, description="lambda of the linear value")] = 1.0
-    robust_tolerance: Annotated[float, Field(ge=0, le=1, description="tolerance value: robust-accuracy drop (vs the fused model) allowed for free")] = 0.02
-    robust_penalty: Annotated[float, Field(ge=0, description="tolerance value: penalty per point of robust drop beyond the tolerance")] = 2.0
-    validation_fraction: Annotated[float, Field(gt=0, lt=1, description="share of each client's train split held out to score coalitions (seeded)")] = 0.25
+    robust_tolerance: Annotated[
+        float,
+        Field(ge=0, le=1, description="tolerance value: robust-accuracy drop (vs the fused model) allowed for free"),
+    ] = 0.02
+    robust_penalty: Annotated[
+        float, Field(ge=0, description="tolerance value: penalty per point of robust drop beyond the tolerance")
+    ] = 2.0
+    validation_fraction: Annotated[
+        float, Field(gt=0, lt=1, description="share of each client's train split held out to score coalitions (seeded)")
+    ] = 0.25
     coalition_steps: Annotated[int, Field(ge=1, description="benign fine-tuning steps when scoring one coalition")] = 10
-    exact_max_players: Annotated[int, Field(ge=1, le=16, description="exact Shapley up to this many players (2^L evaluations), Monte Carlo beyond")] = 10
-    max_evaluations: Annotated[int, Field(ge=2, description="Monte Carlo budget: distinct coalitions evaluated per client")] = 128
-    stderr_tolerance: Annotated[float, Field(gt=0, description="Monte Carlo stops when every layer's standard error is below this")] = 0.01
-    truncation_tolerance: Annotated[float, Field(ge=0, description="TMC truncation: stop a permutation once |v(N) - v(prefix)| is below this (0: off)")] = 0.005
-    permutations_per_batch: Annotated[int, Field(ge=1, description="antithetic permutation pairs walked in parallel per Monte Carlo batch")] = 4
+    exact_max_players: Annotated[
+        int,
+        Field(ge=1, le=16, description="exact Shapley up to this many players (2^L evaluations), Monte Carlo beyond"),
+    ] = 10
+    max_evaluations: Annotated[
+        int, Field(ge=2, description="Monte Carlo budget: distinct coalitions evaluated per client")
+    ] = 128
+    stderr_tolerance: Annotated[
+        float, Field(gt=0, description="Monte Carlo stops when every layer's standard error is below this")
+    ] = 0.01
+    truncation_tolerance: Annotated[
+        float,
+        Field(ge=0, description="TMC truncation: stop a permutation once |v(N) - v(prefix)| is below this (0: off)"),
+    ] = 0.005
+    permutations_per_batch: Annotated[
+        int, Field(ge=1, description="antithetic permutation pairs walked in parallel per Monte Carlo batch")
+    ] = 4
     selection: Annotated[
         Literal["top_k", "threshold", "positive", "random", "all"],
-        Field(description="which layers to fine-tune: by Shapley value (top_k, threshold, positive), or without a game (random: top_k at random; all)"),
+        Field(
+            description="which layers to fine-tune: by Shapley value (top_k, threshold, positive), or without a game "
+            "(random: top_k at random; all)"
+        ),
     ] = "top_k"
     top_k: Annotated[int, Field(ge=0, description="layers kept by the top_k rule")] = 2
     threshold: Annotated[float, Field(description="Shapley value a layer must exceed under the threshold rule")] = 0.0
     finetune_lr: Annotated[float, Field(gt=0, description="benign fine-tuning learning rate (SGD) of Phase 2")] = 0.001
     finetune_steps: Annotated[int, Field(ge=1, description="benign fine-tuning steps of the final tailored model")] = 30
-    game_cache_mb: Annotated[float, Field(gt=0, description="memory (device copies of fused models) an actor may keep for the layer games it is playing; the oldest game is dropped beyond it")] = 2048.0
+    game_cache_mb: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="memory (device copies of fused models) an actor may keep for the layer games it is playing; "
+            "the oldest game is dropped beyond it",
+        ),
+    ] = 2048.0
 
 
 @dataclass(config=_STRICT)
@@ -204,17 +350,36 @@ class AlgorithmConfig:
     and plain PGD-AT loss weights); the run's config.yaml records the resolved values.
     """
 
-    name: Annotated[str, Field(description="algorithm registry name: sylva, fat, fedtrades, fedmart, calfat, local_at, fedavg_lora_at")] = "sylva"
+    name: Annotated[
+        str,
+        Field(description="algorithm registry name: sylva, fat, fedtrades, fedmart, calfat, local_at, fedavg_lora_at"),
+    ] = "sylva"
     ablations: Annotated[
         list[str],
-        Field(description="parts of the algorithm to switch off; each algorithm accepts its own (README 'Baselines, ablations')"),
+        Field(
+            description="parts of the algorithm to switch off; each algorithm accepts its own (README 'Baselines, "
+            "ablations')"
+        ),
     ] = field(default_factory=list)
-    trades_beta: Annotated[float, Field(ge=0, description="fedtrades: beta of TRADES' KL term (Zhang et al. 2019: 6)")] = 6.0
-    mart_beta: Annotated[float, Field(ge=0, description="fedmart: beta of MART's misclassification-aware KL term (Wang et al. 2020: 6)")] = 6.0
-    calfat_tau: Annotated[float, Field(ge=0, description="calfat: tau of the calibrated logits z + tau * log(prior)")] = 0.1
-    calfat_scale: Annotated[float, Field(ge=0, description="calfat: weight of the calibrated KL(benign || adversarial) term in the outer loss")] = 10.0
-    full_model_lr: Annotated[float, Field(gt=0, description="train.lr of the full-model algorithms (fat, fedtrades, fedmart, calfat)")] = 0.003
-    full_model_max_grad_norm: Annotated[Optional[float], Field(gt=0, description="train.max_grad_norm of the full-model algorithms; None: no clipping")] = 1.0
+    trades_beta: Annotated[
+        float, Field(ge=0, description="fedtrades: beta of TRADES' KL term (Zhang et al. 2019: 6)")
+    ] = 6.0
+    mart_beta: Annotated[
+        float, Field(ge=0, description="fedmart: beta of MART's misclassification-aware KL term (Wang et al. 2020: 6)")
+    ] = 6.0
+    calfat_tau: Annotated[
+        float, Field(ge=0, description="calfat: tau of the calibrated logits z + tau * log(prior)")
+    ] = 0.1
+    calfat_scale: Annotated[
+        float,
+        Field(ge=0, description="calfat: weight of the calibrated KL(benign || adversarial) term in the outer loss"),
+    ] = 10.0
+    full_model_lr: Annotated[
+        float, Field(gt=0, description="train.lr of the full-model algorithms (fat, fedtrades, fedmart, calfat)")
+    ] = 0.003
+    full_model_max_grad_norm: Annotated[
+        Optional[float], Field(gt=0, description="train.max_grad_norm of the full-model algorithms; None: no clipping")
+    ] = 1.0
 
 
 @dataclass(config=_STRICT)
@@ -226,40 +391,128 @@ class EvaluationConfig:
     the gradient-masking checks, on fixed per-client subsets (the first samples of each test split).
     """
 
-    autoattack: Annotated[bool, Field(description="run AutoAttack (attack.autoattack_*: APGD-CE, APGD-T, FAB-T, Square) on the final models")] = True
-    autoattack_max_samples: Annotated[int, Field(ge=1, description="AutoAttack subset per client (and of the global test set): its first N samples")] = 100
-    global_test: Annotated[bool, Field(description="also score models that have a global form (full-model FedAvg) on the global test set (FAT-paper convention)")] = True
-    sanity_checks: Annotated[bool, Field(description="run the gradient-masking checks (robust <= clean, PGD-long <= PGD, ~0 accuracy at a large eps) with the final evaluation")] = True
-    sanity_samples: Annotated[int, Field(ge=1, description="subset per client for the PGD-long and large-eps checks")] = 32
-    sanity_long_steps: Annotated[int, Field(ge=1, description="iterations of the long PGD that must not beat PGD (PGD-100 convention)")] = 100
-    sanity_large_eps: Annotated[float, Field(gt=0, le=1, description="the 'large' L-inf radius at which accuracy must be near 0 (pixel space)")] = 0.5
-    sanity_large_eps_max_acc: Annotated[float, Field(ge=0, le=1, description="accuracy at sanity_large_eps above this is flagged")] = 0.1
-    sanity_tolerance: Annotated[float, Field(ge=0, le=1, description="accuracy slack for the ordering checks (seeded attacks still differ by a sample or two)")] = 0.02
+    autoattack: Annotated[
+        bool,
+        Field(description="run AutoAttack (attack.autoattack_*: APGD-CE, APGD-T, FAB-T, Square) on the final models"),
+    ] = True
+    autoattack_max_samples: Annotated[
+        int, Field(ge=1, description="AutoAttack subset per client (and of the global test set): its first N samples")
+    ] = 100
+    global_test: Annotated[
+        bool,
+        Field(
+            description="also score models that have a global form (full-model FedAvg) on the global test set "
+            "(FAT-paper convention)"
+        ),
+    ] = True
+    sanity_checks: Annotated[
+        bool,
+        Field(
+            description="run the gradient-masking checks (robust <= clean, PGD-long <= PGD, ~0 accuracy at a large "
+            "eps) with the final evaluation"
+        ),
+    ] = True
+    sanity_samples: Annotated[
+        int, Field(ge=1, description="subset per client for the PGD-long and large-eps checks")
+    ] = 32
+    sanity_long_steps: Annotated[
+        int, Field(ge=1, description="iterations of the long PGD that must not beat PGD (PGD-100 convention)")
+    ] = 100
+    sanity_large_eps: Annotated[
+        float, Field(gt=0, le=1, description="the 'large' L-inf radius at which accuracy must be near 0 (pixel space)")
+    ] = 0.5
+    sanity_large_eps_max_acc: Annotated[
+        float, Field(ge=0, le=1, description="accuracy at sanity_large_eps above this is flagged")
+    ] = 0.1
+    sanity_tolerance: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="accuracy slack for the ordering checks (seeded attacks still differ by a sample or two)",
+        ),
+    ] = 0.02
 
 
 @dataclass(config=_STRICT)
 class RuntimeConfig:
     """Where and how the simulation runs."""
 
-    seed: Annotated[int, Field(ge=0, description="global seed; every other seed is derived from (seed, round, client, ...)")] = 0
+    seed: Annotated[
+        int, Field(ge=0, description="global seed; every other seed is derived from (seed, round, client, ...)")
+    ] = 0
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description="auto picks cuda when present")] = "auto"
-    torch_threads: Annotated[Optional[int], Field(ge=1, description="torch intra-op threads per process (None: torch's default)")] = None
-    engine: Annotated[Literal["ray", "inprocess"], Field(description="ray: client actors + driver actor; inprocess: one process, no Ray (debugging)")] = "ray"
-    address: Annotated[Optional[str], Field(description="Ray cluster to join: host:port, ray://host:port or auto (None: start a local cluster)")] = None
-    client_resources: Annotated[dict[str, float], Field(description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}; waited for on a cluster that can grow; a GPU request is dropped on a local cluster without GPUs")] = field(
-        default_factory=lambda: {"num_cpus": 1.0}
-    )
-    num_actors: Annotated[Optional[int], Field(ge=1, description="client actors to start (None: one per client, capped by what the cluster can place); extra clients become virtual clients")] = None
-    max_actor_restarts: Annotated[int, Field(ge=0, description="times Ray restarts a dead client actor (its clients' state lives with the driver)")] = 3
-    client_retries: Annotated[int, Field(ge=0, description="retries of a failed client job in a round before it is recorded as dropped")] = 1
-    resource_timeout_s: Annotated[float, Field(ge=0, description="on a cluster that can grow: seconds to wait for the autoscaler to supply the client actors' resources before failing (0: no wait)")] = 900.0
-    resource_settle_s: Annotated[float, Field(ge=0, description="once some client actors fit: start with them after this many seconds without new capacity (a fixed cluster, or nodes that never come)")] = 60.0
-    actor_restart_timeout_s: Annotated[float, Field(gt=0, description="seconds a dead client actor may take to come back (Ray restarts it) before it leaves the pool and its clients move to the others")] = 120.0
+    torch_threads: Annotated[
+        Optional[int], Field(ge=1, description="torch intra-op threads per process (None: torch's default)")
+    ] = None
+    engine: Annotated[
+        Literal["ray", "inprocess"],
+        Field(description="ray: client actors + driver actor; inprocess: one process, no Ray (debugging)"),
+    ] = "ray"
+    address: Annotated[
+        Optional[str],
+        Field(description="Ray cluster to join: host:port, ray://host:port or auto (None: start a local cluster)"),
+    ] = None
+    client_resources: Annotated[
+        dict[str, float],
+        Field(
+            description="Ray resources per client actor, e.g. {num_cpus: 1, num_gpus: 0.25}; waited for on a cluster "
+            "that can grow; a GPU request is dropped on a local cluster without GPUs"
+        ),
+    ] = field(default_factory=lambda: {"num_cpus": 1.0})
+    num_actors: Annotated[
+        Optional[int],
+        Field(
+            ge=1,
+            description="client actors to start (None: one per client, capped by what the cluster can place); extra "
+            "clients become virtual clients",
+        ),
+    ] = None
+    max_actor_restarts: Annotated[
+        int,
+        Field(ge=0, description="times Ray restarts a dead client actor (its clients' state lives with the driver)"),
+    ] = 3
+    client_retries: Annotated[
+        int, Field(ge=0, description="retries of a failed client job in a round before it is recorded as dropped")
+    ] = 1
+    resource_timeout_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="on a cluster that can grow: seconds to wait for the autoscaler to supply the client actors' "
+            "resources before failing (0: no wait)",
+        ),
+    ] = 900.0
+    resource_settle_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="once some client actors fit: start with them after this many seconds without new capacity (a "
+            "fixed cluster, or nodes that never come)",
+        ),
+    ] = 60.0
+    actor_restart_timeout_s: Annotated[
+        float,
+        Field(
+            gt=0,
+            description="seconds a dead client actor may take to come back (Ray restarts it) before it leaves the "
+            "pool and its clients move to the others",
+        ),
+    ] = 120.0
     precision: Annotated[
         Literal["fp32", "tf32", "bf16"],
-        Field(description="training arithmetic on a GPU: fp32, tf32 matmuls, or bf16 autocast; evaluation attacks always run in fp32"),
+        Field(
+            description="training arithmetic on a GPU: fp32, tf32 matmuls, or bf16 autocast; evaluation attacks "
+            "always run in fp32"
+        ),
     ] = "fp32"
-    deterministic: Annotated[bool, Field(description="deterministic torch algorithms (and cuBLAS workspace) so a GPU run repeats bit for bit on the same hardware and software")] = False
+    deterministic: Annotated[
+        bool,
+        Field(
+            description="deterministic torch algorithms (and cuBLAS workspace) so a GPU run repeats bit for bit on "
+            "the same hardware and software"
+        ),
+    ] = False
 
 
 @dataclass(config=_STRICT)
@@ -274,7 +527,13 @@ class OutputConfig:
 class ExperimentConfig:
     """The root: one experiment = one run directory."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN, description="experiment name, used in the run directory name: letters, digits, '.', '_', '-' (no path)")] = "sylva"
+    name: Annotated[
+        str,
+        Field(
+            pattern=NAME_PATTERN,
+            description="experiment name, used in the run directory name: letters, digits, '.', '_', '-' (no path)",
+        ),
+    ] = "sylva"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -306,7 +565,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "smoke",
         "data": {"num_clients": 4, "alpha": 0.5},
         "model": {"pretrain_epochs": 40},
-        "attack": {"train_steps": 2, "eval_steps": 5, "eval_max_samples": 64, "autoattack_steps": 5, "autoattack_square_queries": 50},
+        "attack": {
+            "train_steps": 2,
+            "eval_steps": 5,
+            "eval_max_samples": 64,
+            "autoattack_steps": 5,
+            "autoattack_square_queries": 50,
+        },
         "train": {"local_steps": 4},
         "federation": {"rounds": 2},
         "layer_selection": {"finetune_steps": 5, "coalition_steps": 3},
@@ -382,8 +647,11 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """``--set`` items (``["lora.rank=16"]``) or ``{"lora.rank": 16}`` applied onto a config dict."""
-    pairs = [parse_override(item) for item in overrides] if isinstance(overrides, list) else \
-        [(key.split("."), value) for key, value in overrides.items()]
+    pairs = (
+        [parse_override(item) for item in overrides]
+        if isinstance(overrides, list)
+        else [(key.split("."), value) for key, value in overrides.items()]
+    )
     for path, value in pairs:
         raw = merge_layers(raw, _nest(path, value))
     return raw

@@ -1,7 +1,8 @@
 """The Ray engine: client actors, the executor that fans jobs out to them, and the driver actor.
 
 Ray lives in ``sylva_ray.distributed`` only; the engine and the math are Ray-free: an actor runs
-the engine's jobs (``engine.jobs.run_*_job``) and the driver actor runs the engine's round loop. Following Ray's own patterns:
+the engine's jobs (``engine.jobs.run_*_job``) and the driver actor runs the engine's round loop.
+Following Ray's own patterns:
   * large inputs (the data pools, the pre-trained weights) are ``ray.put`` once and every actor
     receives the same object reference; the backbone is built once per actor, never shipped per call;
   * the global adapter is ``ray.put`` once per round, not re-pickled per client;
@@ -25,6 +26,7 @@ import psutil
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.precision import configure_runtime
@@ -77,20 +79,30 @@ def gpu_memory_message(cfg: ExperimentConfig, client_id: int, job: str, gpu_frac
     if torch.cuda.is_available():
         total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
         card = f" of a {total_gb:.1f} GB {torch.cuda.get_device_name()}"
-    return (f"CUDA out of memory in client {client_id}'s {job} job: this actor may use {gpu_fraction:g}{card} "
-            f"(runtime.client_resources.num_gpus={gpu_fraction:g}) for model.name={cfg.model.name!r} at "
-            f"train.batch_size={cfg.train.batch_size}, train.eval_batch_size={cfg.train.eval_batch_size}, "
-            f"runtime.precision={cfg.runtime.precision!r}. Raise num_gpus (fewer actors per GPU), lower the batch sizes, "
-            f"or train in bf16; README 'GPU memory' has the arithmetic. The run stops here: its last checkpoint is intact. "
-            f"({detail.splitlines()[0] if detail else 'no detail'})")
+    return (
+        f"CUDA out of memory in client {client_id}'s {job} job: this actor may use {gpu_fraction:g}{card} "
+        f"(runtime.client_resources.num_gpus={gpu_fraction:g}) for model.name={cfg.model.name!r} at "
+        f"train.batch_size={cfg.train.batch_size}, train.eval_batch_size={cfg.train.eval_batch_size}, "
+        f"runtime.precision={cfg.runtime.precision!r}. Raise num_gpus (fewer actors per GPU), lower the batch sizes, "
+        f"or train in bf16; README 'GPU memory' has the arithmetic. The run stops here: its last checkpoint is intact. "
+        f"({detail.splitlines()[0] if detail else 'no detail'})"
+    )
 
 
 @ray.remote
 class ClientActor:
     """Hosts one ``ClientWorker`` (model built once) and runs jobs for any client."""
 
-    def __init__(self, cfg: ExperimentConfig, source: DataSource, partition: Partition,
-                 backbone_state: dict[str, torch.Tensor], threads: int, gpu_fraction: float, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        source: DataSource,
+        partition: Partition,
+        backbone_state: dict[str, torch.Tensor],
+        threads: int,
+        gpu_fraction: float,
+        log_level: int = logging.INFO,
+    ) -> None:
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         # Before anything touches CUDA: cuBLAS reads its workspace setting once per process.
         configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)
@@ -100,10 +112,15 @@ class ClientActor:
             # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it,
             # less what the CUDA context takes outside the allocator.
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, gpu_fraction) - CUDA_CONTEXT_RESERVE_BYTES / total))
+            torch.cuda.set_per_process_memory_fraction(
+                max(0.0, min(1.0, gpu_fraction) - CUDA_CONTEXT_RESERVE_BYTES / total)
+            )
         elif gpu_fraction > 0 and cfg.runtime.device == "auto":
-            log.warning("Ray assigned GPU %s to this actor but torch sees no CUDA device: training on the CPU "
-                        "(logical GPUs, or a driver/toolkit mismatch on this node)", ray.get_gpu_ids())
+            log.warning(
+                "Ray assigned GPU %s to this actor but torch sees no CUDA device: training on the CPU "
+                "(logical GPUs, or a driver/toolkit mismatch on this node)",
+                ray.get_gpu_ids(),
+            )
         self.worker = ClientWorker(cfg, source, partition, backbone_state)
         self._decoded: tuple[Optional[str], dict[str, torch.Tensor]] = (None, {})
 
@@ -140,7 +157,9 @@ class ClientActor:
             torch.cuda.reset_peak_memory_stats()
         with self._guard(job.client_id, "train"):
             if fault == "oom":
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by a fault drill)")
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by a fault drill)"
+                )
             outcome = run_train_job(self.worker, job, self._adapter(global_payload), round_index)
         outcome.metrics["actor_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
         outcome.metrics["actor_pid"] = os.getpid()
@@ -192,9 +211,17 @@ class RayExecutor:
     the pool, and its clients move to the remaining actors. CUDA out-of-memory is not retried.
     """
 
-    def __init__(self, cfg: ExperimentConfig, plan: PoolPlan, source_ref: ray.ObjectRef, partition: Partition,
-                 backbone_ref: ray.ObjectRef, faults: Optional[FaultPlan] = None, placement_group: Any = None,
-                 log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        plan: PoolPlan,
+        source_ref: ray.ObjectRef,
+        partition: Partition,
+        backbone_ref: ray.ObjectRef,
+        faults: Optional[FaultPlan] = None,
+        placement_group: Any = None,
+        log_level: int = logging.INFO,
+    ) -> None:
         self.cfg = cfg
         self.faults = faults or FaultPlan()
         # Held for the executor's lifetime: a restarted actor re-reads its constructor arguments
@@ -204,12 +231,18 @@ class RayExecutor:
         options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
         self.actors = [
             ClientActor.options(**options, **_bundle(placement_group, 1 + i)).remote(
-                cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction, log_level)
+                cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction, log_level
+            )
             for i in range(plan.size)
         ]
         self.retired: set[int] = set()
-        log.info("started %d client actors (%s each, %d torch threads) for %d clients",
-                 plan.size, plan.actor_options, threads, cfg.data.num_clients)
+        log.info(
+            "started %d client actors (%s each, %d torch threads) for %d clients",
+            plan.size,
+            plan.actor_options,
+            threads,
+            cfg.data.num_clients,
+        )
 
     @property
     def live(self) -> list[int]:
@@ -222,11 +255,18 @@ class RayExecutor:
         payload_ref = ray.put(global_payload)  # one copy in the object store for every client this round
 
         def submit(actor: Any, job: Job) -> ray.ObjectRef:
-            fault = ("raise" if self._take(self.faults.raises, round_index, job.client_id) else
-                     "oom" if self._take(self.faults.ooms, round_index, job.client_id) else None)
+            fault = (
+                "raise"
+                if self._take(self.faults.raises, round_index, job.client_id)
+                else "oom"
+                if self._take(self.faults.ooms, round_index, job.client_id)
+                else None
+            )
             ref = actor.train.remote(job, payload_ref, round_index, fault)
             if self._take(self.faults.kills, round_index, job.client_id):
-                log.warning("fault drill: killing the actor running client %d in round %d", job.client_id, round_index + 1)
+                log.warning(
+                    "fault drill: killing the actor running client %d in round %d", job.client_id, round_index + 1
+                )
                 ray.kill(actor, no_restart=False)
             return ref
 
@@ -268,8 +308,13 @@ class RayExecutor:
                 return job_index
         return None
 
-    def _run(self, jobs: Sequence[Job], submit: Callable[[Any, Job], ray.ObjectRef], timeout_s: Optional[float],
-             affinity: bool = False) -> list[Outcome]:
+    def _run(
+        self,
+        jobs: Sequence[Job],
+        submit: Callable[[Any, Job], ray.ObjectRef],
+        timeout_s: Optional[float],
+        affinity: bool = False,
+    ) -> list[Outcome]:
         """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the job."""
         pending: deque[int] = deque(range(len(jobs)))
         idle: deque[int] = deque(self.live)
@@ -286,8 +331,10 @@ class RayExecutor:
                 attempts[job_index] += 1
                 in_flight[submit(self.actors[actor_index], jobs[job_index])] = (actor_index, job_index)
             if not in_flight:
-                raise PlacementError("every client actor has left the pool (their nodes are gone): nothing can run the "
-                                     "remaining jobs; resume the run once the cluster has room again")
+                raise PlacementError(
+                    "every client actor has left the pool (their nodes are gone): nothing can run the "
+                    "remaining jobs; resume the run once the cluster has room again"
+                )
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
             if not ready:
@@ -316,17 +363,28 @@ class RayExecutor:
                     if tries <= self.cfg.runtime.client_retries:
                         pending.appendleft(job_index)
                     else:
-                        outcomes[job_index] = Outcome(job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}")
+                        outcomes[job_index] = Outcome(
+                            job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}"
+                        )
         return [outcomes[i] for i in range(len(jobs))]
 
-    def _drop_stragglers(self, jobs: Sequence[Job], in_flight: dict, pending: deque, attempts: list[int], outcomes: dict[int, Outcome]) -> None:
+    def _drop_stragglers(
+        self, jobs: Sequence[Job], in_flight: dict, pending: deque, attempts: list[int], outcomes: dict[int, Outcome]
+    ) -> None:
         """Deadline passed: drop unfinished jobs; restart the busy actors (a running task cannot be cancelled)."""
         for actor_index, job_index in in_flight.values():
-            outcomes[job_index] = Outcome(jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded")
+            outcomes[job_index] = Outcome(
+                jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded"
+            )
             ray.kill(self.actors[actor_index], no_restart=False)
         for job_index in pending:
-            outcomes[job_index] = Outcome(jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded (not started)")
-        log.warning("round deadline: dropped clients %s", sorted(jobs[j].client_id for j in [*(j for _, j in in_flight.values()), *pending]))
+            outcomes[job_index] = Outcome(
+                jobs[job_index].client_id, attempts=attempts[job_index], error="round deadline exceeded (not started)"
+            )
+        log.warning(
+            "round deadline: dropped clients %s",
+            sorted(jobs[j].client_id for j in [*(j for _, j in in_flight.values()), *pending]),
+        )
         killed = sorted({actor_index for actor_index, _ in in_flight.values()})
         in_flight.clear()
         pending.clear()
@@ -351,8 +409,13 @@ class RayExecutor:
     def _retire(self, index: int) -> None:
         self.retired.add(index)
         ray.kill(self.actors[index], no_restart=True)
-        log.warning("client actor %d did not come back within runtime.actor_restart_timeout_s=%gs (its node may be gone): "
-                    "continuing with %d actors", index, self.cfg.runtime.actor_restart_timeout_s, len(self.live))
+        log.warning(
+            "client actor %d did not come back within runtime.actor_restart_timeout_s=%gs (its node may be gone): "
+            "continuing with %d actors",
+            index,
+            self.cfg.runtime.actor_restart_timeout_s,
+            len(self.live),
+        )
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -363,9 +426,9 @@ def _bundle(placement_group: Any, index: int) -> dict[str, Any]:
     """Schedule into bundle ``index`` of a Tune trial's placement group (bundle 0 is the driver's)."""
     if placement_group is None:
         return {}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=index)}
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=index)
+    }
 
 
 @ray.remote(num_cpus=0)
@@ -376,8 +439,17 @@ class DriverActor:
     started), the partition and the pool plan as values: the driver reads no data folder itself.
     """
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool, inputs: dict[str, ray.ObjectRef],
-                 partition: Partition, plan: PoolPlan, placement_group: Any = None, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str,
+        resume: bool,
+        inputs: dict[str, ray.ObjectRef],
+        partition: Partition,
+        plan: PoolPlan,
+        placement_group: Any = None,
+        log_level: int = logging.INFO,
+    ) -> None:
         """``inputs``: ``{"source": ref, "backbone": ref}`` (a dict, so Ray hands the references on
         instead of resolving them here); ``placement_group``: a Tune trial's reservation, each
         client actor then goes into its own bundle; ``log_level``: the main process's, so
@@ -385,16 +457,27 @@ class DriverActor:
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan
-        executor = RayExecutor(cfg, plan, inputs["source"], partition, inputs["backbone"], self.faults, placement_group, log_level)
+        executor = RayExecutor(
+            cfg, plan, inputs["source"], partition, inputs["backbone"], self.faults, placement_group, log_level
+        )
         self.federation = Federation(cfg, Path(run_dir), executor, resume=resume)
 
     def status(self) -> dict[str, Any]:
-        return {"next_round": self.federation.state.next_round, "rounds": self.federation.cfg.federation.rounds,
-                "actors": self.plan.size, "done": self.federation.done}
+        return {
+            "next_round": self.federation.state.next_round,
+            "rounds": self.federation.cfg.federation.rounds,
+            "actors": self.plan.size,
+            "done": self.federation.done,
+        }
 
-    def inject_faults(self, kills: dict[tuple[int, int], int], raises: dict[tuple[int, int], int],
-                      ooms: Optional[dict[tuple[int, int], int]] = None) -> None:
-        """Fault drill: kill the actor running (round, client), make the job raise, or run out of GPU memory, n times."""
+    def inject_faults(
+        self,
+        kills: dict[tuple[int, int], int],
+        raises: dict[tuple[int, int], int],
+        ooms: Optional[dict[tuple[int, int], int]] = None,
+    ) -> None:
+        """Fault drill: kill the actor running (round, client), make the job raise, or run out of GPU
+        memory, n times."""
         self.faults.kills.update(kills)
         self.faults.raises.update(raises)
         self.faults.ooms.update(ooms or {})

@@ -17,6 +17,10 @@ import logging
 import time
 from typing import Any, Optional
 
+import ray
+from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+from ray.autoscaler.sdk import request_resources
+from ray.experimental.internal_kv import _internal_kv_get
 from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ExperimentConfig
@@ -41,24 +45,17 @@ POLL_INTERVAL_S, LOG_INTERVAL_S = 1.0, 30.0
 
 def alive_nodes() -> list[dict[str, float]]:
     """Each alive node's total resources, as Ray reports them."""
-    import ray
-
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
 def request_bundles(bundles: list[dict[str, float]]) -> None:
     """Ask the autoscaler for room for ``bundles`` (an empty list withdraws the request)."""
-    from ray.autoscaler.sdk import request_resources
-
     request_resources(bundles=bundles)
 
 
 def autoscaler_pending() -> Optional[int]:
     """Nodes Ray's autoscaler is launching or booting right now, from the status it publishes in
     the GCS key-value store (what ``ray status`` reads); None when no autoscaler reports."""
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray.experimental.internal_kv import _internal_kv_get
-
     try:
         raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
         report = json.loads(raw)["autoscaler_report"] if raw else None
@@ -69,8 +66,14 @@ def autoscaler_pending() -> Optional[int]:
     return len(report.get("pending_nodes") or []) + sum((report.get("pending_launches") or {}).values())
 
 
-def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, settle_s: float, what: str = "client actors",
-                      progress: bool = True) -> tuple[list[dict[str, float]], bool]:
+def wait_for_capacity(
+    bundle: Resources,
+    wanted: int,
+    timeout_s: float,
+    settle_s: float,
+    what: str = "client actors",
+    progress: bool = True,
+) -> tuple[list[dict[str, float]], bool]:
     """Ask for ``wanted`` x ``bundle`` and wait until they fit; returns the nodes then and whether a
     request is outstanding (withdraw it with ``release_request``).
 
@@ -93,18 +96,28 @@ def wait_for_capacity(bundle: Resources, wanted: int, timeout_s: float, settle_s
     if fits < 1:
         release_request()
         raise PlacementError(
-            f"runtime.client_resources: no {what} of {dict(bundle)} could be placed (waited up to runtime.resource_timeout_s="
+            f"runtime.client_resources: no {what} of {dict(bundle)} could be placed (waited up to "
+            "runtime.resource_timeout_s="
             f"{timeout_s:g} s): {shortfall(nodes, bundle)}. Lower the request, check that the cluster's node types "
-            "can hold it (`ray status`), or raise the timeout")
+            "can hold it (`ray status`), or raise the timeout"
+        )
     return nodes, True
 
 
-def _wait(bundle: Resources, wanted: int, timeout_s: float, settle_s: float, what: str, progress: bool) -> list[dict[str, float]]:
+def _wait(
+    bundle: Resources, wanted: int, timeout_s: float, settle_s: float, what: str, progress: bool
+) -> list[dict[str, float]]:
     nodes = alive_nodes()
     started = last_log = last_growth = time.monotonic()
     seen = capacity(nodes, bundle)
-    log.info("waiting up to %.0f s for the cluster to offer %d x %s for %s (now %d fit; `ray status` shows the autoscaler)",
-             timeout_s, wanted, dict(bundle), what, seen)
+    log.info(
+        "waiting up to %.0f s for the cluster to offer %d x %s for %s (now %d fit; `ray status` shows the autoscaler)",
+        timeout_s,
+        wanted,
+        dict(bundle),
+        what,
+        seen,
+    )
     with tqdm(total=wanted, desc=f"waiting for {what}", disable=not progress) as bar:
         while True:
             fits, pending, now = capacity(nodes, bundle), autoscaler_pending(), time.monotonic()
@@ -117,15 +130,30 @@ def _wait(bundle: Resources, wanted: int, timeout_s: float, settle_s: float, wha
             if fits >= wanted or now - started >= timeout_s or (settled and (fits >= 1 or pending == 0)):
                 break
             if now - last_log >= LOG_INTERVAL_S:
-                log.info("still waiting: %d of %d %s fit after %.0f s (%d nodes, %s launching)", fits, wanted, what,
-                         now - started, len(nodes), pending if pending is not None else "unknown")
+                log.info(
+                    "still waiting: %d of %d %s fit after %.0f s (%d nodes, %s launching)",
+                    fits,
+                    wanted,
+                    what,
+                    now - started,
+                    len(nodes),
+                    pending if pending is not None else "unknown",
+                )
                 last_log = now
             time.sleep(POLL_INTERVAL_S)
             nodes = alive_nodes()
     fits = capacity(nodes, bundle)
     if 1 <= fits < wanted:
-        log.warning("only %d of %d %s fit after %.0f s: starting with %d (the other clients share them; "
-                    "set runtime.num_actors=%d to start at once next time)", fits, wanted, what, time.monotonic() - started, fits, fits)
+        log.warning(
+            "only %d of %d %s fit after %.0f s: starting with %d (the other clients share them; "
+            "set runtime.num_actors=%d to start at once next time)",
+            fits,
+            wanted,
+            what,
+            time.monotonic() - started,
+            fits,
+            fits,
+        )
     elif fits >= wanted:
         log.info("%d %s fit after %.0f s on %d nodes", wanted, what, time.monotonic() - started, len(nodes))
     return nodes
@@ -138,23 +166,29 @@ def acquire_pool(cfg: ExperimentConfig, can_grow: bool, progress: bool = True) -
     Refuses, before any actor starts, a request that would leave GPUs unused by training
     (``placement.gpu_problem``), checked again on the nodes that came up.
     """
-    import ray
-
     runtime = cfg.runtime
     nodes = alive_nodes()
     if not can_grow:
-        plan = plan_pool(nodes, runtime.client_resources, cfg.data.num_clients, runtime.num_actors, drop_gpu_without_gpus=True)
+        plan = plan_pool(
+            nodes, runtime.client_resources, cfg.data.num_clients, runtime.num_actors, drop_gpu_without_gpus=True
+        )
         check_gpus(cfg, nodes)
         return plan, False
     check_gpus(cfg, nodes)
     requested = False
-    if runtime.resource_timeout_s > 0 and not ray.util.client.ray.is_connected():  # Ray Client cannot ask the autoscaler
+    if (
+        runtime.resource_timeout_s > 0 and not ray.util.client.ray.is_connected()
+    ):  # Ray Client cannot ask the autoscaler
         bundle = actor_request(runtime.client_resources)
         wanted = wanted_actors(cfg.data.num_clients, runtime.num_actors)
-        nodes, requested = wait_for_capacity(bundle, wanted, runtime.resource_timeout_s, runtime.resource_settle_s, progress=progress)
+        nodes, requested = wait_for_capacity(
+            bundle, wanted, runtime.resource_timeout_s, runtime.resource_settle_s, progress=progress
+        )
     try:
         check_gpus(cfg, nodes)
-        plan = plan_pool(nodes, runtime.client_resources, cfg.data.num_clients, runtime.num_actors, drop_gpu_without_gpus=False)
+        plan = plan_pool(
+            nodes, runtime.client_resources, cfg.data.num_clients, runtime.num_actors, drop_gpu_without_gpus=False
+        )
     except BaseException:
         if requested:
             release_request()

@@ -1,10 +1,10 @@
 """Where a run executes: joining or starting a Ray cluster, and what can be known before it starts.
 
-    check_before_start(cfg)   every check a run can make before a run directory exists or Ray
-                              starts: the engine's preflight (model, data, weights), this
-                              machine's CPUs and CUDA for a one-machine run, and a TCP probe of
-                              ``--address`` (seconds, instead of Ray's minutes of retries)
-    connect(address)          ``ray.init``: join a cluster, or start a local one
+check_before_start(cfg)   every check a run can make before a run directory exists or Ray
+                          starts: the engine's preflight (model, data, weights), this
+                          machine's CPUs and CUDA for a one-machine run, and a TCP probe of
+                          ``--address`` (seconds, instead of Ray's minutes of retries)
+connect(address)          ``ray.init``: join a cluster, or start a local one
 """
 
 from __future__ import annotations
@@ -88,5 +88,7 @@ def check_local_device(cfg: ExperimentConfig) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError("runtime.device='cuda' but this machine has no CUDA device: use runtime.device=auto or cpu, "
-                          "or join a GPU cluster with --address (client actors then need runtime.client_resources.num_gpus)")
+        raise ConfigError(
+            "runtime.device='cuda' but this machine has no CUDA device: use runtime.device=auto or cpu, "
+            "or join a GPU cluster with --address (client actors then need runtime.client_resources.num_gpus)"
+        )

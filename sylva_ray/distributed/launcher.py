@@ -25,6 +25,7 @@ from sylva_ray.distributed.connect import (
     cluster_can_grow,
     connect,
 )
+from sylva_ray.distributed.placement import plan_pool
 from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation
 from sylva_ray.engine.jobs import InProcessExecutor
 from sylva_ray.engine.resolve import address_problem, build_config
@@ -45,11 +46,20 @@ from sylva_ray.engine.runner import (
     restore_tables,
 )
 from sylva_ray.method.data import DataSource, load_source
+from sylva_ray.method.models import pretrained_backbone_state
 
 log = logging.getLogger(__name__)
 
-def run(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, stop_after: Optional[int] = None,
-        faults: Optional[dict[str, Any]] = None, progress: bool = True) -> Optional[dict[str, Any]]:
+
+def run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    faults: Optional[dict[str, Any]] = None,
+    progress: bool = True,
+) -> Optional[dict[str, Any]]:
     """Run (or continue) Phase 1 into ``run_dir``; returns the summary, or None if stopped early.
 
     ``stop_after`` ends the session after that many rounds in total, as an interruption would
@@ -83,15 +93,20 @@ def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> 
     """Load the data (unless given) and resolve the pre-trained weights here; ``ray.put`` both once."""
     import ray
 
-    from sylva_ray.method.models import pretrained_backbone_state
-
     source = source if source is not None else load_source(cfg.data)
-    return StagedInputs(source=ray.put(source), backbone=ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
+    return StagedInputs(
+        source=ray.put(source), backbone=ray.put(pretrained_backbone_state(cfg.model, cfg.data, source))
+    )
 
 
 @contextlib.contextmanager
-def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False, staged: Optional[StagedInputs] = None,
-                      progress: bool = True) -> Iterator["RemoteFederation"]:
+def remote_federation(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    resume: bool = False,
+    staged: Optional[StagedInputs] = None,
+    progress: bool = True,
+) -> Iterator["RemoteFederation"]:
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
 
@@ -115,7 +130,6 @@ def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False
         check_gpus,
         release_request,
     )
-    from sylva_ray.distributed.placement import plan_pool
 
     connect(cfg.runtime.address)
     check_local_device(cfg)
@@ -131,7 +145,9 @@ def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False
     requested = False
     if group is not None:
         bundles = bundles_of(group)  # fixed by the trial; without GPUs in them, the GPU share is moot
-        plan = plan_pool(bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True)
+        plan = plan_pool(
+            bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True
+        )
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
     else:
         plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
@@ -139,8 +155,15 @@ def remote_federation(cfg: ExperimentConfig, run_dir: Path, resume: bool = False
     driver = None
     try:
         driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg, str(run_dir), resume, {"source": staged.source, "backbone": staged.backbone}, partition, plan, group,
-            logging.getLogger().getEffectiveLevel())
+            cfg,
+            str(run_dir),
+            resume,
+            {"source": staged.source, "backbone": staged.backbone},
+            partition,
+            plan,
+            group,
+            logging.getLogger().getEffectiveLevel(),
+        )
         federation = RemoteFederation(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
         if requested:
@@ -182,7 +205,9 @@ class RemoteFederation:
         self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))
 
 
-def resume(run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+def resume(
+    run_dir: Path, address: Optional[str] = None, stop_after: Optional[int] = None, progress: bool = True
+) -> dict[str, Any]:
     """Continue an interrupted run from its last checkpoint; a finished run just returns its summary
     (after rewriting its tables from the checkpoint if they were damaged)."""
     run_dir = Path(run_dir)
@@ -219,7 +244,9 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
     cfg = build_config(raw)
     check_before_start(cfg)  # before the new folder exists
     if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file() or not (run_dir / "summary.json").is_file():
-        raise ConfigError(f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first")
+        raise ConfigError(
+            f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first"
+        )
     check_resumable(run_dir, base)
     out = new_unique_dir(run_dir, f"phase2-{utc_stamp()}")
     write_config(out, cfg)
@@ -231,8 +258,15 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
         with remote_federation(cfg, run_dir, resume=True) as federation:
             result = federation.phase2(out)
     phase1 = read_json(run_dir / "summary.json")["phase1"]
-    summary = {"phase1_run": str(run_dir.resolve()), "phase1": phase1, "phase2": result["means"], "final": result["means"],
-               "selected_layers": result["selected"], "evaluations": result["evaluations"], "seconds": result["seconds"],
-               "per_client": result["per_client"]}
+    summary = {
+        "phase1_run": str(run_dir.resolve()),
+        "phase1": phase1,
+        "phase2": result["means"],
+        "final": result["means"],
+        "selected_layers": result["selected"],
+        "evaluations": result["evaluations"],
+        "seconds": result["seconds"],
+        "per_client": result["per_client"],
+    }
     write_json(out / "summary.json", summary)
     return out, summary

@@ -95,15 +95,23 @@ def plan_pool(
     nodes = _as_nodes(cluster)
     request = dict(client_resources)
     if drop_gpu_without_gpus and request.get("num_gpus", 0) > 0 and total(nodes, "GPU") <= 0:
-        log.warning("runtime.client_resources asks for num_gpus=%s but the cluster has no GPU: running on CPU", request["num_gpus"])
+        log.warning(
+            "runtime.client_resources asks for num_gpus=%s but the cluster has no GPU: running on CPU",
+            request["num_gpus"],
+        )
         request.pop("num_gpus")
     bundle = actor_request(request)
     if not bundle:
-        raise PlacementError("runtime.client_resources has no positive resource left to place actors by; set num_cpus >= 0.5")
+        raise PlacementError(
+            "runtime.client_resources has no positive resource left to place actors by; set num_cpus >= 0.5"
+        )
     fits = capacity(nodes, bundle)
     wanted = wanted_actors(num_clients, num_actors)
     if fits < 1:
-        raise PlacementError(f"runtime.client_resources={client_resources} cannot be placed: {shortfall(nodes, bundle)}; lower the request")
+        raise PlacementError(
+            f"runtime.client_resources={client_resources} cannot be placed: {shortfall(nodes, bundle)}; lower the "
+            "request"
+        )
     options: dict[str, object] = {}
     for key, value in request.items():
         if key in RAY_RESOURCE_NAMES:
@@ -111,7 +119,9 @@ def plan_pool(
         else:
             options.setdefault("resources", {})[_ray_name(key)] = value  # type: ignore[index]
     options.setdefault("num_cpus", 0)
-    return PoolPlan(size=min(wanted, fits), actor_options=options, gpu_fraction=float(request.get("num_gpus", 0.0)), wanted=wanted)
+    return PoolPlan(
+        size=min(wanted, fits), actor_options=options, gpu_fraction=float(request.get("num_gpus", 0.0)), wanted=wanted
+    )
 
 
 def shortfall(nodes: Sequence[Resources], bundle: Resources) -> str:
@@ -133,12 +143,17 @@ def gpu_problem(client_resources: Resources, device: str, cluster_gpus: float) -
     """
     share = float(client_resources.get("num_gpus", 0.0))
     if device == "cuda" and share <= 0:
-        return ("runtime.device='cuda' but runtime.client_resources has no num_gpus: Ray gives such actors no GPU; "
-                "add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, num_gpus: 0.25}'")
+        return (
+            "runtime.device='cuda' but runtime.client_resources has no num_gpus: Ray gives such actors no GPU; "
+            "add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, num_gpus: 0.25}'"
+        )
     if device == "auto" and share <= 0 and cluster_gpus > 0:
-        return (f"the cluster has {cluster_gpus:g} GPUs but runtime.client_resources={dict(client_resources)} asks for none, "
-                "so every client would train on the CPU: add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, "
-                "num_gpus: 0.25}', or set runtime.device=cpu to use CPUs on purpose")
+        return (
+            f"the cluster has {cluster_gpus:g} GPUs but runtime.client_resources={dict(client_resources)} asks for "
+            "none, "
+            "so every client would train on the CPU: add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, "
+            "num_gpus: 0.25}', or set runtime.device=cpu to use CPUs on purpose"
+        )
     return None
 
 
@@ -148,5 +163,3 @@ def threads_for(client_resources: Resources, explicit: Optional[int]) -> int:
     if explicit is not None:
         return explicit
     return max(1, int(client_resources.get("num_cpus", 1)))
-
-

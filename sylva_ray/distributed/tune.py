@@ -26,7 +26,14 @@ import yaml
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.base.config import apply_overrides as merge_overrides
+from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.distributed.capacity import alive_nodes
+from sylva_ray.distributed.connect import check_before_start, cluster_can_grow
+from sylva_ray.distributed.launcher import remote_federation, stage_inputs
+from sylva_ray.distributed.placement import PlacementError, gpu_problem, total
 from sylva_ray.engine.resolve import build_config
+from sylva_ray.engine.rundir import resolve_result_path, write_config
+from sylva_ray.engine.runner import complete
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,9 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], check_paths
 
 #: Data fields that only decide how the pool is split, not what is loaded: trials that differ only
 #: in these share one staged copy of the data and the backbone.
-PARTITION_FIELDS = frozenset({"num_clients", "partition", "alpha", "shards_per_client", "min_samples_per_client", "test_fraction"})
+PARTITION_FIELDS = frozenset(
+    {"num_clients", "partition", "alpha", "shards_per_client", "min_samples_per_client", "test_fraction"}
+)
 
 
 def inputs_key(cfg: ExperimentConfig) -> str:
@@ -59,8 +68,6 @@ def stage_sweep_inputs(configs: list[ExperimentConfig]) -> dict[str, Any]:
 
     Trials land on any node; with these references none of them needs the data folder, a weight
     file or hub access, and none re-checks local paths."""
-    from sylva_ray.distributed.launcher import stage_inputs
-
     staged: dict[str, Any] = {}
     for cfg in configs:
         key = inputs_key(cfg)
@@ -97,10 +104,6 @@ def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]]
     (Tune samples the overrides; the base is the preset/config the sweep started from).
     ``staged``: ``inputs_key -> StagedInputs`` read by the sweep's main process."""
     from ray import tune
-
-    from sylva_ray.distributed.launcher import remote_federation
-    from sylva_ray.engine.rundir import write_config
-    from sylva_ray.engine.runner import complete
 
     cfg = apply_overrides(config["base"], config.get("overrides", {}), check_paths=staged is None)
     inputs = (staged or {}).get(inputs_key(cfg))
@@ -152,8 +155,6 @@ def _read_text(uri_or_path: str) -> Optional[str]:
 
 def _write_text(uri_or_path: str, text: str) -> None:
     if "://" not in uri_or_path:
-        from sylva_ray.base.storage import atomic_write_text
-
         atomic_write_text(uri_or_path, text)
         return
     import pyarrow.fs as pafs
@@ -174,9 +175,11 @@ def refuse_world_writable(storage: str) -> None:
             mode = folder.stat().st_mode
             sticky = bool(mode & 0o1000)  # /tmp-like folders: others cannot replace what we create inside
             if mode & WORLD_WRITABLE and not (sticky and folder != path):
-                raise ConfigError(f"--storage-path {storage!r}: {folder} is world-writable, so anyone on this machine could "
-                                  "plant a sweep state that Tune would unpickle (run code) on --resume; use a folder only you "
-                                  f"can write (chmod o-w {folder})")
+                raise ConfigError(
+                    f"--storage-path {storage!r}: {folder} is world-writable, so anyone on this machine could "
+                    "plant a sweep state that Tune would unpickle (run code) on --resume; use a folder only you "
+                    f"can write (chmod o-w {folder})"
+                )
             break
 
 
@@ -189,20 +192,25 @@ def check_sweep_manifest(experiment: str, manifest: dict[str, Any]) -> None:
     where = f"{experiment.rstrip('/')}/{MANIFEST}"
     text = _read_text(where)
     if text is None:
-        raise ConfigError(f"{where}: missing, so {experiment} was not written by this sweep; --resume refuses to hand it "
-                          "to Tune (whose state is pickled and would run code). Start a new sweep (another --name)")
+        raise ConfigError(
+            f"{where}: missing, so {experiment} was not written by this sweep; --resume refuses to hand it "
+            "to Tune (whose state is pickled and would run code). Start a new sweep (another --name)"
+        )
     try:
         saved = json.loads(text)
     except ValueError:
         raise ConfigError(f"{where}: not valid JSON; --resume refuses this folder") from None
     changed = sorted(key for key in manifest if saved.get(key) != manifest[key])
     if changed:
-        raise ConfigError(f"{where} records another sweep (differs in {changed}); repeat the original arguments, or start a "
-                          "new sweep with another --name")
+        raise ConfigError(
+            f"{where} records another sweep (differs in {changed}); repeat the original arguments, or start a "
+            "new sweep with another --name"
+        )
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """``["lora.rank=4,8,16", "attack.eps=0.03,0.05"]`` -> ``{"lora.rank": [4, 8, 16], ...}`` (values parsed as YAML)."""
+    """``["lora.rank=4,8,16", "attack.eps=0.03,0.05"]`` -> ``{"lora.rank": [4, 8, 16], ...}``
+    (values parsed as YAML)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
@@ -214,7 +222,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def check_grid(base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, dict[str, dict[str, Any]]]) -> list[ExperimentConfig]:
+def check_grid(
+    base: dict[str, Any], grid: dict[str, list[Any]], axes: dict[str, dict[str, dict[str, Any]]]
+) -> list[ExperimentConfig]:
     """Every combination must be a valid config: fail before any trial starts. Returns them all."""
     names = list(grid) + list(axes)
     choices = [grid[k] for k in grid] + [list(axes[k]) for k in axes]
@@ -230,18 +240,25 @@ def expand(point: dict[str, Any], axes: dict[str, dict[str, dict[str, Any]]]) ->
     return overrides
 
 
-def validate_sweep(base: ExperimentConfig, grid: dict[str, list[Any]], axes: Optional[dict[str, dict[str, dict[str, Any]]]] = None,
-                   *, name: str, storage_path: str, resume: bool) -> tuple[list[ExperimentConfig], dict[str, Any]]:
+def validate_sweep(
+    base: ExperimentConfig,
+    grid: dict[str, list[Any]],
+    axes: Optional[dict[str, dict[str, dict[str, Any]]]] = None,
+    *,
+    name: str,
+    storage_path: str,
+    resume: bool,
+) -> tuple[list[ExperimentConfig], dict[str, Any]]:
     """Everything about a sweep that can be refused before Ray starts: every grid point's config
     (and its model/data preflight), the storage folder's permissions, and on ``--resume`` our own
     manifest. Returns the configs and the manifest."""
-    from sylva_ray.distributed.connect import check_before_start
-
     axes = axes or {}
     configs = check_grid(base.to_dict(), grid, axes)
     checked: set[str] = set()
     for cfg in configs:
-        key = json.dumps([inputs_key(cfg), dataclasses.asdict(cfg.lora), dataclasses.asdict(cfg.layer_selection)], sort_keys=True)
+        key = json.dumps(
+            [inputs_key(cfg), dataclasses.asdict(cfg.lora), dataclasses.asdict(cfg.layer_selection)], sort_keys=True
+        )
         if key not in checked:
             checked.add(key)
             check_before_start(cfg)
@@ -268,11 +285,6 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from sylva_ray.distributed.capacity import alive_nodes
-    from sylva_ray.distributed.connect import cluster_can_grow
-    from sylva_ray.distributed.placement import PlacementError, gpu_problem, total
-    from sylva_ray.engine.rundir import resolve_result_path
-
     axes = axes or {}
     base_dict = base.to_dict()
     storage = storage_path if "://" in storage_path else str(resolve_result_path(storage_path))
@@ -289,21 +301,30 @@ def run_sweep(
     def trainable(config: dict[str, Any], staged: dict[str, Any]) -> None:
         federated_trainable({"base": config["base"], "overrides": expand(config["point"], axes)}, staged)
 
-    resources = tune.with_resources(tune.with_parameters(trainable, staged=staged),
-                                    trial_resources(base, gpus_available=gpus > 0 or cluster_can_grow()))
+    resources = tune.with_resources(
+        tune.with_parameters(trainable, staged=staged),
+        trial_resources(base, gpus_available=gpus > 0 or cluster_can_grow()),
+    )
     # A node released by the autoscaler takes its disk along: every report uploads the trial's
     # run directory (artifacts) to storage_path, which must then be shared (s3://, NFS) on a cluster.
     if resume:
         tuner = tune.Tuner.restore(experiment, resources, resume_errored=True, param_space=space)
     else:
         _write_text(f"{experiment}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
-        asha = ASHAScheduler(time_attr="training_iteration", max_t=base.federation.rounds, grace_period=1) if scheduler == "asha" else None
+        asha = (
+            ASHAScheduler(time_attr="training_iteration", max_t=base.federation.rounds, grace_period=1)
+            if scheduler == "asha"
+            else None
+        )
         tuner = tune.Tuner(
             resources,
             param_space=space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=samples, scheduler=asha,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=storage, sync_config=tune.SyncConfig(sync_artifacts=True)),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=samples, scheduler=asha, max_concurrent_trials=concurrency
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, sync_config=tune.SyncConfig(sync_artifacts=True)
+            ),
         )
     results = tuner.fit()
     return trials_table(results)
@@ -315,9 +336,25 @@ def trials_table(results: Any) -> pd.DataFrame:
     for result in results:
         point = dict(result.config.get("point", {}))
         metrics = dict(result.metrics or {})
-        rows.append({**point, "trial": Path(result.path).name, "status": "ERROR" if result.error else "OK",
-                     "rounds_done": metrics.get("round"),
-                     **{k: metrics.get(k) for k in ("clean_acc", "robust_acc", "final_clean_acc", "final_robust_acc",
-                                                    "phase1_clean_acc", "phase1_robust_acc", "cumulative_bytes_up",
-                                                    "time_total_s")}})
+        rows.append(
+            {
+                **point,
+                "trial": Path(result.path).name,
+                "status": "ERROR" if result.error else "OK",
+                "rounds_done": metrics.get("round"),
+                **{
+                    k: metrics.get(k)
+                    for k in (
+                        "clean_acc",
+                        "robust_acc",
+                        "final_clean_acc",
+                        "final_robust_acc",
+                        "phase1_clean_acc",
+                        "phase1_robust_acc",
+                        "cumulative_bytes_up",
+                        "time_total_s",
+                    )
+                },
+            }
+        )
     return pd.DataFrame(rows)

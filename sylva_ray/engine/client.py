@@ -27,6 +27,7 @@ from sylva_ray.method.data import (
     client_data,
     global_test_set,
 )
+from sylva_ray.method.layer_selection import LayerGame, fuse, player_prefixes
 from sylva_ray.method.models import (
     build_pretrained_model,
     full_model_nbytes,
@@ -121,42 +122,53 @@ class ClientWorker:
     def _load(self, shared: Mapping[str, torch.Tensor], state: ClientState) -> None:
         self.scope.load(self.model, {**shared, **state.personal})
 
-    def train(self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int) -> ClientUpdate:
+    def train(
+        self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int
+    ) -> ClientUpdate:
         """Start from the received shared tensors and the client's own personal ones; train one round."""
         self._load(global_adapter, state)
         data = self.data(client_id).train
         metrics = adversarial_round(
-            self.model, data, self.algorithm.objective(data), self.cfg.train,
+            self.model,
+            data,
+            self.algorithm.objective(data),
+            self.cfg.train,
             seed=derive_seed(self.cfg.runtime.seed, "train", round_index, client_id),
-            device=self.device, global_shared=global_adapter, precision=self.cfg.runtime.precision,
+            device=self.device,
+            global_shared=global_adapter,
+            precision=self.cfg.runtime.precision,
         )
         new_state = ClientState(personal=self.scope.personal(self.model), rounds_trained=state.rounds_trained + 1)
         return ClientUpdate(client_id, self.scope.shared(self.model), len(data), metrics, new_state)
 
-    def evaluate(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor],
-                 protocol: bool = False) -> EvalResult:
+    def evaluate(
+        self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], protocol: bool = False
+    ) -> EvalResult:
         """The client's personalised model (given adapter + own head) on its own test split;
         ``GLOBAL_TEST_CLIENT`` scores the given (global) model on the global test set.
         ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well."""
         self._load(adapter, state)
         data = self.global_test() if client_id == GLOBAL_TEST_CLIENT else self.data(client_id).test
         return evaluate(
-            self.model, data, self.cfg.attack, self.cfg.train.eval_batch_size,
+            self.model,
+            data,
+            self.cfg.attack,
+            self.cfg.train.eval_batch_size,
             seed=derive_seed(self.cfg.runtime.seed, "eval", "global" if client_id == GLOBAL_TEST_CLIENT else client_id),
             device=self.device,
             protocol=self.cfg.evaluation if protocol else None,
         )
 
     # --- Phase 2 ---------------------------------------------------------------------------------
-    def game(self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], adapter_key: str) -> "LayerGame":
+    def game(
+        self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], adapter_key: str
+    ) -> "LayerGame":
         """The client's layer game on its fused model, built once per (client, global adapter).
 
         Games are kept (most recently used last) while their device copies fit in
         ``layer_selection.game_cache_mb``; the driver sends a client's coalitions to one actor, so
         a game is normally built once per client in the whole pool.
         """
-        from sylva_ray.method.layer_selection import LayerGame, fuse
-
         key = (client_id, adapter_key)
         if key not in self._games:
             if self.scope.name != "lora":
@@ -170,7 +182,5 @@ class ClientWorker:
         return self._games[key]
 
     def player_names(self) -> list[str]:
-        from sylva_ray.method.layer_selection import fuse, player_prefixes
-
         fused = fuse(self.model, self.initial_adapter, self.initial_personal)
         return player_prefixes(fused, self.cfg.layer_selection.players, self.cfg.lora.target_modules)

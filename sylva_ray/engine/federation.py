@@ -83,8 +83,16 @@ class FederationState:
             "global_adapter": self.global_adapter,
             "personal": {str(c): s.personal for c, s in self.client_states.items()},
             "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
-            "tables": json.dumps({"rows": self.rows, "round_rows": self.round_rows, "last_eval": self.last_eval,
-                                  "initial": self.initial, "global_eval": self.global_eval, "warnings": self.warnings}),
+            "tables": json.dumps(
+                {
+                    "rows": self.rows,
+                    "round_rows": self.round_rows,
+                    "last_eval": self.last_eval,
+                    "initial": self.initial,
+                    "global_eval": self.global_eval,
+                    "warnings": self.warnings,
+                }
+            ),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "seconds": self.seconds,
@@ -101,7 +109,9 @@ class FederationState:
             tables = json.loads(payload["tables"])
             return cls._from_payload(payload, tables)
         except Exception as exc:  # zip, pickle, torch, JSON and key errors all mean the same here
-            raise ConfigError(damaged_file_message(f"checkpoint {path}", exc) + "; resume cannot continue from it") from None
+            raise ConfigError(
+                damaged_file_message(f"checkpoint {path}", exc) + "; resume cannot continue from it"
+            ) from None
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], tables: dict[str, Any]) -> "FederationState":
@@ -112,11 +122,19 @@ class FederationState:
         return cls(
             next_round=int(payload["next_round"]),
             global_adapter=payload["global_adapter"],
-            client_states={int(c): ClientState(personal=p, rounds_trained=int(payload["rounds_trained"][c]))
-                           for c, p in personal.items()},
-            rows=tables["rows"], round_rows=tables["round_rows"], last_eval=tables["last_eval"], initial=tables["initial"],
-            global_eval=tables.get("global_eval", {}), warnings=tables.get("warnings", []),
-            bytes_up=int(payload["bytes_up"]), bytes_down=int(payload["bytes_down"]), seconds=float(payload["seconds"]),
+            client_states={
+                int(c): ClientState(personal=p, rounds_trained=int(payload["rounds_trained"][c]))
+                for c, p in personal.items()
+            },
+            rows=tables["rows"],
+            round_rows=tables["round_rows"],
+            last_eval=tables["last_eval"],
+            initial=tables["initial"],
+            global_eval=tables.get("global_eval", {}),
+            warnings=tables.get("warnings", []),
+            bytes_up=int(payload["bytes_up"]),
+            bytes_down=int(payload["bytes_down"]),
+            seconds=float(payload["seconds"]),
             fingerprint=json.loads(payload.get("fingerprint", "{}")),
         )
 
@@ -149,14 +167,21 @@ INPUTS_PREFIX = "inputs."
 def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
     """The run's inputs beyond its config: the partition file and the pre-trained weights."""
     partition = Path(run_dir) / "partition.json"
-    return {f"{INPUTS_PREFIX}partition_sha256": hashlib.sha256(partition.read_bytes()).hexdigest() if partition.is_file() else "",
-            f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest}
+    return {
+        f"{INPUTS_PREFIX}partition_sha256": hashlib.sha256(partition.read_bytes()).hexdigest()
+        if partition.is_file()
+        else "",
+        f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest,
+    }
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``field: value at the checkpoint -> value now`` for every field that differs."""
-    return [f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    return [
+        f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
 
 
 class Federation:
@@ -177,17 +202,23 @@ class Federation:
                 # The config was checked where the run was resumed (Phase 2 alone may change its own
                 # fields); here, what only a built worker knows: the weights, and the partition.
                 saved = {k: v for k, v in self.state.fingerprint.items() if k.startswith(INPUTS_PREFIX)}
-                differences = fingerprint_differences(saved, {k: v for k, v in identity.items() if k.startswith(INPUTS_PREFIX)})
+                differences = fingerprint_differences(
+                    saved, {k: v for k, v in identity.items() if k.startswith(INPUTS_PREFIX)}
+                )
                 if differences:
-                    raise ConfigError(f"{checkpoint} was made with other inputs than this resume has, so it would mix two "
-                                      "experiments: " + "; ".join(differences))
+                    raise ConfigError(
+                        f"{checkpoint} was made with other inputs than this resume has, so it would mix two "
+                        "experiments: " + "; ".join(differences)
+                    )
             log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
         else:
             self.state = FederationState(
                 next_round=0,
                 global_adapter=self.info.initial_adapter,
-                client_states={c: ClientState(personal={k: v.clone() for k, v in self.info.initial_personal.items()})
-                               for c in range(cfg.data.num_clients)},
+                client_states={
+                    c: ClientState(personal={k: v.clone() for k, v in self.info.initial_personal.items()})
+                    for c in range(cfg.data.num_clients)
+                },
                 fingerprint=identity,
             )
 
@@ -207,20 +238,30 @@ class Federation:
         # One copy per round, whatever the number of clients (a scope that shares nothing sends b"").
         payload = encode_state(st.global_adapter)
         sent = len(payload)
-        outcomes = sorted(self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
-                          key=lambda o: o.client_id)
+        outcomes = sorted(
+            self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
+            key=lambda o: o.client_id,
+        )
         done = [o for o in outcomes if o.ok]
         uploads = [decode_state(o.upload or b"") for o in done]
         weights = np.zeros(0)
         if not done:
             log.warning("round %d: every participant dropped; the global adapter is unchanged", r + 1)
         elif any(uploads):  # empty uploads (the local scope shares nothing) leave nothing to aggregate
-            st.global_adapter, weights = aggregate(cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation)
+            st.global_adapter, weights = aggregate(
+                cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation
+            )
         rows: dict[int, dict[str, Any]] = {}
         for outcome in outcomes:
-            row: dict[str, Any] = {"round": r, "client": outcome.client_id, "participated": True,
-                                   "dropped": not outcome.ok, "attempts": outcome.attempts,
-                                   "bytes_down": sent, "bytes_up": len(outcome.upload or b"")}
+            row: dict[str, Any] = {
+                "round": r,
+                "client": outcome.client_id,
+                "participated": True,
+                "dropped": not outcome.ok,
+                "attempts": outcome.attempts,
+                "bytes_down": sent,
+                "bytes_up": len(outcome.upload or b""),
+            }
             if outcome.ok:
                 st.client_states[outcome.client_id] = outcome.state  # type: ignore[assignment]
                 row.update(outcome.metrics)
@@ -249,9 +290,18 @@ class Federation:
         st.round_rows.append(summary)
         st.next_round = r + 1
         self._persist()
-        log.info("round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
-                 r + 1, cfg.federation.rounds, len(participants), summary["dropped"], summary.get("train_loss", float("nan")),
-                 summary.get("clean_acc", float("nan")), summary.get("robust_acc", float("nan")), summary["bytes_up"], seconds)
+        log.info(
+            "round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
+            r + 1,
+            cfg.federation.rounds,
+            len(participants),
+            summary["dropped"],
+            summary.get("train_loss", float("nan")),
+            summary.get("clean_acc", float("nan")),
+            summary.get("robust_acc", float("nan")),
+            summary["bytes_up"],
+            seconds,
+        )
         return summary
 
     def _evaluate_global(self) -> dict[str, Any]:
@@ -276,16 +326,37 @@ class Federation:
             row = rows.setdefault(outcome.client_id, {"round": r, "client": outcome.client_id, "participated": False})
             majority = self.info.majority_rates[outcome.client_id]
             row.update(outcome.metrics, majority_rate=majority, eval_attempts=outcome.attempts)
-            evaluation.append({"client": outcome.client_id, "num_train": self.info.num_train[outcome.client_id],
-                               **outcome.metrics, "majority_rate": majority})
+            evaluation.append(
+                {
+                    "client": outcome.client_id,
+                    "num_train": self.info.num_train[outcome.client_id],
+                    **outcome.metrics,
+                    "majority_rate": majority,
+                }
+            )
         return evaluation
 
-    def _round_summary(self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int) -> dict[str, Any]:
+    def _round_summary(
+        self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int
+    ) -> dict[str, Any]:
         frame = pd.DataFrame(list(rows.values()))
-        summary: dict[str, Any] = {"round": r, "participants": participants, "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
-                                   "bytes_up": int(frame["bytes_up"].fillna(0).sum()), "seconds": seconds}
-        for column in ("train_loss", "train_adversarial", "train_benign", "train_similarity", "train_proximal",
-                       "clean_acc", "robust_acc", "majority_rate"):
+        summary: dict[str, Any] = {
+            "round": r,
+            "participants": participants,
+            "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
+            "bytes_up": int(frame["bytes_up"].fillna(0).sum()),
+            "seconds": seconds,
+        }
+        for column in (
+            "train_loss",
+            "train_adversarial",
+            "train_benign",
+            "train_similarity",
+            "train_proximal",
+            "clean_acc",
+            "robust_acc",
+            "majority_rate",
+        ):
             if column in frame and frame[column].notna().any():
                 summary[column] = float(frame[column].mean())
         for column in ("actor_rss_mb", "gpu_peak_mb"):  # gpu_peak_mb: torch.cuda.max_memory_allocated, GPU runs only
@@ -313,24 +384,37 @@ class Federation:
         plot_accuracy(self.run_dir, pd.DataFrame(st.round_rows))
         if cfg.output.save_models:
             for cid, client in st.client_states.items():
-                atomic_write_bytes(self.run_dir / "models" / f"client_{cid:04d}.safetensors",
-                                   encode_state({**st.global_adapter, **client.personal}))
+                atomic_write_bytes(
+                    self.run_dir / "models" / f"client_{cid:04d}.safetensors",
+                    encode_state({**st.global_adapter, **client.personal}),
+                )
         means = client_means(final_eval)
         below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
         warnings = list(st.warnings) + list(phase2.get("sanity_warnings", []))
         summary = {
-            "algorithm": {"name": cfg.algorithm.name, "ablations": list(cfg.algorithm.ablations),
-                          "scope": self.algorithm.scope_name, "federated": bool(self.info.initial_adapter)},
+            "algorithm": {
+                "name": cfg.algorithm.name,
+                "ablations": list(cfg.algorithm.ablations),
+                "scope": self.algorithm.scope_name,
+                "federated": bool(self.info.initial_adapter),
+            },
             "final": phase2["means"] if phase2 else means,
             "phase1": dict(means),
             **({"phase2": phase2["means"], "selected_layers": phase2["selected"]} if phase2 else {}),
             "initial": st.initial,
             "global": st.global_eval or None,
-            "sanity": {"majority_rate": float(final_eval["majority_rate"].mean()),
-                       "majority_rate_weighted": float(np.average(final_eval["majority_rate"], weights=final_eval["num_clean"])),
-                       "clients_below_majority_rate": below, "warnings": warnings},
+            "sanity": {
+                "majority_rate": float(final_eval["majority_rate"].mean()),
+                "majority_rate_weighted": float(
+                    np.average(final_eval["majority_rate"], weights=final_eval["num_clean"])
+                ),
+                "clients_below_majority_rate": below,
+                "warnings": warnings,
+            },
             "communication": {
-                "bytes_up": st.bytes_up, "bytes_down": st.bytes_down, "adapter_bytes": self.adapter_bytes,
+                "bytes_up": st.bytes_up,
+                "bytes_down": st.bytes_down,
+                "adapter_bytes": self.adapter_bytes,
                 "full_model_bytes": self.info.full_model_bytes,
                 "full_over_adapter": self.info.full_model_bytes / self.adapter_bytes if self.adapter_bytes else None,
                 "rounds": cfg.federation.rounds,
@@ -345,4 +429,3 @@ class Federation:
             log.warning("clients %s end below their majority-class rate (a collapsed model)", below)
         write_json(self.run_dir / "summary.json", summary)
         return summary
-

@@ -90,8 +90,11 @@ def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_i
     """The body of a training job, wherever it runs (in-process or inside an actor)."""
     update = worker.train(job.client_id, job.state, global_adapter, round_index)
     return Outcome(
-        client_id=job.client_id, upload=encode_state(update.adapter), state=update.state,
-        num_samples=update.num_samples, metrics=update.metrics.as_dict("train_"),
+        client_id=job.client_id,
+        upload=encode_state(update.adapter),
+        state=update.state,
+        num_samples=update.num_samples,
+        metrics=update.metrics.as_dict("train_"),
     )
 
 
@@ -108,7 +111,10 @@ def payload_key(payload: bytes) -> str:
 def run_coalition_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
     """Phase 2: v(S) of one coalition of one client's layer game."""
     scored = worker.game(job.client_id, job.state, adapter, adapter_key).value(int(job.mask or 0))
-    return Outcome(client_id=job.client_id, metrics={"value": scored.value, "clean_acc": scored.clean_acc, "robust_acc": scored.robust_acc})
+    return Outcome(
+        client_id=job.client_id,
+        metrics={"value": scored.value, "clean_acc": scored.clean_acc, "robust_acc": scored.robust_acc},
+    )
 
 
 def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:

@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 
 from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.seeding import derive_seed
-from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
+from sylva_ray.base.storage import atomic_write_bytes
 from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.jobs import Job
 from sylva_ray.engine.rundir import write_table
@@ -35,13 +36,28 @@ from sylva_ray.method.shapley import ShapleyResult, make_estimator, select_playe
 log = logging.getLogger(__name__)
 
 
-def play_games(cfg: ExperimentConfig, executor: Any, num_players: int, clients: Sequence[int],
-               states: Mapping[int, ClientState], payload: bytes) -> tuple[dict[int, ShapleyResult], dict[int, str]]:
+def play_games(
+    cfg: ExperimentConfig,
+    executor: Any,
+    num_players: int,
+    clients: Sequence[int],
+    states: Mapping[int, ClientState],
+    payload: bytes,
+) -> tuple[dict[int, ShapleyResult], dict[int, str]]:
     """Run every client's estimator to the end; returns results and the clients that failed."""
     sel = cfg.layer_selection
-    estimators = {c: make_estimator(num_players, sel.exact_max_players, derive_seed(cfg.runtime.seed, "shapley", c),
-                                    sel.max_evaluations, sel.stderr_tolerance, sel.truncation_tolerance,
-                                    sel.permutations_per_batch) for c in clients}
+    estimators = {
+        c: make_estimator(
+            num_players,
+            sel.exact_max_players,
+            derive_seed(cfg.runtime.seed, "shapley", c),
+            sel.max_evaluations,
+            sel.stderr_tolerance,
+            sel.truncation_tolerance,
+            sel.permutations_per_batch,
+        )
+        for c in clients
+    }
     requests = {c: next(est) for c, est in estimators.items()}
     results: dict[int, ShapleyResult] = {}
     failed: dict[int, str] = {}
@@ -79,22 +95,38 @@ def baseline_selection(rule: str, num_players: int, top_k: int, seed: int) -> li
     """``random``: ``top_k`` layers drawn at random (seeded per client); ``all``: every layer."""
     if rule == "all":
         return list(range(num_players))
-    return sorted(int(i) for i in np.random.default_rng(seed).choice(num_players, size=min(top_k, num_players), replace=False))
+    return sorted(
+        int(i) for i in np.random.default_rng(seed).choice(num_players, size=min(top_k, num_players), replace=False)
+    )
 
 
-def run_phase2(cfg: ExperimentConfig, executor: Any, players: list[str], global_adapter: Mapping[str, torch.Tensor],
-               states: Mapping[int, ClientState], phase1_eval: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def run_phase2(
+    cfg: ExperimentConfig,
+    executor: Any,
+    players: list[str],
+    global_adapter: Mapping[str, torch.Tensor],
+    states: Mapping[int, ClientState],
+    phase1_eval: list[dict[str, Any]],
+    out_dir: Path,
+) -> dict[str, Any]:
     """Phase 2 for every client; returns ``means`` (client means after Phase 2), ``selected``, ``per_client``."""
     started = time.perf_counter()
     sel = cfg.layer_selection
     before = {row["client"]: row for row in phase1_eval}
     clients = sorted(c for c in states if c in before)  # a client without a Phase-1 score is not tailored
     if len(clients) < len(states):
-        log.warning("phase 2: clients %s have no Phase-1 evaluation and are skipped", sorted(set(states) - set(clients)))
+        log.warning(
+            "phase 2: clients %s have no Phase-1 evaluation and are skipped", sorted(set(states) - set(clients))
+        )
     payload = encode_state(global_adapter)
     if sel.selection in BASELINE_SELECTIONS:
         results, failed = {c: _no_game(len(players)) for c in clients}, {}
-        selected = {c: baseline_selection(sel.selection, len(players), sel.top_k, derive_seed(cfg.runtime.seed, "random-layers", c)) for c in clients}
+        selected = {
+            c: baseline_selection(
+                sel.selection, len(players), sel.top_k, derive_seed(cfg.runtime.seed, "random-layers", c)
+            )
+            for c in clients
+        }
     else:
         results, failed = play_games(cfg, executor, len(players), clients, states, payload)
         selected = {c: select_players(results[c].values, sel.selection, sel.top_k, sel.threshold) for c in results}
@@ -112,9 +144,17 @@ def run_phase2(cfg: ExperimentConfig, executor: Any, players: list[str], global_
             row["selected_layers"] = [players[p] for p in selected[client]]
             res = results[client]
             for index, name in enumerate(players):
-                shapley_rows.append({"client": client, "layer": name, "value": float(res.values[index]),
-                                     "stderr": float(res.stderr[index]), "evaluations": res.evaluations,
-                                     "method": res.method, "selected": index in selected[client]})
+                shapley_rows.append(
+                    {
+                        "client": client,
+                        "layer": name,
+                        "value": float(res.values[index]),
+                        "stderr": float(res.stderr[index]),
+                        "evaluations": res.evaluations,
+                        "method": res.method,
+                        "selected": index in selected[client],
+                    }
+                )
         else:
             row["phase2_error"] = failed.get(client, "")
         per_client.append(row)
@@ -125,29 +165,35 @@ def run_phase2(cfg: ExperimentConfig, executor: Any, players: list[str], global_
     per_client_frame = pd.DataFrame(per_client)
     plot_before_after(out_dir, per_client_frame)
     means = client_means(per_client_frame)
-    warnings = sanity_warnings([row for row in per_client if "phase2_error" not in row], cfg.evaluation, "phase 2 (final)")
+    warnings = sanity_warnings(
+        [row for row in per_client if "phase2_error" not in row], cfg.evaluation, "phase 2 (final)"
+    )
     seconds = time.perf_counter() - started
-    log.info("phase 2: %d clients, %d layers, %d coalition evaluations, clean %.4f robust %.4f, %.1fs",
-             len(results), len(players), sum(r.evaluations for r in results.values()), means["clean_acc"], means["robust_acc"], seconds)
-    return {"means": means, "selected": {str(c): [players[p] for p in s] for c, s in selected.items()},
-            "per_client": per_client, "failed": {str(c): e for c, e in failed.items()}, "seconds": seconds,
-            "evaluations": int(sum(r.evaluations for r in results.values())), "sanity_warnings": warnings}
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    log.info(
+        "phase 2: %d clients, %d layers, %d coalition evaluations, clean %.4f robust %.4f, %.1fs",
+        len(results),
+        len(players),
+        sum(r.evaluations for r in results.values()),
+        means["clean_acc"],
+        means["robust_acc"],
+        seconds,
+    )
+    return {
+        "means": means,
+        "selected": {str(c): [players[p] for p in s] for c, s in selected.items()},
+        "per_client": per_client,
+        "failed": {str(c): e for c, e in failed.items()},
+        "seconds": seconds,
+        "evaluations": int(sum(r.evaluations for r in results.values())),
+        "sanity_warnings": warnings,
+    }
 
 
 def plot_heatmap(out_dir: Path, frame: pd.DataFrame) -> None:
     """Clients x layers, colour = Shapley value, selected layers marked."""
     if frame.empty or frame["value"].isna().all():  # no game was played (random / all)
         return
-    plt = _pyplot()
+    plt = pyplot()
     grid = frame.pivot(index="client", columns="layer", values="value")
     chosen = frame.pivot(index="client", columns="layer", values="selected")
     order = list(dict.fromkeys(frame["layer"]))
@@ -158,19 +204,20 @@ def plot_heatmap(out_dir: Path, frame: pd.DataFrame) -> None:
     for (i, j), flag in np.ndenumerate(chosen.to_numpy()):
         if flag:
             ax.text(j, i, "*", ha="center", va="center", color="black")
-    ax.set_xticks(range(len(order)), [name.rstrip(".").removeprefix("backbone.") for name in order], rotation=45, ha="right")
+    ax.set_xticks(
+        range(len(order)), [name.rstrip(".").removeprefix("backbone.") for name in order], rotation=45, ha="right"
+    )
     ax.set_yticks(range(len(grid)), [str(c) for c in grid.index])
     ax.set_xlabel("layer (* selected)")
     ax.set_ylabel("client")
     fig.colorbar(image, ax=ax, label="Shapley value")
     fig.tight_layout()
-    atomic_write_with(out_dir / "shapley_heatmap.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, out_dir / "shapley_heatmap.png")
 
 
 def plot_before_after(out_dir: Path, frame: pd.DataFrame) -> None:
     """Per client: clean and robust accuracy after Phase 1 and after Phase 2."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.arange(len(frame))
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(frame) + 2), 3.2), sharey=True)
     for ax, metric in zip(axes, ("clean_acc", "robust_acc")):
@@ -182,5 +229,4 @@ def plot_before_after(out_dir: Path, frame: pd.DataFrame) -> None:
         ax.set_ylim(0, 1)
     axes[0].legend(loc="lower left")
     fig.tight_layout()
-    atomic_write_with(out_dir / "phase2_before_after.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, out_dir / "phase2_before_after.png")

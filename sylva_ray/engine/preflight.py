@@ -16,11 +16,24 @@ minute later from an actor.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
+import timm
+import torch
 from torch import nn
 
+import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16)
 from sylva_ray.base.config import ConfigError, ExperimentConfig
+from sylva_ray.method.cifar import UnsafeDataFile
+from sylva_ray.method.data import PartitionError, load_source, make_partition
+from sylva_ray.method.layer_selection import player_prefixes
+from sylva_ray.method.models import (
+    ModelSourceError,
+    _pixel_model,
+    matched_modules,
+    read_checkpoint,
+)
 
 #: Classes used to build the meta model when the dataset's own count is not known without reading it.
 META_NUM_CLASSES = 10
@@ -41,28 +54,23 @@ def preflight(cfg: ExperimentConfig, *, data: bool = True, local_cpus: Optional[
 
 def meta_model(cfg: ExperimentConfig) -> tuple[Optional[nn.Module], list[str]]:
     """The configured backbone in pixel space on the meta device, or the problems building it."""
-    import timm
-    import torch
-
-    import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16)
-    from sylva_ray.method.models import _pixel_model
-
     if cfg.model.name not in timm.list_models():
         close = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:5]
         return None, [f"model.name = {cfg.model.name!r}: not a timm model" + (f" (similar: {close})" if close else "")]
     try:
         with torch.device("meta"):
-            backbone = timm.create_model(cfg.model.name, pretrained=False, num_classes=META_NUM_CLASSES, **cfg.model.kwargs)
+            backbone = timm.create_model(
+                cfg.model.name, pretrained=False, num_classes=META_NUM_CLASSES, **cfg.model.kwargs
+            )
     except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as exc:
-        return None, [f"model.kwargs = {cfg.model.kwargs!r}: timm.create_model({cfg.model.name!r}) refuses them "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"]
+        return None, [
+            f"model.kwargs = {cfg.model.kwargs!r}: timm.create_model({cfg.model.name!r}) refuses them "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ]
     return _pixel_model(backbone, cfg.model), []
 
 
 def model_problems(cfg: ExperimentConfig) -> list[str]:
-    from sylva_ray.method.layer_selection import player_prefixes
-    from sylva_ray.method.models import matched_modules
-
     model, problems = meta_model(cfg)
     if model is None:
         return problems
@@ -70,13 +78,19 @@ def model_problems(cfg: ExperimentConfig) -> list[str]:
     for target in cfg.lora.target_modules:
         found = [m for _, m in matched_modules(model, target)]
         if not found:
-            names = sorted({name.split(".", 2)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})[:8]
-            problems.append(f"lora.target_modules entry {target!r} matches no module of {cfg.model.name}; its linear layers "
-                            f"include {names}")
+            names = sorted({name.split(".", 2)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})[
+                :8
+            ]
+            problems.append(
+                f"lora.target_modules entry {target!r} matches no module of {cfg.model.name}; its linear layers "
+                f"include {names}"
+            )
         widths += [min(m.in_features, m.out_features) for m in found if isinstance(m, nn.Linear)]
     if widths and cfg.lora.rank > min(widths):
-        problems.append(f"lora.rank = {cfg.lora.rank}: larger than the narrowest targeted layer ({min(widths)} features); "
-                        f"choose at most {min(widths)} (LoRA is a low-rank update: rank 4-16 is usual)")
+        problems.append(
+            f"lora.rank = {cfg.lora.rank}: larger than the narrowest targeted layer ({min(widths)} features); "
+            f"choose at most {min(widths)} (LoRA is a low-rank update: rank 4-16 is usual)"
+        )
     selection = cfg.layer_selection
     if selection.enabled and selection.selection in {"top_k", "random"}:
         try:
@@ -85,16 +99,15 @@ def model_problems(cfg: ExperimentConfig) -> list[str]:
             problems.append(f"layer_selection.players = {selection.players!r}: {exc}")
         else:
             if selection.top_k > len(players):
-                problems.append(f"layer_selection.top_k = {selection.top_k}: the layer game has only {len(players)} players "
-                                f"({selection.players} of {cfg.model.name}); choose at most {len(players)}")
+                problems.append(
+                    f"layer_selection.top_k = {selection.top_k}: the layer game has only {len(players)} players "
+                    f"({selection.players} of {cfg.model.name}); choose at most {len(players)}"
+                )
     return problems
 
 
 def data_problems(cfg: ExperimentConfig) -> list[str]:
     """Load and split the data as the run will (PartitionError and damaged files become problems)."""
-    from sylva_ray.method.cifar import UnsafeDataFile
-    from sylva_ray.method.data import PartitionError, load_source, make_partition
-
     if cfg.data.name == "imagefolder":
         return imagefolder_problems(cfg)
     try:
@@ -107,8 +120,6 @@ def data_problems(cfg: ExperimentConfig) -> list[str]:
 
 def imagefolder_problems(cfg: ExperimentConfig) -> list[str]:
     """An ImageFolder's index (class folders and image files), without decoding an image."""
-    from pathlib import Path
-
     root = Path(cfg.data.root or "")
     classes = [d for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
     counts = [sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for d in classes]
@@ -116,14 +127,15 @@ def imagefolder_problems(cfg: ExperimentConfig) -> list[str]:
         return [f"data.root = {cfg.data.root!r}: no images in class subfolders (expected root/<class>/<image>)"]
     need = cfg.data.num_clients * cfg.data.min_samples_per_client
     if sum(counts) < need:
-        return [f"data.num_clients={cfg.data.num_clients} x data.min_samples_per_client={cfg.data.min_samples_per_client} = "
-                f"{need} samples needed, but {cfg.data.root} holds {sum(counts)} images"]
+        return [
+            f"data.num_clients={cfg.data.num_clients} x data.min_samples_per_client={cfg.data.min_samples_per_client} "
+            "= "
+            f"{need} samples needed, but {cfg.data.root} holds {sum(counts)} images"
+        ]
     return []
 
 
 def weight_problems(cfg: ExperimentConfig) -> list[str]:
-    from sylva_ray.method.models import ModelSourceError, read_checkpoint
-
     if cfg.model.pretrained != "checkpoint" or not cfg.model.checkpoint:
         return []
     try:
@@ -140,6 +152,9 @@ def resource_problems(cfg: ExperimentConfig, local_cpus: Optional[int]) -> list[
     cpus = local_cpus
     need = cfg.runtime.client_resources.get("num_cpus", 0)
     if need > cpus:
-        return [f"runtime.client_resources.num_cpus = {need:g}: this machine has {cpus} CPUs, so no client actor could start; "
-                f"ask for at most {cpus}, or join a larger cluster with --address"]
+        return [
+            f"runtime.client_resources.num_cpus = {need:g}: this machine has {cpus} CPUs, so no client actor could "
+            "start; "
+            f"ask for at most {cpus}, or join a larger cluster with --address"
+        ]
     return []

@@ -92,7 +92,9 @@ def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentCon
     """
     cfg = validate_schema(raw)
     if cfg.algorithm.name not in ALGORITHMS:
-        raise ConfigError(f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}")
+        raise ConfigError(
+            f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}"
+        )
     implied = ALGORITHMS.get(cfg.algorithm.name).implied_settings(cfg.algorithm)
     if implied:
         warn_overridden(cfg.algorithm.name, raw, implied)
@@ -117,11 +119,18 @@ def _lookup(raw: dict[str, Any], dotted: str) -> Any:
 
 def warn_overridden(algorithm: str, raw: dict[str, Any], implied: dict[str, Any]) -> list[str]:
     """Log (and return) every field the user set that the algorithm's implied settings replace."""
-    lost = [f"{key}={value!r} (yours: {mine!r})" for key, value in implied.items()
-            if (mine := _lookup(raw, key)) is not _UNSET and mine != value]
+    lost = [
+        f"{key}={value!r} (yours: {mine!r})"
+        for key, value in implied.items()
+        if (mine := _lookup(raw, key)) is not _UNSET and mine != value
+    ]
     if lost:
-        log.warning("algorithm.name=%s fixes %s: its values are used (README 'Baselines, ablations' names the algorithm.* "
-                    "fields that set them)", algorithm, ", ".join(lost))
+        log.warning(
+            "algorithm.name=%s fixes %s: its values are used (README 'Baselines, ablations' names the algorithm.* "
+            "fields that set them)",
+            algorithm,
+            ", ".join(lost),
+        )
     return lost
 
 
@@ -153,8 +162,10 @@ def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[s
     accepted = ALGORITHMS.get(cfg.algorithm.name).accepted_ablations
     for ablation in cfg.algorithm.ablations:
         if ablation not in accepted:
-            problems.append(f"algorithm.ablations entry {ablation!r} does not apply to algorithm.name={cfg.algorithm.name!r}"
-                            + (f"; it accepts {sorted(accepted)}" if accepted else "; it has no ablations"))
+            problems.append(
+                f"algorithm.ablations entry {ablation!r} does not apply to algorithm.name={cfg.algorithm.name!r}"
+                + (f"; it accepts {sorted(accepted)}" if accepted else "; it has no ablations")
+            )
     problems += _path_problems(cfg, check_paths)
     problems += _model_problems(cfg)
     problems += _runtime_problems(cfg)
@@ -165,13 +176,20 @@ def _path_problems(cfg: ExperimentConfig, check_paths: bool) -> list[str]:
     problems = []
     if cfg.data.name in LOCAL_DATASETS:
         if not cfg.data.root:
-            problems.append(f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder")
+            problems.append(
+                f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder"
+            )
         elif check_paths and not Path(cfg.data.root).is_dir():
-            problems.append(f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files there)")
+            problems.append(
+                f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files "
+                "there)"
+            )
     if cfg.model.pretrained == "checkpoint":
         if not cfg.model.checkpoint:
-            problems.append("model.checkpoint is required with model.pretrained='checkpoint': "
-                            "--set model.checkpoint=/path/weights.safetensors")
+            problems.append(
+                "model.checkpoint is required with model.pretrained='checkpoint': "
+                "--set model.checkpoint=/path/weights.safetensors"
+            )
         elif check_paths and not Path(cfg.model.checkpoint).is_file():
             problems.append(f"model.checkpoint = {cfg.model.checkpoint!r}: no such file")
     return problems
@@ -180,11 +198,15 @@ def _path_problems(cfg: ExperimentConfig, check_paths: bool) -> list[str]:
 def _model_problems(cfg: ExperimentConfig) -> list[str]:
     problems = []
     if cfg.model.pretrained == "embedded" and cfg.data.public_fraction <= 0:
-        problems.append("data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': "
-                        "set it > 0 or use another source")
+        problems.append(
+            "data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': "
+            "set it > 0 or use another source"
+        )
     if cfg.model.pretrained == "embedded" and cfg.data.name not in EMBEDDED_PRETRAINING_DATASETS:
-        problems.append(f"model.pretrained='embedded' pre-trains on a public slice of digits/synthetic only, "
-                        f"not {cfg.data.name!r}: use timm or checkpoint")
+        problems.append(
+            f"model.pretrained='embedded' pre-trains on a public slice of digits/synthetic only, "
+            f"not {cfg.data.name!r}: use timm or checkpoint"
+        )
     if (cfg.model.mean is None) != (cfg.model.std is None):
         problems.append("model.mean and model.std must be given together (or both left unset)")
     for entry in cfg.lora.target_modules:
@@ -200,12 +222,16 @@ def _runtime_problems(cfg: ExperimentConfig) -> list[str]:
     problems = []
     for key, value in cfg.runtime.client_resources.items():
         if key not in ACTOR_RESOURCES and not key.startswith("custom:"):
-            problems.append(f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus, memory or custom:NAME")
+            problems.append(
+                f"runtime.client_resources.{key}: unknown resource; use num_cpus, num_gpus, memory or custom:NAME"
+            )
         if not math.isfinite(value) or value < 0:
             problems.append(f"runtime.client_resources.{key} = {value}: must be a finite number >= 0")
     if not any(v > 0 for v in cfg.runtime.client_resources.values()):
-        problems.append("runtime.client_resources needs a positive num_cpus or num_gpus, e.g. {num_cpus: 1}: "
-                        "without one Ray could start an unbounded number of client actors")
+        problems.append(
+            "runtime.client_resources needs a positive num_cpus or num_gpus, e.g. {num_cpus: 1}: "
+            "without one Ray could start an unbounded number of client actors"
+        )
     if cfg.runtime.address is not None:
         problem = address_problem(cfg.runtime.address)
         if problem:

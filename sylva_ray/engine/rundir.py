@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
+from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.storage import (
     atomic_write_text,
     atomic_write_with,
@@ -61,8 +62,11 @@ def results_base() -> Path:
         return Path(os.environ[HOME_ENV]).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if cwd.is_relative_to(_ray_temp_root()):
-        log.warning("running inside a Ray job's temporary working directory: results go under %s (set %s to choose)",
-                    JOB_FALLBACK_HOME, HOME_ENV)
+        log.warning(
+            "running inside a Ray job's temporary working directory: results go under %s (set %s to choose)",
+            JOB_FALLBACK_HOME,
+            HOME_ENV,
+        )
         return JOB_FALLBACK_HOME.expanduser().resolve()
     return cwd
 
@@ -82,9 +86,13 @@ def create_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path
             remove_orphaned_temp_files(path)  # a write killed before it finished left only these
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             if (path / "config.yaml").is_file() and not (path / "summary.json").is_file():
-                raise RunDirectoryError(f"--out {str(path)!r} holds a run that did not finish; continue it with "
-                                        f"`sylva-ray resume {path}`, or choose a new folder (results are never overwritten)")
-            raise RunDirectoryError(f"--out {str(path)!r} exists and is not empty; choose a new folder (results are never overwritten)")
+                raise RunDirectoryError(
+                    f"--out {str(path)!r} holds a run that did not finish; continue it with "
+                    f"`sylva-ray resume {path}`, or choose a new folder (results are never overwritten)"
+                )
+            raise RunDirectoryError(
+                f"--out {str(path)!r} exists and is not empty; choose a new folder (results are never overwritten)"
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     return new_unique_dir(resolve_result_path(cfg.output.root), f"{utc_stamp()}-{cfg.name}")
@@ -131,12 +139,7 @@ def plot_accuracy(run_dir: Path, rounds: pd.DataFrame) -> Path | None:
     evaluated = rounds.dropna(subset=["clean_acc"])
     if evaluated.empty:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     ax.plot(evaluated["round"], evaluated["clean_acc"], marker="o", label="clean")
     ax.plot(evaluated["round"], evaluated["robust_acc"], marker="s", label="robust")
     if "majority_rate" in evaluated:
@@ -147,13 +150,12 @@ def plot_accuracy(run_dir: Path, rounds: pd.DataFrame) -> Path | None:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    target = run_dir / "accuracy.png"
-    atomic_write_with(target, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return target
+    return save_figure(fig, run_dir / "accuracy.png")
 
 
-def prepare_data(cfg: ExperimentConfig, run_dir: Path, resume: bool, source: Optional[DataSource] = None) -> tuple[DataSource, Partition]:
+def prepare_data(
+    cfg: ExperimentConfig, run_dir: Path, resume: bool, source: Optional[DataSource] = None
+) -> tuple[DataSource, Partition]:
     """Load the data (unless given); make and save the partition for a new run, reload it when resuming."""
     source = source if source is not None else load_source(cfg.data)
     partition_path = run_dir / "partition.json"

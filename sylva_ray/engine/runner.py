@@ -49,8 +49,11 @@ class LocalSession:
 
     @property
     def status(self) -> dict[str, Any]:
-        return {"next_round": self.federation.state.next_round, "rounds": self.federation.cfg.federation.rounds,
-                "done": self.federation.done}
+        return {
+            "next_round": self.federation.state.next_round,
+            "rounds": self.federation.cfg.federation.rounds,
+            "done": self.federation.done,
+        }
 
     def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
         return self.federation.run_round(evaluate=evaluate)
@@ -67,8 +70,15 @@ def phase2_of(federation: Federation, out_dir: Path) -> dict[str, Any]:
     st = federation.state
     if not st.last_eval:
         raise RuntimeError("Phase 2 needs a finished Phase 1 (no evaluation recorded yet)")
-    return run_phase2(federation.cfg, federation.executor, federation.info.players, st.global_adapter,
-                      st.client_states, st.last_eval, out_dir)
+    return run_phase2(
+        federation.cfg,
+        federation.executor,
+        federation.info.players,
+        st.global_adapter,
+        st.client_states,
+        st.last_eval,
+        out_dir,
+    )
 
 
 def complete(session: Session, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -77,8 +87,9 @@ def complete(session: Session, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     return session.finish(phase2)
 
 
-def drive(session: Session, cfg: ExperimentConfig, run_dir: Path, stop_after: Optional[int] = None,
-          progress: bool = True) -> Optional[dict[str, Any]]:
+def drive(
+    session: Session, cfg: ExperimentConfig, run_dir: Path, stop_after: Optional[int] = None, progress: bool = True
+) -> Optional[dict[str, Any]]:
     """Phase 1 with a progress bar, then ``complete``; None if stopped after ``stop_after`` rounds
     (as an interruption would: the checkpoint is written after every round)."""
     status = session.status
@@ -117,9 +128,12 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Federation
     saved = {k: v for k, v in state.fingerprint.items() if k in current}
     differences = fingerprint_differences(saved, current)
     if differences:
-        raise ConfigError(f"{run_dir}: config.yaml (or partition.json) differs from what the run's checkpoint was made with, "
-                          "so resuming would mix two experiments:\n  " + "\n  ".join(differences)
-                          + "\nrestore the run's files, or start a new run with these values")
+        raise ConfigError(
+            f"{run_dir}: config.yaml (or partition.json) differs from what the run's checkpoint was made with, "
+            "so resuming would mix two experiments:\n  "
+            + "\n  ".join(differences)
+            + "\nrestore the run's files, or start a new run with these values"
+        )
     return state
 
 

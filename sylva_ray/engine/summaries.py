@@ -20,5 +20,7 @@ def client_means(evaluation: pd.DataFrame) -> dict[str, float]:
         weighted = float(np.average(frame[column], weights=frame[count]))
         means[column] = float(frame[column].mean())
         means[f"{column}_weighted"] = weighted
-        means[f"{column}_client_std"] = float(np.sqrt(np.average((frame[column] - weighted) ** 2, weights=frame[count])))
+        means[f"{column}_client_std"] = float(
+            np.sqrt(np.average((frame[column] - weighted) ** 2, weights=frame[count]))
+        )
     return means

@@ -32,8 +32,17 @@ import torch
 from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
 from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
-from sylva_ray.engine.resolve import build_config
+from sylva_ray.engine.resolve import build_config, load_config
+from sylva_ray.engine.rundir import (
+    prepare_data,
+    read_json,
+    resolve_result_path,
+    write_table,
+)
+from sylva_ray.experiments.memory import estimate_actor_memory
 from sylva_ray.method.aggregation import aggregate
+from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.data import ArrayDataset, load_source, make_partition
 from sylva_ray.method.models import (
     _pixel_model,
     add_lora,
@@ -42,6 +51,12 @@ from sylva_ray.method.models import (
     encode_state,
     full_model_nbytes,
     shared_state,
+)
+from sylva_ray.method.shapley import (
+    exact_shapley,
+    permutation_shapley,
+    solve,
+    spearman,
 )
 
 log = logging.getLogger(__name__)
@@ -72,14 +87,16 @@ def communication_row(model_cfg: ModelConfig, lora_cfg: LoRAConfig, num_classes:
 
 def bench_comm(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     name, lora = VIT_B16
-    return pd.DataFrame([communication_row(cfg.model, cfg.lora, 10),
-                         communication_row(ModelConfig(name=name, pretrained="none"), lora, 10)])
+    return pd.DataFrame(
+        [
+            communication_row(cfg.model, cfg.lora, 10),
+            communication_row(ModelConfig(name=name, pretrained="none"), lora, 10),
+        ]
+    )
 
 
 def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
     """The reference: Phase-1 rounds as a plain loop in this process (setup s, rounds s)."""
-    from sylva_ray.engine.rundir import prepare_data
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -96,7 +113,12 @@ def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
             updates = [worker.train(c, heads[c], adapter, r) for c in participants]
             for update in updates:
                 heads[update.client_id] = update.state
-            adapter, _ = aggregate(cfg.federation.aggregation, [u.adapter for u in updates], [u.num_samples for u in updates], cfg.federation)
+            adapter, _ = aggregate(
+                cfg.federation.aggregation,
+                [u.adapter for u in updates],
+                [u.num_samples for u in updates],
+                cfg.federation,
+            )
         return setup, time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
@@ -106,7 +128,9 @@ def _engine(cfg: ExperimentConfig, actors: int) -> tuple[float, float, list[dict
     """The same rounds through the Ray engine with ``actors`` client actors (setup s, rounds s, per-round rows)."""
     from sylva_ray.distributed.launcher import remote_federation
 
-    cfg = build_config({**cfg.to_dict(), "runtime": {**cfg.to_dict()["runtime"], "num_actors": actors, "torch_threads": 1}})
+    cfg = build_config(
+        {**cfg.to_dict(), "runtime": {**cfg.to_dict()["runtime"], "num_actors": actors, "torch_threads": 1}}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         with remote_federation(cfg, Path(tmp)) as federation:
@@ -123,19 +147,45 @@ def bench_engine(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     one_setup, one, _ = _engine(cfg, 1)
     two_setup, two, _ = _engine(cfg, 2)
     rounds = cfg.federation.rounds
-    return pd.DataFrame([
-        {"variant": "plain in-process loop", "setup_s": plain_setup, "rounds_s": plain, "s_per_round": plain / rounds, "vs_plain": 1.0},
-        {"variant": "ray engine, 1 actor", "setup_s": one_setup, "rounds_s": one, "s_per_round": one / rounds, "vs_plain": one / plain},
-        {"variant": "ray engine, 2 actors", "setup_s": two_setup, "rounds_s": two, "s_per_round": two / rounds, "vs_plain": two / plain,
-         "speedup_vs_1_actor": one / two},
-    ]).round(3)
+    return pd.DataFrame(
+        [
+            {
+                "variant": "plain in-process loop",
+                "setup_s": plain_setup,
+                "rounds_s": plain,
+                "s_per_round": plain / rounds,
+                "vs_plain": 1.0,
+            },
+            {
+                "variant": "ray engine, 1 actor",
+                "setup_s": one_setup,
+                "rounds_s": one,
+                "s_per_round": one / rounds,
+                "vs_plain": one / plain,
+            },
+            {
+                "variant": "ray engine, 2 actors",
+                "setup_s": two_setup,
+                "rounds_s": two,
+                "s_per_round": two / rounds,
+                "vs_plain": two / plain,
+                "speedup_vs_1_actor": one / two,
+            },
+        ]
+    ).round(3)
 
 
 def bench_scale(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     """1,000 virtual clients, 5% per round, synthetic 8x8 data, the tiny ViT, 2 local steps."""
     base = cfg.to_dict()
-    base["data"].update(name="synthetic", num_clients=SCALE_CLIENTS, partition="iid", synthetic_num_samples=20000,
-                        min_samples_per_client=10, max_samples=None)
+    base["data"].update(
+        name="synthetic",
+        num_clients=SCALE_CLIENTS,
+        partition="iid",
+        synthetic_num_samples=20000,
+        min_samples_per_client=10,
+        max_samples=None,
+    )
     base["model"].update(pretrain_epochs=5)
     base["federation"].update(participation=SCALE_PARTICIPATION)
     base["train"].update(local_steps=2)
@@ -168,14 +218,6 @@ def bench_estimator(cfg: ExperimentConfig) -> pd.DataFrame:
     replays those values (they are deterministic: same fused start, seed and adversarial start), so
     its cost is the number of distinct coalitions it asked for.
     """
-    from sylva_ray.method.data import load_source, make_partition
-    from sylva_ray.method.shapley import (
-        exact_shapley,
-        permutation_shapley,
-        solve,
-        spearman,
-    )
-
     game_cfg = _with(cfg, lora={"target_modules": ESTIMATOR_TARGETS}, layer_selection={"players": "modules"})
     source = load_source(game_cfg.data)
     worker = ClientWorker(game_cfg, source, make_partition(source, game_cfg.data, game_cfg.runtime.seed))
@@ -188,14 +230,32 @@ def bench_estimator(cfg: ExperimentConfig) -> pd.DataFrame:
         exact_s = time.perf_counter() - started
         table = exact.coalition_values
         for tolerance, seed in itertools.product(ESTIMATOR_TOLERANCES, range(ESTIMATOR_SEEDS)):
-            mc = solve(permutation_shapley(len(game.players), np.random.default_rng(seed), sel.max_evaluations,
-                                           tolerance, sel.truncation_tolerance, sel.permutations_per_batch),
-                       table.__getitem__)
-            rows.append({"client": client, "players": len(game.players), "stderr_tolerance": tolerance, "mc_seed": seed,
-                         "exact_evaluations": exact.evaluations,
-                         "mc_evaluations": mc.evaluations, "share_of_exact": mc.evaluations / exact.evaluations,
-                         "spearman": spearman(mc.values, exact.values), "max_abs_error": float(np.max(np.abs(mc.values - exact.values))),
-                         "mean_stderr": float(np.mean(mc.stderr)), "exact_seconds": exact_s})
+            mc = solve(
+                permutation_shapley(
+                    len(game.players),
+                    np.random.default_rng(seed),
+                    sel.max_evaluations,
+                    tolerance,
+                    sel.truncation_tolerance,
+                    sel.permutations_per_batch,
+                ),
+                table.__getitem__,
+            )
+            rows.append(
+                {
+                    "client": client,
+                    "players": len(game.players),
+                    "stderr_tolerance": tolerance,
+                    "mc_seed": seed,
+                    "exact_evaluations": exact.evaluations,
+                    "mc_evaluations": mc.evaluations,
+                    "share_of_exact": mc.evaluations / exact.evaluations,
+                    "spearman": spearman(mc.values, exact.values),
+                    "max_abs_error": float(np.max(np.abs(mc.values - exact.values))),
+                    "mean_stderr": float(np.mean(mc.stderr)),
+                    "exact_seconds": exact_s,
+                }
+            )
     return pd.DataFrame(rows).round(4)
 
 
@@ -204,12 +264,14 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     selection vs random layers of the same size vs all layers (same Phase-1 model, seeds, attack).
     Also writes ``bench_estimator.csv`` (Monte Carlo vs exact on 8-player games)."""
     from sylva_ray.distributed.launcher import phase2_only, run
-    from sylva_ray.engine.rundir import read_json, write_table
 
     phase1_dir = out / "phase1"
     phase1_dir.mkdir(parents=True, exist_ok=True)
     # Timing Phase 2 itself: the final-model protocol (AutoAttack, sanity attacks) is left out here.
-    run(_with(cfg, layer_selection={"enabled": False}, evaluation={"autoattack": False, "sanity_checks": False}), phase1_dir)
+    run(
+        _with(cfg, layer_selection={"enabled": False}, evaluation={"autoattack": False, "sanity_checks": False}),
+        phase1_dir,
+    )
     rows = []
     for label, overrides in [
         ("shapley top-k, 1 actor", ["runtime.num_actors=1"]),
@@ -218,14 +280,24 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
         ("all layers", ["runtime.num_actors=2", "layer_selection.selection=all"]),
     ]:
         result_dir, summary = phase2_only(phase1_dir, overrides)
-        rows.append({"variant": label, "clean_acc": summary["phase2"]["clean_acc"], "robust_acc": summary["phase2"]["robust_acc"],
-                     "evaluations": summary["evaluations"], "seconds": summary["seconds"], "result": result_dir.name})
+        rows.append(
+            {
+                "variant": label,
+                "clean_acc": summary["phase2"]["clean_acc"],
+                "robust_acc": summary["phase2"]["robust_acc"],
+                "evaluations": summary["evaluations"],
+                "seconds": summary["seconds"],
+                "result": result_dir.name,
+            }
+        )
     phase1 = read_json(phase1_dir / "summary.json")["phase1"]
     rows.insert(0, {"variant": "after Phase 1", "clean_acc": phase1["clean_acc"], "robust_acc": phase1["robust_acc"]})
     frame = pd.DataFrame(rows)
     frame["speedup_2_vs_1"] = np.nan
     frame.loc[frame["variant"] == "shapley top-k, 2 actors", "speedup_2_vs_1"] = float(
-        frame.loc[frame["variant"] == "shapley top-k, 1 actor", "seconds"].iloc[0] / frame.loc[frame["variant"] == "shapley top-k, 2 actors", "seconds"].iloc[0])
+        frame.loc[frame["variant"] == "shapley top-k, 1 actor", "seconds"].iloc[0]
+        / frame.loc[frame["variant"] == "shapley top-k, 2 actors", "seconds"].iloc[0]
+    )
     write_table(out / "bench_estimator.csv", bench_estimator(cfg))
     return frame.round(4)
 
@@ -239,9 +311,6 @@ PAPER_MEMORY_VARIANTS = [(64, 256, "fp32"), (64, 128, "fp32"), (32, 64, "fp32"),
 def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     """Estimated accelerator memory per client actor (``sylva_ray.experiments.memory``): the configuration
     given, then the ``paper`` preset and the batch/precision alternatives around it."""
-    from sylva_ray.engine.resolve import load_config
-    from sylva_ray.experiments.memory import estimate_actor_memory
-    from sylva_ray.method.data import load_source
 
     def inputs(c: ExperimentConfig) -> tuple[tuple[int, int, int], int]:
         if c.data.name in KNOWN_INPUTS:
@@ -252,28 +321,38 @@ def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     needs_benign = algorithm_needs_benign(cfg)
     rows = [{"config": "given", **estimate_actor_memory(cfg, *inputs(cfg), needs_benign=needs_benign)}]
     for train_batch, eval_batch, precision in PAPER_MEMORY_VARIANTS:
-        paper = load_config("paper", overrides=[f"train.batch_size={train_batch}", f"train.eval_batch_size={eval_batch}",
-                                                f"runtime.precision={precision}"], check_paths=False)
+        paper = load_config(
+            "paper",
+            overrides=[
+                f"train.batch_size={train_batch}",
+                f"train.eval_batch_size={eval_batch}",
+                f"runtime.precision={precision}",
+            ],
+            check_paths=False,
+        )
         rows.append({"config": "paper", **estimate_actor_memory(paper, *inputs(paper), needs_benign=True)})
     return pd.DataFrame(rows)
 
 
 def algorithm_needs_benign(cfg: ExperimentConfig) -> bool:
     """Whether the configured algorithm's loss keeps the benign forward's graph too."""
-    from sylva_ray.method.algorithms import algorithm_for
-    from sylva_ray.method.data import ArrayDataset
-
     probe = ArrayDataset(np.zeros((1, 3, 1, 1), dtype=np.float32), np.zeros(1, dtype=np.int64), 2)
     return bool(algorithm_for(cfg).objective(probe).needs_benign)
 
 
-BENCHES = {"comm": bench_comm, "engine": bench_engine, "scale": bench_scale, "phase2": bench_phase2, "memory": bench_memory}
+BENCHES = {
+    "comm": bench_comm,
+    "engine": bench_engine,
+    "scale": bench_scale,
+    "phase2": bench_phase2,
+    "memory": bench_memory,
+}
 
 
 def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:
-    from sylva_ray.engine.rundir import resolve_result_path, write_table
-
-    out = resolve_result_path(out or Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out = resolve_result_path(
+        out or Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     frame = BENCHES[which](cfg, out)
     write_table(out / f"bench_{which}.csv", frame)

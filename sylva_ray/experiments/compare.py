@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig, apply_overrides
 from sylva_ray.base.storage import atomic_write_text
-from sylva_ray.distributed.connect import check_before_start
+from sylva_ray.distributed.capacity import (
+    alive_nodes,
+    release_request,
+    wait_for_capacity,
+)
+from sylva_ray.distributed.connect import check_before_start, cluster_can_grow, connect
+from sylva_ray.distributed.placement import actor_request, capacity
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import read_json
 from sylva_ray.experiments.comparison_report import RunSpec, write_report
@@ -43,7 +49,9 @@ def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: give at least 1")
     if not algorithms:
-        raise ConfigError(f"--algorithms is empty; choose from {sorted(ALGORITHMS.names())} (sylva accepts -ablation suffixes)")
+        raise ConfigError(
+            f"--algorithms is empty; choose from {sorted(ALGORITHMS.names())} (sylva accepts -ablation suffixes)"
+        )
     duplicates = sorted({a for a in algorithms if algorithms.count(a) > 1})
     if duplicates:
         raise ConfigError(f"--algorithms lists {duplicates} twice")
@@ -52,12 +60,21 @@ def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: 
     for spec in algorithms:
         name, ablations = parse_algorithm(spec)
         if name not in ALGORITHMS:
-            problems.append(f"--algorithms entry {spec!r}: unknown algorithm {name!r}; choose from {sorted(ALGORITHMS.names())}")
+            problems.append(
+                f"--algorithms entry {spec!r}: unknown algorithm {name!r}; choose from {sorted(ALGORITHMS.names())}"
+            )
             continue
         for k in range(seeds):
             seed = base_seed + k
-            raw = apply_overrides(base_raw, {"algorithm.name": name, "algorithm.ablations": ablations,
-                                             "runtime.seed": seed, "name": f"{spec}-seed{seed}"})
+            raw = apply_overrides(
+                base_raw,
+                {
+                    "algorithm.name": name,
+                    "algorithm.ablations": ablations,
+                    "runtime.seed": seed,
+                    "name": f"{spec}-seed{seed}",
+                },
+            )
             try:
                 cfg = build_config(raw)
                 if k == 0:
@@ -78,31 +95,38 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
         previous = yaml.safe_load(path.read_text())
         changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
         if changed:
-            raise ConfigError(f"--out {str(out)!r} holds a comparison with other {changed}; use a new --out, "
-                              "or repeat the original arguments to resume it")
+            raise ConfigError(
+                f"--out {str(out)!r} holds a comparison with other {changed}; use a new --out, "
+                "or repeat the original arguments to resume it"
+            )
     elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {str(out)!r} exists, is not empty and is not a comparison folder; choose a new folder")
+        raise ConfigError(
+            f"--out {str(out)!r} exists, is not empty and is not a comparison folder; choose a new folder"
+        )
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
 
 
-def run_parallelism(cfg: ExperimentConfig, actors_per_run: int, max_parallel: Optional[int] = None,
-                    progress: bool = True) -> tuple[int, bool]:
+def run_parallelism(
+    cfg: ExperimentConfig, actors_per_run: int, max_parallel: Optional[int] = None, progress: bool = True
+) -> tuple[int, bool]:
     """How many runs fit the cluster at once, node by node (``placement.capacity``), and whether an
     autoscaler request is outstanding. On a cluster that can grow and has no room for even one
     run yet, room for ``max_parallel`` runs (1 if unset) is asked for and waited on first."""
     if cfg.runtime.engine != "ray":
         return 1, False
-    from sylva_ray.distributed.capacity import alive_nodes, wait_for_capacity
-    from sylva_ray.distributed.connect import cluster_can_grow
-    from sylva_ray.distributed.placement import actor_request, capacity
-
     bundle = actor_request(cfg.runtime.client_resources)
     nodes, requested = alive_nodes(), False
     if capacity(nodes, bundle) < actors_per_run and cluster_can_grow() and cfg.runtime.resource_timeout_s > 0:
-        nodes, requested = wait_for_capacity(bundle, actors_per_run * (max_parallel or 1), cfg.runtime.resource_timeout_s,
-                                             cfg.runtime.resource_settle_s, what="compare's client actors", progress=progress)
+        nodes, requested = wait_for_capacity(
+            bundle,
+            actors_per_run * (max_parallel or 1),
+            cfg.runtime.resource_timeout_s,
+            cfg.runtime.resource_settle_s,
+            what="compare's client actors",
+            progress=progress,
+        )
     return max(1, capacity(nodes, bundle) // actors_per_run), requested
 
 
@@ -121,8 +145,15 @@ def execute_one(spec: RunSpec, lock: threading.Lock) -> dict[str, Any]:
     return summary
 
 
-def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: Path,
-                   reference: Optional[str] = None, actors_per_run: int = 1, max_parallel: Optional[int] = None) -> pd.DataFrame:
+def run_comparison(
+    base_raw: dict[str, Any],
+    algorithms: list[str],
+    seeds: int,
+    out: Path,
+    reference: Optional[str] = None,
+    actors_per_run: int = 1,
+    max_parallel: Optional[int] = None,
+) -> pd.DataFrame:
     """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots."""
     out = Path(out)
     if reference is not None and reference not in algorithms:
@@ -134,13 +165,18 @@ def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, 
     check_manifest(out, {"algorithms": list(algorithms), "seeds": seeds, "base_config": base_raw})
     engine = specs[0].cfg.runtime.engine
     if engine == "ray":
-        from sylva_ray.distributed.connect import connect
-
         connect(specs[0].cfg.runtime.address)
     parallel, requested = run_parallelism(specs[0].cfg, actors_per_run, max_parallel)
     if max_parallel is not None:
         parallel = max(1, min(parallel, max_parallel))
-    log.info("compare: %d runs (%d algorithms x %d seeds), %d at a time, into %s", len(specs), len(algorithms), seeds, parallel, out)
+    log.info(
+        "compare: %d runs (%d algorithms x %d seeds), %d at a time, into %s",
+        len(specs),
+        len(algorithms),
+        seeds,
+        parallel,
+        out,
+    )
 
     summaries: dict[int, dict[str, Any]] = {}
     errors: dict[int, str] = {}
@@ -155,13 +191,19 @@ def run_comparison(base_raw: dict[str, Any], algorithms: list[str], seeds: int, 
                 log.info("done: %s seed %d", spec.algorithm, spec.seed)
             except Exception as exc:  # one failed run must not lose the others' results
                 errors[index] = f"{type(exc).__name__}: {exc}"
-                log.error("run %s seed %d failed (%s): resume it with `sylva-ray resume %s`", spec.algorithm, spec.seed, exc, spec.run_dir)
+                log.error(
+                    "run %s seed %d failed (%s): resume it with `sylva-ray resume %s`",
+                    spec.algorithm,
+                    spec.seed,
+                    exc,
+                    spec.run_dir,
+                )
             bar.update(1)
     if requested:
-        from sylva_ray.distributed.capacity import release_request
-
         release_request()
     frame = write_report(out, specs, summaries, errors, reference)
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(specs)} runs failed; see comparison.csv; re-run the same command to resume them")
+        raise RuntimeError(
+            f"{len(errors)} of {len(specs)} runs failed; see comparison.csv; re-run the same command to resume them"
+        )
     return frame

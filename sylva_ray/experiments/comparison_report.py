@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 
 from sylva_ray.base.config import ExperimentConfig
-from sylva_ray.base.storage import atomic_write_text, atomic_write_with
-from sylva_ray.engine.rundir import write_table
+from sylva_ray.base.plots import pyplot, save_figure
+from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
 METRICS = ("clean_acc", "robust_acc", "autoattack_acc")
@@ -41,8 +42,13 @@ class RunSpec:
 
 
 def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optional[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"algorithm": spec.algorithm, "seed": spec.seed, "run_dir": str(spec.run_dir),
-                           "status": "ok" if summary is not None else "failed", "error": error or ""}
+    row: dict[str, Any] = {
+        "algorithm": spec.algorithm,
+        "seed": spec.seed,
+        "run_dir": str(spec.run_dir),
+        "status": "ok" if summary is not None else "failed",
+        "error": error or "",
+    }
     if summary is None:
         return row
     final = summary["final"]
@@ -105,22 +111,47 @@ def _pm(agg: pd.DataFrame, algorithm: str, column: str, scale: float = 100.0, di
 
 
 def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Optional[str], context: str) -> str:
-    lines = ["# Comparison", "", context, "",
-             "| algorithm | seeds | clean | PGD | AutoAttack | global clean | global PGD | global AA | upload MB / round | total MB | wall s | sanity warnings |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Comparison",
+        "",
+        context,
+        "",
+        "| algorithm | seeds | clean | PGD | AutoAttack | global clean | global PGD | global AA "
+        "| upload MB / round | total MB | wall s | sanity warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    accuracies = (
+        "clean_acc",
+        "robust_acc",
+        "autoattack_acc",
+        "global_clean_acc",
+        "global_robust_acc",
+        "global_autoattack_acc",
+    )
     for algorithm in agg.index:
-        lines.append(
-            f"| {algorithm} | {int(agg.loc[algorithm, 'seeds'])} | {_pm(agg, algorithm, 'clean_acc')} | {_pm(agg, algorithm, 'robust_acc')} "
-            f"| {_pm(agg, algorithm, 'autoattack_acc')} | {_pm(agg, algorithm, 'global_clean_acc')} | {_pm(agg, algorithm, 'global_robust_acc')} "
-            f"| {_pm(agg, algorithm, 'global_autoattack_acc')} | {_pm(agg, algorithm, 'upload_mb_per_round', 1.0, 3)} "
-            f"| {_pm(agg, algorithm, 'total_mb', 1.0, 2)} | {_pm(agg, algorithm, 'wall_s', 1.0, 0)} "
-            f"| {int(agg.loc[algorithm, 'sanity_warnings_mean'] * agg.loc[algorithm, 'seeds'])} |")
+        cells = [algorithm, str(int(agg.loc[algorithm, "seeds"]))]
+        cells += [_pm(agg, algorithm, column) for column in accuracies]
+        cells += [
+            _pm(agg, algorithm, "upload_mb_per_round", 1.0, 3),
+            _pm(agg, algorithm, "total_mb", 1.0, 2),
+            _pm(agg, algorithm, "wall_s", 1.0, 0),
+        ]
+        cells.append(str(int(agg.loc[algorithm, "sanity_warnings_mean"] * agg.loc[algorithm, "seeds"])))
+        lines.append("| " + " | ".join(cells) + " |")
     floor = agg["majority_rate_mean"].mean()
-    lines += ["", f"Majority-class constant predictor (per client: its most frequent training label; perfectly 'robust'): "
-              f"{floor * 100:.1f}% clean = PGD = AutoAttack (sample-weighted, mean over the seeds' partitions).", ""]
+    lines += [
+        "",
+        f"Majority-class constant predictor (per client: its most frequent training label; perfectly 'robust'): "
+        f"{floor * 100:.1f}% clean = PGD = AutoAttack (sample-weighted, mean over the seeds' partitions).",
+        "",
+    ]
     if relative is not None and reference is not None:
-        lines += [f"## Relative to `{reference}`", "",
-                  "| algorithm | upload ratio (ref / alg) | Δ clean pts (%) | Δ PGD pts (%) | Δ AutoAttack pts (%) |", "|---|---|---|---|---|"]
+        lines += [
+            f"## Relative to `{reference}`",
+            "",
+            "| algorithm | upload ratio (ref / alg) | Δ clean pts (%) | Δ PGD pts (%) | Δ AutoAttack pts (%) |",
+            "|---|---|---|---|---|",
+        ]
         for algorithm, row in relative.iterrows():
             ratio = "no upload" if math.isinf(row["upload_ratio"]) else f"{row['upload_ratio']:.1f}x"
             cells = []
@@ -130,15 +161,6 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
             lines.append(f"| {algorithm} | {ratio} | {' | '.join(cells)} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 #: Matplotlib's ten default colours; beyond ten algorithms the marker (and bar hatch) changes too,
@@ -153,16 +175,25 @@ def _style(index: int) -> dict[str, str]:
 
 
 def plot_pareto(out: Path, frame: pd.DataFrame, agg: pd.DataFrame) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for index, algorithm in enumerate(agg.index):
         style = _style(index)
         color = style["color"]
         seeds = frame[(frame["algorithm"] == algorithm) & (frame["status"] == "ok")]
-        ax.scatter(seeds["clean_acc"] * 100, seeds["robust_acc"] * 100, color=color, marker=style["marker"], alpha=0.35, s=18)
-        ax.errorbar(agg.loc[algorithm, "clean_acc_mean"] * 100, agg.loc[algorithm, "robust_acc_mean"] * 100,
-                    xerr=np.nan_to_num(agg.loc[algorithm, "clean_acc_std"] * 100), yerr=np.nan_to_num(agg.loc[algorithm, "robust_acc_std"] * 100),
-                    fmt=style["marker"], color=color, label=algorithm, capsize=3)
+        ax.scatter(
+            seeds["clean_acc"] * 100, seeds["robust_acc"] * 100, color=color, marker=style["marker"], alpha=0.35, s=18
+        )
+        ax.errorbar(
+            agg.loc[algorithm, "clean_acc_mean"] * 100,
+            agg.loc[algorithm, "robust_acc_mean"] * 100,
+            xerr=np.nan_to_num(agg.loc[algorithm, "clean_acc_std"] * 100),
+            yerr=np.nan_to_num(agg.loc[algorithm, "robust_acc_std"] * 100),
+            fmt=style["marker"],
+            color=color,
+            label=algorithm,
+            capsize=3,
+        )
     floor = agg["majority_rate_mean"].mean() * 100
     ax.axvline(floor, color="grey", ls=":", lw=1)
     ax.axhline(floor, color="grey", ls=":", lw=1, label="majority-class floor")
@@ -171,13 +202,12 @@ def plot_pareto(out: Path, frame: pd.DataFrame, agg: pd.DataFrame) -> None:
     ax.set_title("clean vs robust (mean ± std over seeds; faint: single seeds)")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    atomic_write_with(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, out / "pareto.png")
 
 
 def plot_accuracy_vs_upload(out: Path, frame: pd.DataFrame) -> None:
     """Client-mean accuracy after each evaluated round against the bytes uploaded so far (first seed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     first = frame[frame["status"] == "ok"].groupby("algorithm", sort=False).first()
     for index, (algorithm, row) in enumerate(first.iterrows()):
@@ -190,8 +220,14 @@ def plot_accuracy_vs_upload(out: Path, frame: pd.DataFrame) -> None:
             if metric in rounds:
                 keep = rounds[metric].notna()
                 style = _style(index)
-                ax.plot(cumulative[keep], rounds.loc[keep, metric] * 100, marker=style["marker"], markersize=4,
-                        color=style["color"], label=algorithm)
+                ax.plot(
+                    cumulative[keep],
+                    rounds.loc[keep, metric] * 100,
+                    marker=style["marker"],
+                    markersize=4,
+                    color=style["color"],
+                    label=algorithm,
+                )
     for ax, label in zip(axes, ("clean", "PGD")):
         ax.set_xscale("symlog", linthresh=0.01)
         ax.set_xlabel("cumulative upload (MB, all clients)")
@@ -199,15 +235,12 @@ def plot_accuracy_vs_upload(out: Path, frame: pd.DataFrame) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle("accuracy vs communication (first seed; no-upload algorithms sit at 0)")
     fig.tight_layout()
-    atomic_write_with(out / "accuracy_vs_upload.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, out / "accuracy_vs_upload.png")
 
 
 def plot_per_client(out: Path, frame: pd.DataFrame) -> None:
     """Each client's final PGD accuracy per algorithm, first seed (partitions differ between seeds)."""
-    from sylva_ray.engine.rundir import read_json
-
-    plt = _pyplot()
+    plt = pyplot()
     first = frame[frame["status"] == "ok"].groupby("algorithm", sort=False).first()
     if first.empty:
         return
@@ -221,21 +254,43 @@ def plot_per_client(out: Path, frame: pd.DataFrame) -> None:
     for ax, metric, label in zip(axes, ("clean_acc", "robust_acc"), ("clean", "PGD")):
         for index, (algorithm, rows) in enumerate(per_client.items()):
             xs = np.arange(len(clients)) + index * width
-            ax.bar(xs, [rows.get(c, {}).get(metric, np.nan) * 100 for c in clients], width, label=algorithm,
-                   color=_style(index)["color"], hatch=_style(index)["hatch"], edgecolor="white", linewidth=0)
-        majority = [next((rows[c]["majority_rate"] for rows in per_client.values() if c in rows), np.nan) * 100 for c in clients]
-        ax.scatter(np.arange(len(clients)) + 0.4 - width / 2, majority, marker="_", s=300, color="black", label="majority class", zorder=3)
+            ax.bar(
+                xs,
+                [rows.get(c, {}).get(metric, np.nan) * 100 for c in clients],
+                width,
+                label=algorithm,
+                color=_style(index)["color"],
+                hatch=_style(index)["hatch"],
+                edgecolor="white",
+                linewidth=0,
+            )
+        majority = [
+            next((rows[c]["majority_rate"] for rows in per_client.values() if c in rows), np.nan) * 100 for c in clients
+        ]
+        ax.scatter(
+            np.arange(len(clients)) + 0.4 - width / 2,
+            majority,
+            marker="_",
+            s=300,
+            color="black",
+            label="majority class",
+            zorder=3,
+        )
         ax.set_ylabel(f"{label} accuracy (%)")
     axes[1].set_xticks(np.arange(len(clients)) + 0.4 - width / 2, [str(c) for c in clients])
     axes[1].set_xlabel("client (first seed's partition)")
     axes[0].legend(fontsize=6, ncol=7, loc="lower left", bbox_to_anchor=(0.0, 1.02))  # above the bars, not over them
     fig.tight_layout()
-    atomic_write_with(out / "per_client.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, out / "per_client.png")
 
 
-def write_report(out: Path, specs: list[RunSpec], summaries: dict[int, dict[str, Any]], errors: dict[int, str],
-                 reference: Optional[str]) -> pd.DataFrame:
+def write_report(
+    out: Path,
+    specs: list[RunSpec],
+    summaries: dict[int, dict[str, Any]],
+    errors: dict[int, str],
+    reference: Optional[str],
+) -> pd.DataFrame:
     frame = pd.DataFrame([summary_row(spec, summaries.get(i), errors.get(i)) for i, spec in enumerate(specs)])
     write_table(out / "comparison.csv", frame)
     if not (frame["status"] == "ok").any():
@@ -243,12 +298,16 @@ def write_report(out: Path, specs: list[RunSpec], summaries: dict[int, dict[str,
     agg = aggregate_seeds(frame)
     relative = relative_to(agg, reference) if reference is not None and reference in agg.index else None
     cfg = specs[0].cfg
-    context = (f"Dataset {cfg.data.name}, {cfg.data.num_clients} clients, {cfg.data.partition} alpha {cfg.data.alpha}, "
-               f"{cfg.federation.rounds} rounds, eps {cfg.attack.eps:g}; PGD-{cfg.attack.eval_steps} (step {cfg.attack.eval_step():g}), "
-               f"AutoAttack {cfg.attack.autoattack_steps} iterations / Square {cfg.attack.autoattack_square_queries} queries on the first "
-               f"{cfg.evaluation.autoattack_max_samples} test samples per client. Accuracies in % on each client's own test split, "
-               f"test-sample-weighted (mean ± std over seeds); 'global' = the global model on the global test set (full-model FedAvg only). "
-               f"Upload: all clients' bytes per round, as serialised (safetensors).")
+    context = (
+        f"Dataset {cfg.data.name}, {cfg.data.num_clients} clients, {cfg.data.partition} alpha {cfg.data.alpha}, "
+        f"{cfg.federation.rounds} rounds, eps {cfg.attack.eps:g}; "
+        f"PGD-{cfg.attack.eval_steps} (step {cfg.attack.eval_step():g}), "
+        f"AutoAttack {cfg.attack.autoattack_steps} iterations / Square {cfg.attack.autoattack_square_queries} queries "
+        f"on the first {cfg.evaluation.autoattack_max_samples} test samples per client. "
+        "Accuracies in % on each client's own test split, test-sample-weighted (mean ± std over seeds); "
+        "'global' = the global model on the global test set (full-model FedAvg only). "
+        "Upload: all clients' bytes per round, as serialised (safetensors)."
+    )
     atomic_write_text(out / "comparison.md", markdown(agg, relative, reference, context))
     plot_pareto(out, frame, agg)
     plot_accuracy_vs_upload(out, frame)

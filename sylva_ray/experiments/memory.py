@@ -51,7 +51,10 @@ def _saved_bytes(model: torch.nn.Module, images: torch.Tensor, precision: str) -
         return tensor
 
     images = images.clone().requires_grad_(True)  # attacks differentiate w.r.t. the input
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), training_precision(precision, images.device):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        training_precision(precision, images.device),
+    ):
         model(images)
     return sum(seen.values())
 
@@ -63,8 +66,9 @@ def _line(model: torch.nn.Module, image_shape: tuple[int, int, int], precision: 
     return max(0.0, small - per_sample * PROBE_BATCHES[0]), per_sample
 
 
-def estimate_actor_memory(cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_classes: int,
-                          needs_benign: bool = True) -> dict[str, Any]:
+def estimate_actor_memory(
+    cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_classes: int, needs_benign: bool = True
+) -> dict[str, Any]:
     """Estimated peak GB of one client actor for ``cfg`` (training at ``runtime.precision``,
     evaluation in fp32); see the module docstring for the formula."""
     blank = dataclasses.replace(cfg.model, pretrained="none")
@@ -74,8 +78,11 @@ def estimate_actor_memory(cfg: ExperimentConfig, image_shape: tuple[int, int, in
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     forwards = 2 if needs_benign else 1
-    train = (weights + OPTIMIZER_COPIES[cfg.train.optimizer] * trainable
-             + forwards * (fixed_train + per_sample_train * cfg.train.batch_size))
+    train = (
+        weights
+        + OPTIMIZER_COPIES[cfg.train.optimizer] * trainable
+        + forwards * (fixed_train + per_sample_train * cfg.train.batch_size)
+    )
     evaluation = weights + fixed_eval + per_sample_eval * cfg.train.eval_batch_size
     return {
         "model": cfg.model.name,

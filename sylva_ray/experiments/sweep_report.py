@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 
 from sylva_ray.base.config import ConfigError
+from sylva_ray.base.plots import pyplot, save_figure
+from sylva_ray.base.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +48,14 @@ def _score_columns(table: pd.DataFrame) -> tuple[str, str]:
 
 
 def plot_sweep(table: pd.DataFrame, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     clean, robust = _score_columns(table)
     written = []
     group = "heterogeneity" if "heterogeneity" in table else None
     for axis_field in [c for c in ("lora.rank", "attack.eps") if c in table]:
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
         for ax, metric in zip(axes, (robust, clean)):
-            for level, rows in (table.groupby(group) if group else [("all", table)]):
+            for level, rows in table.groupby(group) if group else [("all", table)]:
                 means = rows.groupby(axis_field)[metric].mean()
                 ax.plot(means.index, means.values, marker="o", label=f"{group}={level}" if group else None)
             ax.set_xlabel(axis_field)
@@ -67,12 +65,9 @@ def plot_sweep(table: pd.DataFrame, folder: Path) -> list[Path]:
         if group:
             axes[0].legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"accuracy_vs_{axis_field.split('.')[-1]}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, folder / f"accuracy_vs_{axis_field.split('.')[-1]}.png"))
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    for level, rows in (table.groupby(group) if group else [("all", table)]):
+    for level, rows in table.groupby(group) if group else [("all", table)]:
         ax.scatter(rows[clean], rows[robust], label=f"{group}={level}" if group else None)
     ax.set_xlabel(f"{clean} (benign)")
     ax.set_ylabel(f"{robust} (PGD)")
@@ -81,10 +76,7 @@ def plot_sweep(table: pd.DataFrame, folder: Path) -> list[Path]:
     if group:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = folder / "tradeoff.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, folder / "tradeoff.png"))
     return written
 
 
@@ -98,8 +90,6 @@ def write_report(table: pd.DataFrame, storage_path: str, name: str) -> str:
         if "://" not in storage_path:
             destination = Path(target)
             destination.mkdir(parents=True, exist_ok=True)
-            from sylva_ray.base.storage import atomic_write_bytes
-
             for file in folder.iterdir():
                 atomic_write_bytes(destination / file.name, file.read_bytes())
             return str(destination)

@@ -90,21 +90,27 @@ def balltree_weights(vectors: np.ndarray, num_samples: Sequence[int], k: int) ->
 
 
 @AGGREGATORS.register("fedavg")
-def aggregate_fedavg(states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def aggregate_fedavg(
+    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Sample-weighted FedAvg (McMahan et al. 2017) of the LoRA factors."""
     weights = sample_weights(num_samples)
     return weighted_average(states, weights), weights
 
 
 @AGGREGATORS.register("balltree")
-def aggregate_balltree(states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def aggregate_balltree(
+    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Sylva's server step: ball-tree density weights x sample counts, then a weighted mean."""
     _check_same_keys(states)
     weights = balltree_weights(np.stack([flatten_state(s) for s in states]), num_samples, cfg.balltree_k)
     return weighted_average(states, weights), weights
 
 
-def aggregate(name: str, states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def aggregate(
+    name: str, states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     return AGGREGATORS.get(name)(states, num_samples, cfg)
 
 

@@ -40,9 +40,15 @@ ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
 
 #: Plain PGD adversarial training (Madry et al. 2018) in the one loop's loss weights.
 PGD_AT: dict[str, Any] = {
-    "loss.adversarial_weight": 1.0, "loss.benign_weight": 0.0, "loss.similarity_weight": 0.0,
-    "loss.proximal_mu": 0.0, "loss.class_weighting": "none", "attack.train_attack": "pgd",
+    "loss.adversarial_weight": 1.0,
+    "loss.benign_weight": 0.0,
+    "loss.similarity_weight": 0.0,
+    "loss.proximal_mu": 0.0,
+    "loss.class_weighting": "none",
+    "attack.train_attack": "pgd",
 }
+
+
 def full_model_settings(algo: AlgorithmConfig) -> dict[str, Any]:
     """Full-model fine-tuning takes a smaller, clipped step than LoRA (``algorithm.full_model_lr``,
     ``full_model_max_grad_norm``): every weight of a pre-trained model moves, and a KL term against
@@ -69,8 +75,14 @@ class Objective:
     def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
         raise NotImplementedError
 
-    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
-             local_shared: Optional[Mapping[str, torch.Tensor]], global_shared: Optional[Mapping[str, torch.Tensor]]) -> LossTerms:
+    def loss(
+        self,
+        adversarial_logits: torch.Tensor,
+        labels: torch.Tensor,
+        benign_logits: Optional[torch.Tensor],
+        local_shared: Optional[Mapping[str, torch.Tensor]],
+        global_shared: Optional[Mapping[str, torch.Tensor]],
+    ) -> LossTerms:
         raise NotImplementedError
 
 
@@ -84,16 +96,26 @@ class SylvaObjective(Objective):
     def __init__(self, cfg: ExperimentConfig, data: ArrayDataset) -> None:
         super().__init__(cfg, data)
         loss = cfg.loss
-        self.weights = class_weights(data.class_counts(), loss.class_weighting, loss.class_weight_beta, loss.class_weight_max_ratio)
+        self.weights = class_weights(
+            data.class_counts(), loss.class_weighting, loss.class_weight_beta, loss.class_weight_max_ratio
+        )
         self.needs_benign = loss.benign_weight > 0 or loss.similarity_weight > 0
         self.uses_anchor = loss.proximal_mu > 0
 
     def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
         return build_attack(self.cfg.attack.train_attack, model, self.cfg.attack, "train", self.num_classes, seed)
 
-    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
-             local_shared: Optional[Mapping[str, torch.Tensor]], global_shared: Optional[Mapping[str, torch.Tensor]]) -> LossTerms:
-        return sylva_loss(self.cfg.loss, adversarial_logits, labels, benign_logits, self.weights, local_shared, global_shared)
+    def loss(
+        self,
+        adversarial_logits: torch.Tensor,
+        labels: torch.Tensor,
+        benign_logits: Optional[torch.Tensor],
+        local_shared: Optional[Mapping[str, torch.Tensor]],
+        global_shared: Optional[Mapping[str, torch.Tensor]],
+    ) -> LossTerms:
+        return sylva_loss(
+            self.cfg.loss, adversarial_logits, labels, benign_logits, self.weights, local_shared, global_shared
+        )
 
 
 class MARTObjective(Objective):
@@ -102,8 +124,14 @@ class MARTObjective(Objective):
     def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
         return build_attack("pgd", model, self.cfg.attack, "train", self.num_classes, seed)
 
-    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
-             local_shared: Any = None, global_shared: Any = None) -> LossTerms:
+    def loss(
+        self,
+        adversarial_logits: torch.Tensor,
+        labels: torch.Tensor,
+        benign_logits: Optional[torch.Tensor],
+        local_shared: Any = None,
+        global_shared: Any = None,
+    ) -> LossTerms:
         assert benign_logits is not None
         return mart_loss(adversarial_logits, benign_logits, labels, self.cfg.algorithm.mart_beta)
 
@@ -132,11 +160,19 @@ class CalFATObjective(Objective):
         calibrated = CalibratedLogits(model, self.log_prior.to(device), self.cfg.algorithm.calfat_tau)
         return build_attack("trades_kl", calibrated, self.cfg.attack, "train", self.num_classes, seed)
 
-    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
-             local_shared: Any = None, global_shared: Any = None) -> LossTerms:
+    def loss(
+        self,
+        adversarial_logits: torch.Tensor,
+        labels: torch.Tensor,
+        benign_logits: Optional[torch.Tensor],
+        local_shared: Any = None,
+        global_shared: Any = None,
+    ) -> LossTerms:
         assert benign_logits is not None
         algo = self.cfg.algorithm
-        return calfat_loss(adversarial_logits, benign_logits, labels, self.log_prior, algo.calfat_tau, algo.calfat_scale)
+        return calfat_loss(
+            adversarial_logits, benign_logits, labels, self.log_prior, algo.calfat_tau, algo.calfat_scale
+        )
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -225,9 +261,17 @@ class FedTRADES(Algorithm):
 
     @classmethod
     def implied_settings(cls, algo: AlgorithmConfig) -> dict[str, Any]:
-        return {"loss.adversarial_weight": 0.0, "loss.benign_weight": 1.0, "loss.similarity_weight": algo.trades_beta,
-                "loss.similarity_target": "both", "loss.proximal_mu": 0.0, "loss.class_weighting": "none",
-                "attack.train_attack": "trades_kl", **FEDAVG_NO_PHASE2, **full_model_settings(algo)}
+        return {
+            "loss.adversarial_weight": 0.0,
+            "loss.benign_weight": 1.0,
+            "loss.similarity_weight": algo.trades_beta,
+            "loss.similarity_target": "both",
+            "loss.proximal_mu": 0.0,
+            "loss.class_weighting": "none",
+            "attack.train_attack": "trades_kl",
+            **FEDAVG_NO_PHASE2,
+            **full_model_settings(algo),
+        }
 
 
 @registered
@@ -272,7 +316,8 @@ class CalFAT(Algorithm):
 @registered
 class LocalAT(Algorithm):
     """Every client adversarially fine-tunes its own LoRA + head (PGD-AT) alone: no federation,
-    nothing uploaded. The floor federation must beat (README 'What the comparison says': at alpha 0.1 it often does not)."""
+    nothing uploaded. The floor federation must beat (README 'What the comparison says': at alpha
+    0.1 it often does not)."""
 
     name, scope_name = "local_at", "local"
 
@@ -299,4 +344,8 @@ def default_comparison() -> list[str]:
     registration order -- so a newly registered baseline joins the comparison without a list to edit."""
     others = [ALGORITHMS.get(name) for name in ALGORITHMS.registered() if name != Sylva.name]
     others.sort(key=lambda cls: (SCOPES[cls.scope_name].global_form, cls.scope_name == "local"))  # stable sort
-    return [Sylva.name, *(f"{Sylva.name}-{ablation}" for ablation in Sylva.ABLATION_SETTINGS), *(cls.name for cls in others)]
+    return [
+        Sylva.name,
+        *(f"{Sylva.name}-{ablation}" for ablation in Sylva.ABLATION_SETTINGS),
+        *(cls.name for cls in others),
+    ]

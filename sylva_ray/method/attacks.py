@@ -31,21 +31,27 @@ def _steps(cfg: AttackConfig, role: Role) -> tuple[int, float]:
 
 
 @ATTACKS.register("pgd")
-def build_pgd(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> torchattacks.attack.Attack:
+def build_pgd(
+    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
+) -> torchattacks.attack.Attack:
     """L-inf PGD (Madry et al. 2018) on the cross-entropy, random start inside the ball."""
     steps, step = _steps(cfg, role)
     return torchattacks.PGD(model, eps=cfg.eps, alpha=step, steps=steps, random_start=cfg.random_start)
 
 
 @ATTACKS.register("trades_kl")
-def build_trades_kl(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> torchattacks.attack.Attack:
+def build_trades_kl(
+    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
+) -> torchattacks.attack.Attack:
     """TRADES' inner maximisation (KL to the benign prediction); torchattacks' TPGD."""
     steps, step = _steps(cfg, role)
     return torchattacks.TPGD(model, eps=cfg.eps, alpha=step, steps=steps)
 
 
 @ATTACKS.register("autoattack")
-def build_autoattack(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> torchattacks.attack.Attack:
+def build_autoattack(
+    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
+) -> torchattacks.attack.Attack:
     """AutoAttack at reference strength: APGD-CE, APGD-T, FAB-T (multi-targeted), Square.
 
     ``MultiAttack`` runs each sub-attack only on the samples the previous ones failed on, as the
@@ -53,15 +59,21 @@ def build_autoattack(model: nn.Module, cfg: AttackConfig, role: Role, num_classe
     """
     steps, queries = cfg.autoattack_steps, cfg.autoattack_square_queries
     # torchattacks' APGD-T and FAB-T target the top (n_classes - 1) other classes.
-    return torchattacks.MultiAttack([
-        torchattacks.APGD(model, norm="Linf", eps=cfg.eps, steps=steps, loss="ce", seed=seed),
-        torchattacks.APGDT(model, norm="Linf", eps=cfg.eps, steps=steps, n_classes=num_classes, seed=seed),
-        torchattacks.FAB(model, norm="Linf", eps=cfg.eps, steps=steps, multi_targeted=True, n_classes=num_classes, seed=seed),
-        torchattacks.Square(model, norm="Linf", eps=cfg.eps, n_queries=queries, seed=seed),
-    ])
+    return torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, norm="Linf", eps=cfg.eps, steps=steps, loss="ce", seed=seed),
+            torchattacks.APGDT(model, norm="Linf", eps=cfg.eps, steps=steps, n_classes=num_classes, seed=seed),
+            torchattacks.FAB(
+                model, norm="Linf", eps=cfg.eps, steps=steps, multi_targeted=True, n_classes=num_classes, seed=seed
+            ),
+            torchattacks.Square(model, norm="Linf", eps=cfg.eps, n_queries=queries, seed=seed),
+        ]
+    )
 
 
-def build_attack(name: str, model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> torchattacks.attack.Attack:
+def build_attack(
+    name: str, model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
+) -> torchattacks.attack.Attack:
     return ATTACKS.get(name)(model, cfg, role, num_classes, seed)
 
 

@@ -19,12 +19,18 @@ import numpy as np
 
 #: The globals a CIFAR batch may name: numpy's array/dtype reconstructors (numpy 1 and 2 paths;
 #: ``_frombuffer`` is what protocol-5 pickles of arrays use). Nothing else is ever resolved.
-ALLOWED_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
 CIFAR_SIDE, CIFAR_CHANNELS = 32, 3
 MD5_CHUNK = 1 << 20
 
@@ -40,8 +46,10 @@ class _Restricted(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ALLOWED_GLOBALS:
-            raise UnsafeDataFile(f"{self.path}: refers to {module}.{name}, which a CIFAR batch never holds; "
-                                 "the file is not the official data (it could run code if unpickled): replace it")
+            raise UnsafeDataFile(
+                f"{self.path}: refers to {module}.{name}, which a CIFAR batch never holds; "
+                "the file is not the official data (it could run code if unpickled): replace it"
+            )
         return super().find_class(module, name)
 
 
@@ -53,7 +61,9 @@ def safe_load(path: Path) -> Any:
     except UnsafeDataFile:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise UnsafeDataFile(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); the file is damaged") from None
+        raise UnsafeDataFile(
+            f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); the file is damaged"
+        ) from None
     _refuse_objects(value, path)
     return value
 
@@ -84,9 +94,14 @@ def layout(which: str) -> CifarLayout:
 
     cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
     meta = cls.meta
-    return CifarLayout(cls.base_folder, tuple(map(tuple, cls.train_list)), tuple(map(tuple, cls.test_list)),
-                       (meta["filename"], meta["md5"], meta["key"]), "labels" if which == "cifar10" else "fine_labels",
-                       cls.url)
+    return CifarLayout(
+        cls.base_folder,
+        tuple(map(tuple, cls.train_list)),
+        tuple(map(tuple, cls.test_list)),
+        (meta["filename"], meta["md5"], meta["key"]),
+        "labels" if which == "cifar10" else "fine_labels",
+        cls.url,
+    )
 
 
 def _md5(path: Path) -> str:
@@ -108,7 +123,8 @@ def find_folder(root: str | Path, which: str) -> Path:
         raise FileNotFoundError(
             f"data.root={str(root)!r}: expected {spec.folder}/ with {', '.join(names)} (torchvision's python format); "
             f"missing {missing}. Nothing is downloaded at run time: extract {spec.archive_url.rsplit('/', 1)[-1]} "
-            f"({spec.archive_url}) so that {folder} holds those files")
+            f"({spec.archive_url}) so that {folder} holds those files"
+        )
     return folder
 
 
@@ -122,8 +138,10 @@ def read_split(which: str, root: str | Path, train: bool, verify_checksums: bool
     if verify_checksums:
         for name, md5 in checks:
             if _md5(folder / name) != md5:
-                raise UnsafeDataFile(f"{folder / name}: md5 differs from the official file's; the file is damaged or not "
-                                     "the official CIFAR (set data.verify_checksums=false only for files you made yourself)")
+                raise UnsafeDataFile(
+                    f"{folder / name}: md5 differs from the official file's; the file is damaged or not "
+                    "the official CIFAR (set data.verify_checksums=false only for files you made yourself)"
+                )
     images, labels = [], []
     for name, _ in files:
         batch = _as_str_keys(safe_load(folder / name), folder / name)

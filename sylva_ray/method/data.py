@@ -26,6 +26,7 @@ from sylva_ray.base.config import DataConfig
 from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import numpy_rng
 from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.method.cifar import read_split
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
-            raise ValueError(f"expected images (N,C,H,W) and labels (N,), got {self.images.shape} and {self.labels.shape}")
+            raise ValueError(
+                f"expected images (N,C,H,W) and labels (N,), got {self.images.shape} and {self.labels.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,7 +106,9 @@ def _split_public(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg:
     private_idx, public_idx = train_test_split(
         np.arange(len(labels)), test_size=cfg.public_fraction, stratify=labels, random_state=cfg.public_seed
     )
-    return DataSource(name=name, private=dataset.subset(np.sort(private_idx)), public=dataset.subset(np.sort(public_idx)))
+    return DataSource(
+        name=name, private=dataset.subset(np.sort(private_idx)), public=dataset.subset(np.sort(public_idx))
+    )
 
 
 @DATASETS.register("digits")
@@ -138,7 +143,6 @@ def _cifar_source(cfg: DataConfig, which: str) -> DataSource:
     format holds, with or without the md5 check (``verify_checksums``; the tests write small files
     in the same format and switch it off).
     """
-    from sylva_ray.method.cifar import read_split
 
     def to_arrays(train: bool) -> ArrayDataset:
         images, labels, classes = read_split(which, cfg.root or "", train, cfg.verify_checksums)
@@ -163,7 +167,9 @@ def load_imagefolder_source(cfg: DataConfig) -> DataSource:
     from torchvision import datasets, transforms
 
     tfm = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.ToTensor()])
-    ds = datasets.ImageFolder(str(cfg.root), transform=tfm, loader=lambda p: datasets.folder.default_loader(p).convert("RGB"))
+    ds = datasets.ImageFolder(
+        str(cfg.root), transform=tfm, loader=lambda p: datasets.folder.default_loader(p).convert("RGB")
+    )
     if len(ds) == 0:
         raise FileNotFoundError(f"data.root={cfg.root!r}: no images found in class subfolders")
     images = np.stack([ds[i][0].numpy() for i in range(len(ds))]).astype(np.float32)
@@ -178,8 +184,13 @@ def load_source(cfg: DataConfig) -> DataSource:
         rng = np.random.default_rng(cfg.public_seed)
         keep = np.sort(rng.choice(len(source.private), size=cfg.max_samples, replace=False))
         source.private = source.private.subset(keep)
-    log.info("dataset %s: %d private, %d public samples, %d classes", source.name, len(source.private),
-             len(source.public) if source.public else 0, source.num_classes)
+    log.info(
+        "dataset %s: %d private, %d public samples, %d classes",
+        source.name,
+        len(source.private),
+        len(source.public) if source.public else 0,
+        source.num_classes,
+    )
     return source
 
 
@@ -244,7 +255,7 @@ def partition_shards(labels: np.ndarray, cfg: DataConfig, rng: np.random.Generat
     shards = np.array_split(order, num_shards)
     dealt = rng.permutation(num_shards)
     parts = [
-        np.sort(np.concatenate([shards[s] for s in dealt[k * cfg.shards_per_client:(k + 1) * cfg.shards_per_client]]))
+        np.sort(np.concatenate([shards[s] for s in dealt[k * cfg.shards_per_client : (k + 1) * cfg.shards_per_client]]))
         for k in range(cfg.num_clients)
     ]
     short = [k for k, p in enumerate(parts) if len(p) < cfg.min_samples_per_client]
@@ -279,10 +290,12 @@ class Partition:
         return len(self.train)
 
     def to_json(self) -> str:
-        return json.dumps({
-            "fingerprint": self.fingerprint,
-            "clients": [{"train": tr.tolist(), "test": te.tolist()} for tr, te in zip(self.train, self.test)],
-        })
+        return json.dumps(
+            {
+                "fingerprint": self.fingerprint,
+                "clients": [{"train": tr.tolist(), "test": te.tolist()} for tr, te in zip(self.train, self.test)],
+            }
+        )
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())

@@ -27,7 +27,7 @@ from torch import nn
 from sylva_ray.base.config import ExperimentConfig, LayerSelectionConfig
 from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.method.data import ArrayDataset
-from sylva_ray.method.models import load_adapter_state
+from sylva_ray.method.models import classifier_name, load_adapter_state
 from sylva_ray.method.shapley import mask_members
 from sylva_ray.method.training import EvalResult, benign_finetune, evaluate
 
@@ -71,7 +71,9 @@ class CoalitionValue:
 class LayerGame:
     """One client's game on one fused model: every coalition starts from the same weights and seed."""
 
-    def __init__(self, cfg: ExperimentConfig, fused: nn.Module, train: ArrayDataset, client_id: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, fused: nn.Module, train: ArrayDataset, client_id: int, device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.sel: LayerSelectionConfig = cfg.layer_selection
         self.model = fused
@@ -82,13 +84,22 @@ class LayerGame:
         # model being tuned occupies the card (one ViT-B copy, not two, per game).
         self.fused_state = {k: v.detach().to("cpu", copy=True) for k, v in fused.state_dict().items()}
         self.device_bytes = sum(t.numel() * t.element_size() for t in fused.state_dict().values())
-        self.fit, self.validation = split_validation(train, self.sel.validation_fraction, derive_seed(cfg.runtime.seed, "phase2", client_id))
+        self.fit, self.validation = split_validation(
+            train, self.sel.validation_fraction, derive_seed(cfg.runtime.seed, "phase2", client_id)
+        )
         self.train = train
         self.seed = derive_seed(cfg.runtime.seed, "phase2-game", client_id)
         self.reference = self._score()  # the fused model untouched: the robustness Phase 1 bought
 
     def _score(self) -> EvalResult:
-        return evaluate(self.model, self.validation, self.cfg.attack, self.cfg.train.eval_batch_size, seed=self.seed, device=self.device)
+        return evaluate(
+            self.model,
+            self.validation,
+            self.cfg.attack,
+            self.cfg.train.eval_batch_size,
+            seed=self.seed,
+            device=self.device,
+        )
 
     def _value(self, result: EvalResult) -> float:
         if self.sel.value == "linear":
@@ -98,9 +109,17 @@ class LayerGame:
 
     def _tune(self, players: list[int], data: ArrayDataset, steps: int) -> None:
         self.model.load_state_dict(self.fused_state)
-        benign_finetune(self.model, data, [self.players[p] for p in players], self.cfg.train,
-                        lr=self.sel.finetune_lr, steps=steps, seed=self.seed, device=self.device,
-                        precision=self.cfg.runtime.precision)
+        benign_finetune(
+            self.model,
+            data,
+            [self.players[p] for p in players],
+            self.cfg.train,
+            lr=self.sel.finetune_lr,
+            steps=steps,
+            seed=self.seed,
+            device=self.device,
+            precision=self.cfg.runtime.precision,
+        )
 
     def value(self, mask: int) -> CoalitionValue:
         """v(S): tune S + head on the fit split, score on the validation split."""
@@ -115,16 +134,23 @@ class LayerGame:
         adapter they reproduce the tailored model.
         """
         self._tune(players, self.train, self.sel.finetune_steps)
-        result = evaluate(self.model, test, self.cfg.attack, self.cfg.train.eval_batch_size,
-                          seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id), device=self.device,
-                          protocol=self.cfg.evaluation)  # the tailored model is the final one: full protocol
+        result = evaluate(
+            self.model,
+            test,
+            self.cfg.attack,
+            self.cfg.train.eval_batch_size,
+            seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id),
+            device=self.device,
+            protocol=self.cfg.evaluation,
+        )  # the tailored model is the final one: full protocol
         head = classifier_prefix(self.model)
-        tuned = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-                 if k.startswith(head) or any(k.startswith(self.players[p]) for p in players)}
+        tuned = {
+            k: v.detach().cpu().clone()
+            for k, v in self.model.state_dict().items()
+            if k.startswith(head) or any(k.startswith(self.players[p]) for p in players)
+        }
         return result, tuned
 
 
 def classifier_prefix(model: nn.Module) -> str:
-    from sylva_ray.method.models import classifier_name
-
     return classifier_name(model) + "."

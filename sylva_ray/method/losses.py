@@ -26,8 +26,9 @@ def class_weights(counts: np.ndarray, method: str, beta: float, max_ratio: float
 
     effective_number (Cui et al., CVPR 2019): w_c = (1 - beta) / (1 - beta^n_c);
     inverse_frequency: w_c = 1 / n_c; none: w_c = 1. Then the largest weight is clipped to
-    ``max_ratio`` x the smallest (unclipped 1/n reached ~90x and collapsed clients: README 'Pitfalls the code guards against', 5), and
-    the weights are scaled so that sum_c n_c w_c = N, i.e. the loss keeps plain CE's scale.
+    ``max_ratio`` x the smallest (unclipped 1/n reached ~90x and collapsed clients: README
+    'Pitfalls the code guards against', 5), and the weights are scaled so that sum_c n_c w_c = N,
+    i.e. the loss keeps plain CE's scale.
     Classes the client does not hold get weight 0 (they never appear as a target there).
     """
     counts = np.asarray(counts, dtype=np.float64)
@@ -88,11 +89,20 @@ def sylva_loss(
     if (cfg.benign_weight > 0 or cfg.similarity_weight > 0) and benign_logits is None:
         raise ValueError("benign logits are needed when loss.benign_weight or loss.similarity_weight > 0")
     ben = F.cross_entropy(benign_logits, labels) if cfg.benign_weight > 0 else zero
-    sim = similarity_kl(benign_logits, adversarial_logits, cfg.similarity_target == "detached") if cfg.similarity_weight > 0 else zero
+    sim = (
+        similarity_kl(benign_logits, adversarial_logits, cfg.similarity_target == "detached")
+        if cfg.similarity_weight > 0
+        else zero
+    )
     prox = zero
     if cfg.proximal_mu > 0 and local_shared is not None and global_shared is not None:
         prox = proximal_term(local_shared, global_shared)
-    total = cfg.adversarial_weight * adv + cfg.benign_weight * ben + cfg.similarity_weight * sim + 0.5 * cfg.proximal_mu * prox
+    total = (
+        cfg.adversarial_weight * adv
+        + cfg.benign_weight * ben
+        + cfg.similarity_weight * sim
+        + 0.5 * cfg.proximal_mu * prox
+    )
     return LossTerms(total, float(adv.detach()), float(ben.detach()), float(sim.detach()), float(prox.detach()))
 
 
@@ -104,16 +114,20 @@ MART_EPS = 1e-12
 PRIOR_FLOOR = 1e-6
 
 
-def mart_loss(adversarial_logits: torch.Tensor, benign_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> LossTerms:
+def mart_loss(
+    adversarial_logits: torch.Tensor, benign_logits: torch.Tensor, labels: torch.Tensor, beta: float
+) -> LossTerms:
     """MART (Wang et al., ICLR 2020), as in the authors' code:
 
-        BCE(x', y) = CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x'))
-        total      = BCE + beta * mean_i[ KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)) ]
+    BCE(x', y) = CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x'))
+    total      = BCE + beta * mean_i[ KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)) ]
     """
     adv_probs = F.softmax(adversarial_logits, dim=1)
     top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
     runner_up = torch.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
-    boosted = F.cross_entropy(adversarial_logits, labels) + F.nll_loss(torch.log(MART_LOG_OFFSET - adv_probs + MART_EPS), runner_up)
+    boosted = F.cross_entropy(adversarial_logits, labels) + F.nll_loss(
+        torch.log(MART_LOG_OFFSET - adv_probs + MART_EPS), runner_up
+    )
     nat_probs = F.softmax(benign_logits, dim=1)
     true_probs = nat_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
     kl = F.kl_div(torch.log(adv_probs + MART_EPS), nat_probs, reduction="none").sum(dim=1)
@@ -135,11 +149,17 @@ def calibrate(logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torc
     return logits + tau * log_prior.to(logits.device)
 
 
-def calfat_loss(adversarial_logits: torch.Tensor, benign_logits: torch.Tensor, labels: torch.Tensor,
-                log_prior: torch.Tensor, tau: float, scale: float) -> LossTerms:
+def calfat_loss(
+    adversarial_logits: torch.Tensor,
+    benign_logits: torch.Tensor,
+    labels: torch.Tensor,
+    log_prior: torch.Tensor,
+    tau: float,
+    scale: float,
+) -> LossTerms:
     """CalFAT's outer loss on calibrated logits (see ``sylva_ray.method.algorithms.CalFAT`` for the source):
 
-        total = CE(z~(x'), y) + scale * KL(softmax(z~(x)) || softmax(z~(x')))     z~ = z + tau log pi
+    total = CE(z~(x'), y) + scale * KL(softmax(z~(x)) || softmax(z~(x')))     z~ = z + tau log pi
     """
     adv = calibrate(adversarial_logits, log_prior, tau)
     ben = calibrate(benign_logits, log_prior, tau)

@@ -34,7 +34,7 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -79,7 +79,9 @@ class PixelSpaceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.input_size:
             if images.is_cuda and torch.are_deterministic_algorithms_enabled():
-                images = bilinear_resize_by_matmul(images, self.input_size)  # CUDA's upsample backward is not deterministic
+                images = bilinear_resize_by_matmul(
+                    images, self.input_size
+                )  # CUDA's upsample backward is not deterministic
             else:
                 images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False)
         return self.backbone((images - self.mean) / self.std)
@@ -114,7 +116,9 @@ def classifier_name(model: nn.Module) -> str:
     raise ValueError("the model's classifier is not one of its submodules")
 
 
-def seeded_create(name: str, num_classes: int, kwargs: Mapping[str, Any], pretrained: bool = False, seed: int = 0) -> nn.Module:
+def seeded_create(
+    name: str, num_classes: int, kwargs: Mapping[str, Any], pretrained: bool = False, seed: int = 0
+) -> nn.Module:
     """``timm.create_model`` with its random initialisation drawn from ``seed``.
 
     torch's default generator is seeded differently in every process, so an unseeded init (of the
@@ -195,11 +199,17 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor]
     missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
     if missing or result.unexpected_keys:
         raise ModelSourceError(
-            f"{origin}: weights do not fit the model (missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}); "
+            f"{origin}: weights do not fit the model (missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]}); "
             "check model.name and model.kwargs"
         )
     if dropped:
-        log.info("%s: classifier %s re-initialised for %d classes", origin, head_prefix.rstrip("."), backbone.get_classifier().out_features)
+        log.info(
+            "%s: classifier %s re-initialised for %d classes",
+            origin,
+            head_prefix.rstrip("."),
+            backbone.get_classifier().out_features,
+        )
 
 
 def default_cache_dir() -> Path:
@@ -212,8 +222,17 @@ def embedded_cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes
         "recipe": PRETRAIN_RECIPE_VERSION,
         "model": {k: v for k, v in asdict(model_cfg).items() if k not in {"cache_dir", "checkpoint", "pretrained"}},
         "num_classes": num_classes,
-        "data": {k: getattr(data_cfg, k) for k in ("name", "public_fraction", "public_seed", "synthetic_num_samples",
-                                                   "synthetic_num_classes", "synthetic_image_size")},
+        "data": {
+            k: getattr(data_cfg, k)
+            for k in (
+                "name",
+                "public_fraction",
+                "public_seed",
+                "synthetic_num_samples",
+                "synthetic_num_classes",
+                "synthetic_image_size",
+            )
+        },
         "torch": torch.__version__.split("+")[0],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -244,7 +263,7 @@ def pretrain_on_public(model: PixelSpaceModel, public: ArrayDataset, cfg: ModelC
         for _ in tqdm(range(cfg.pretrain_epochs), desc="pre-training on the public slice", leave=False):
             order = torch.randperm(len(labels), generator=generator)
             for start in range(0, len(labels), cfg.pretrain_batch_size):
-                idx = order[start:start + cfg.pretrain_batch_size]
+                idx = order[start : start + cfg.pretrain_batch_size]
                 loss = F.cross_entropy(model(images[idx].to(device)), labels[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -253,7 +272,9 @@ def pretrain_on_public(model: PixelSpaceModel, public: ArrayDataset, cfg: ModelC
     model.eval()
 
 
-def embedded_weights(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource, seed: int = 0) -> dict[str, torch.Tensor]:
+def embedded_weights(
+    model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Pre-train on the public slice once; later calls (any process) reuse the cached file.
 
     A file lock keeps two actors or Tune trials from pre-training the same model twice; the file is
@@ -271,7 +292,12 @@ def embedded_weights(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataS
             return load_file(str(path))
         backbone = seeded_create(model_cfg.name, source.num_classes, model_cfg.kwargs, seed=seed)
         model = _pixel_model(backbone, model_cfg)
-        log.info("embedded pre-training %s on %d public samples for %d epochs", model_cfg.name, len(source.public), model_cfg.pretrain_epochs)
+        log.info(
+            "embedded pre-training %s on %d public samples for %d epochs",
+            model_cfg.name,
+            len(source.public),
+            model_cfg.pretrain_epochs,
+        )
         pretrain_on_public(model, source.public, model_cfg, derive_seed(seed, "pretrain"))
         state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
         atomic_write_bytes(path, save(state))
@@ -296,7 +322,9 @@ def build_pretrained_model(
         return _pixel_model(backbone, model_cfg).eval()
     backbone = create_backbone(model_cfg, source.num_classes)
     if model_cfg.pretrained == "checkpoint":
-        load_backbone_weights(backbone, read_checkpoint(model_cfg.checkpoint), f"model.checkpoint={model_cfg.checkpoint!r}")
+        load_backbone_weights(
+            backbone, read_checkpoint(model_cfg.checkpoint), f"model.checkpoint={model_cfg.checkpoint!r}"
+        )
     elif model_cfg.pretrained == "embedded":
         load_backbone_weights(backbone, embedded_weights(model_cfg, data_cfg, source), "embedded pre-training")
     return _pixel_model(backbone, model_cfg).eval()
@@ -312,7 +340,9 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def pretrained_backbone_state(model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource) -> dict[str, torch.Tensor]:
+def pretrained_backbone_state(
+    model_cfg: ModelConfig, data_cfg: DataConfig, source: DataSource
+) -> dict[str, torch.Tensor]:
     """The pre-trained backbone's weights as CPU tensors: resolved once where a run starts, then
     shared with every actor (``build_pretrained_model(..., backbone_state=...)``)."""
     base = build_pretrained_model(model_cfg, data_cfg, source)
@@ -328,17 +358,22 @@ def add_lora(model: PixelSpaceModel, cfg: LoRAConfig) -> PeftModel:
     """Wrap with peft LoRA: backbone frozen, LoRA factors + classifier head trainable.
 
     Each target must match at least one ``nn.Linear`` and nothing else: peft matches by suffix,
-    so ``"proj"`` would also adapt timm's ``patch_embed.proj`` convolution (README 'Pitfalls the code guards against', 3).
+    so ``"proj"`` would also adapt timm's ``patch_embed.proj`` convolution (README 'Pitfalls the
+    code guards against', 3).
     """
     head = classifier_name(model)
     for target in cfg.target_modules:
         hits = matched_modules(model, target)
         if not hits:
             linear = sorted({n.split(".", 2)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"lora.target_modules entry {target!r} matches no module; Linear layers here: {linear[:12]}")
+            raise ValueError(
+                f"lora.target_modules entry {target!r} matches no module; Linear layers here: {linear[:12]}"
+            )
         wrong = [f"{n} ({type(m).__name__})" for n, m in hits if not isinstance(m, LORA_TARGET_TYPES) or n == head]
         if wrong:
-            raise ValueError(f"lora.target_modules entry {target!r} also matches {wrong}; qualify it (e.g. 'attn.proj')")
+            raise ValueError(
+                f"lora.target_modules entry {target!r} also matches {wrong}; qualify it (e.g. 'attn.proj')"
+            )
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
@@ -377,7 +412,11 @@ def personal_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def _personal_keys(model: PeftModel) -> list[str]:
-    return [name.replace(".modules_to_save.default.", ".") for name, _ in model.named_parameters() if parameter_role(name) is Role.PERSONAL]
+    return [
+        name.replace(".modules_to_save.default.", ".")
+        for name, _ in model.named_parameters()
+        if parameter_role(name) is Role.PERSONAL
+    ]
 
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
@@ -406,8 +445,6 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
 
 
 def decode_state(payload: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     return load(payload) if payload else {}
 
 
@@ -418,11 +455,10 @@ def full_model_nbytes(model: nn.Module) -> int:
     full-model FAT sends each round.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    state = {
-        k: v for k, v in base.state_dict().items()
-        if ".lora_" not in k and ".modules_to_save." not in k
-    }
-    return serialized_nbytes({k.replace(".original_module", "").replace(".base_layer", ""): v for k, v in state.items()})
+    state = {k: v for k, v in base.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k}
+    return serialized_nbytes(
+        {k.replace(".original_module", "").replace(".base_layer", ""): v for k, v in state.items()}
+    )
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -435,8 +471,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device='cuda' but no CUDA device is visible here: use runtime.device=auto or cpu, "
-                          "or give client actors a GPU share (runtime.client_resources.num_gpus) on a GPU cluster")
+        raise ConfigError(
+            "runtime.device='cuda' but no CUDA device is visible here: use runtime.device=auto or cpu, "
+            "or give client actors a GPU share (runtime.client_resources.num_gpus) on a GPU cluster"
+        )
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

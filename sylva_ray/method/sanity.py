@@ -38,17 +38,28 @@ def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, wh
     robust, n = _pooled(rows, "robust_acc", "num_robust")
     clean, _ = _pooled(rows, "clean_on_robust", "num_robust")
     if n and robust > clean + tol:
-        warnings.append(f"{where}: robust accuracy {robust:.3f} > clean {clean:.3f} on the same {n} images: the attack is not attacking")
-    above = [int(r["client"]) for r in rows if "client" in r and r.get("clean_on_robust") is not None
-             and float(r["robust_acc"]) > float(r["clean_on_robust"]) + tol]
+        warnings.append(
+            f"{where}: robust accuracy {robust:.3f} > clean {clean:.3f} on the same {n} images: the attack is not "
+            "attacking"
+        )
+    above = [
+        int(r["client"])
+        for r in rows
+        if "client" in r
+        and r.get("clean_on_robust") is not None
+        and float(r["robust_acc"]) > float(r["clean_on_robust"]) + tol
+    ]
     if above:
         warnings.append(f"{where}: clients {above} have robust > clean accuracy")
 
     long_pgd, n = _pooled(rows, "long_pgd_acc", "num_sanity")
     short, _ = _pooled(rows, "pgd_on_sanity", "num_sanity")
     if n and long_pgd > short + tol:
-        warnings.append(f"{where}: long PGD ({cfg.sanity_long_steps} steps) accuracy {long_pgd:.3f} > PGD {short:.3f} on {n} images: "
-                        "more iterations help the model (gradient masking?)")
+        warnings.append(
+            f"{where}: long PGD ({cfg.sanity_long_steps} steps) accuracy {long_pgd:.3f} > PGD {short:.3f} on {n} "
+            "images: "
+            "more iterations help the model (gradient masking?)"
+        )
     large, n = _pooled(rows, "large_eps_acc", "num_sanity")
     if n and large > cfg.sanity_large_eps_max_acc:
         cause = "gradients may be masked or the attack broken"
@@ -57,17 +68,25 @@ def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, wh
         clean_all, _ = _pooled(rows, "clean_acc", "num_clean")
         majority, _ = _pooled(rows, "majority_rate", "num_clean")
         if clean_all <= majority + tol:
-            cause = (f"clean accuracy {clean_all:.3f} does not beat the majority-class constant predictor "
-                     f"({majority:.3f}): the model looks collapsed (check the training loss), not masked")
+            cause = (
+                f"clean accuracy {clean_all:.3f} does not beat the majority-class constant predictor "
+                f"({majority:.3f}): the model looks collapsed (check the training loss), not masked"
+            )
         elif abs(clean - robust) <= tol:
-            cause = (f"PGD changes nothing either (clean {clean:.3f}, PGD {robust:.3f}): the model looks collapsed "
-                     "to a near-constant prediction (check the training loss), or gradients are masked")
-        warnings.append(f"{where}: accuracy {large:.3f} at eps {cfg.sanity_large_eps} on {n} images is not near 0 "
-                        f"(> {cfg.sanity_large_eps_max_acc}): {cause}")
+            cause = (
+                f"PGD changes nothing either (clean {clean:.3f}, PGD {robust:.3f}): the model looks collapsed "
+                "to a near-constant prediction (check the training loss), or gradients are masked"
+            )
+        warnings.append(
+            f"{where}: accuracy {large:.3f} at eps {cfg.sanity_large_eps} on {n} images is not near 0 "
+            f"(> {cfg.sanity_large_eps_max_acc}): {cause}"
+        )
     auto, n = _pooled(rows, "autoattack_acc", "num_autoattack")
     pgd_same, _ = _pooled(rows, "pgd_on_autoattack", "num_autoattack")
     if n and auto > pgd_same + tol:
-        warnings.append(f"{where}: AutoAttack accuracy {auto:.3f} > PGD {pgd_same:.3f} on {n} images: the stronger attack is weaker")
+        warnings.append(
+            f"{where}: AutoAttack accuracy {auto:.3f} > PGD {pgd_same:.3f} on {n} images: the stronger attack is weaker"
+        )
     for message in warnings:
         log.warning("SANITY CHECK FAILED -- %s", message)
     return warnings

@@ -48,7 +48,10 @@ def exact_shapley(num_players: int) -> Estimator:
     """Enumerate every coalition once, then weight the marginals by |S|!(L-|S|-1)!/L!."""
     masks = list(range(1 << num_players))
     values = yield masks
-    weights = [math.factorial(s) * math.factorial(num_players - s - 1) / math.factorial(num_players) for s in range(num_players)]
+    weights = [
+        math.factorial(s) * math.factorial(num_players - s - 1) / math.factorial(num_players)
+        for s in range(num_players)
+    ]
     phi = np.zeros(num_players)
     for mask in masks:
         size = bin(mask).count("1")
@@ -105,13 +108,21 @@ def permutation_shapley(
                 marginals[w, player] = cache[grown] - cache[prefixes[w]]
                 prefixes[w] = grown
         for p in range(len(batch)):
-            pair_marginals.append(marginals[2 * p:2 * p + 2].mean(axis=0))
+            pair_marginals.append(marginals[2 * p : 2 * p + 2].mean(axis=0))
         samples = np.asarray(pair_marginals)
-        stderr = samples.std(axis=0, ddof=1) / math.sqrt(len(samples)) if len(samples) > 1 else np.full(num_players, np.inf)
+        stderr = (
+            samples.std(axis=0, ddof=1) / math.sqrt(len(samples)) if len(samples) > 1 else np.full(num_players, np.inf)
+        )
         converged = len(samples) >= min_pairs and bool(np.all(stderr < stderr_tolerance))
         if converged or len(cache) >= max_evaluations:
-            return ShapleyResult(samples.mean(axis=0), stderr, evaluations=len(cache), permutations=2 * len(samples),
-                                 method="permutation", coalition_values=dict(cache))
+            return ShapleyResult(
+                samples.mean(axis=0),
+                stderr,
+                evaluations=len(cache),
+                permutations=2 * len(samples),
+                method="permutation",
+                coalition_values=dict(cache),
+            )
 
 
 def solve(estimator: Estimator, value_fn: Callable[[int], float]) -> ShapleyResult:
@@ -124,13 +135,26 @@ def solve(estimator: Estimator, value_fn: Callable[[int], float]) -> ShapleyResu
         return stop.value
 
 
-def make_estimator(num_players: int, exact_max_players: int, seed: int, max_evaluations: int,
-                   stderr_tolerance: float, truncation_tolerance: float, permutations_per_batch: int = 4) -> Estimator:
+def make_estimator(
+    num_players: int,
+    exact_max_players: int,
+    seed: int,
+    max_evaluations: int,
+    stderr_tolerance: float,
+    truncation_tolerance: float,
+    permutations_per_batch: int = 4,
+) -> Estimator:
     """Exact for small games, permutation sampling beyond ``exact_max_players``."""
     if num_players <= exact_max_players:
         return exact_shapley(num_players)
-    return permutation_shapley(num_players, np.random.default_rng(seed), max_evaluations, stderr_tolerance,
-                               truncation_tolerance, permutations_per_batch)
+    return permutation_shapley(
+        num_players,
+        np.random.default_rng(seed),
+        max_evaluations,
+        stderr_tolerance,
+        truncation_tolerance,
+        permutations_per_batch,
+    )
 
 
 def select_players(values: np.ndarray, rule: str, top_k: int, threshold: float) -> list[int]:

@@ -17,18 +17,20 @@ from timm.models.vision_transformer import VisionTransformer, _create_vision_tra
 #: Input side of the pico ViT: 8x8 digits upsampled x2, so 4x4 patches give a 4x4 token grid.
 PICO_INPUT_SIDE = 16
 
-default_cfgs = generate_default_cfgs({
-    "vit_pico_patch4_16": {
-        "input_size": (3, PICO_INPUT_SIDE, PICO_INPUT_SIDE),
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "num_classes": 10,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-    },
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_pico_patch4_16": {
+            "input_size": (3, PICO_INPUT_SIDE, PICO_INPUT_SIDE),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "num_classes": 10,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+)
 
 
 @register_model

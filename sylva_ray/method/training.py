@@ -24,7 +24,7 @@ from sylva_ray.base.seeding import derive_seed, torch_generator, torch_seeded
 from sylva_ray.method.attacks import build_attack, perturb
 from sylva_ray.method.data import ArrayDataset
 from sylva_ray.method.losses import LossTerms
-from sylva_ray.method.models import Role, parameter_role
+from sylva_ray.method.models import Role, classifier_name, parameter_role
 
 #: Adapter name peft gives the one adapter we create; parameter names carry it, state-dict keys do not.
 PEFT_ADAPTER = "default"
@@ -49,12 +49,14 @@ class RoundMetrics:
         return {f"{prefix}{k}": v for k, v in values.items()}
 
 
-def batches(data: ArrayDataset, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data: ArrayDataset, batch_size: int, seed: int, shuffle: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches as tensors; the shuffle order comes from an explicit generator."""
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     order = torch.randperm(len(labels), generator=torch_generator(seed)) if shuffle else torch.arange(len(labels))
     for start in range(0, len(labels), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield images[idx], labels[idx]
 
 
@@ -93,8 +95,14 @@ class LocalObjective(Protocol):
 
     def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack: ...
 
-    def loss(self, adversarial_logits: torch.Tensor, labels: torch.Tensor, benign_logits: Optional[torch.Tensor],
-             local_shared: Optional[Mapping[str, torch.Tensor]], global_shared: Optional[Mapping[str, torch.Tensor]]) -> LossTerms: ...
+    def loss(
+        self,
+        adversarial_logits: torch.Tensor,
+        labels: torch.Tensor,
+        benign_logits: Optional[torch.Tensor],
+        local_shared: Optional[Mapping[str, torch.Tensor]],
+        global_shared: Optional[Mapping[str, torch.Tensor]],
+    ) -> LossTerms: ...
 
 
 def adversarial_round(
@@ -129,7 +137,9 @@ def adversarial_round(
     sums = np.zeros(5)
     model.train()
     for epoch in range(train_cfg.local_epochs):
-        for step, (images, labels) in enumerate(batches(data, train_cfg.batch_size, derive_seed(seed, "shuffle", epoch))):
+        for step, (images, labels) in enumerate(
+            batches(data, train_cfg.batch_size, derive_seed(seed, "shuffle", epoch))
+        ):
             if train_cfg.local_steps is not None and metrics.steps >= train_cfg.local_steps:
                 break
             images, labels = images.to(device), labels.to(device)
@@ -148,7 +158,9 @@ def adversarial_round(
             sums += [float(terms.total.detach()), terms.adversarial, terms.benign, terms.similarity, terms.proximal]
     model.eval()
     if metrics.steps:
-        metrics.loss, metrics.adversarial, metrics.benign, metrics.similarity, metrics.proximal = (sums / metrics.steps).tolist()
+        metrics.loss, metrics.adversarial, metrics.benign, metrics.similarity, metrics.proximal = (
+            sums / metrics.steps
+        ).tolist()
     metrics.seconds = time.perf_counter() - start
     return metrics
 
@@ -190,7 +202,10 @@ def benign_finetune(
                 if metrics.steps >= steps:
                     break
                 images, labels = images.to(device), labels.to(device)
-                with training_precision(precision, device), torch_seeded(derive_seed(seed, "dropout", epoch, metrics.steps)):
+                with (
+                    training_precision(precision, device),
+                    torch_seeded(derive_seed(seed, "dropout", epoch, metrics.steps)),
+                ):
                     loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,8 +227,6 @@ def benign_finetune(
 
 def _is_plain_head(model: nn.Module, name: str) -> bool:
     """For a merged (non-peft) model the head is the timm classifier."""
-    from sylva_ray.method.models import classifier_name
-
     try:
         return name.startswith(classifier_name(model) + ".")
     except (AttributeError, ValueError):
@@ -246,12 +259,19 @@ class EvalResult:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
 
 
-def _attack_hits(model: nn.Module, attack: torchattacks.attack.Attack, images: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int, seed: int, device: torch.device) -> torch.Tensor:
+def _attack_hits(
+    model: nn.Module,
+    attack: torchattacks.attack.Attack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
     """Per-sample correctness under ``attack``, batch by batch, each batch seeded by its index."""
     hits = []
     for index, start in enumerate(range(0, len(labels), batch_size)):
-        x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
+        x, y = images[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
         adversarial = perturb(attack, x, y, derive_seed(seed, "eval-attack", index))
         with torch.no_grad():
             hits.append((model(adversarial).argmax(1) == y).cpu())
@@ -280,13 +300,31 @@ def evaluate(
         return _evaluate(model, data, attack_cfg, batch_size, seed, device, attack_name, protocol)
 
 
-def _evaluate(model: nn.Module, data: ArrayDataset, attack_cfg: AttackConfig, batch_size: int, seed: int,
-              device: torch.device, attack_name: Optional[str], protocol: Optional[EvaluationConfig]) -> EvalResult:
+def _evaluate(
+    model: nn.Module,
+    data: ArrayDataset,
+    attack_cfg: AttackConfig,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    attack_name: Optional[str],
+    protocol: Optional[EvaluationConfig],
+) -> EvalResult:
     model.eval()
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     with torch.no_grad():
-        clean = torch.cat([(model(images[i:i + batch_size].to(device)).argmax(1) == labels[i:i + batch_size].to(device)).cpu()
-                           for i in range(0, len(labels), batch_size)]) if len(labels) else torch.zeros(0, dtype=torch.bool)
+        clean = (
+            torch.cat(
+                [
+                    (
+                        model(images[i : i + batch_size].to(device)).argmax(1) == labels[i : i + batch_size].to(device)
+                    ).cpu()
+                    for i in range(0, len(labels), batch_size)
+                ]
+            )
+            if len(labels)
+            else torch.zeros(0, dtype=torch.bool)
+        )
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
     attack = build_attack(attack_name or attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
     robust = _attack_hits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -86,13 +85,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from sylva_ray.engine.resolve import raw_config
+    from sylva_ray.engine.rundir import resolve_result_path, utc_stamp
     from sylva_ray.experiments.compare import run_comparison
     from sylva_ray.method.algorithms import default_comparison
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
-    from sylva_ray.engine.rundir import resolve_result_path
-
-    out = resolve_result_path(args.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out = resolve_result_path(args.out or Path("runs") / f"compare-{utc_stamp()}")  # --out again resumes it
     algorithms = (
         [a.strip() for a in args.algorithms.split(",") if a.strip()]
         if args.algorithms is not None

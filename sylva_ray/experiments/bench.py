@@ -33,12 +33,7 @@ from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
 from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
-from sylva_ray.engine.rundir import (
-    prepare_data,
-    read_json,
-    resolve_result_path,
-    write_table,
-)
+from sylva_ray.engine.rundir import new_unique_dir, prepare_data, read_json, resolve_result_path, utc_stamp, write_table
 from sylva_ray.experiments.memory import estimate_actor_memory
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.algorithms import algorithm_for
@@ -350,10 +345,11 @@ BENCHES = {
 
 
 def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:
-    out = resolve_result_path(
-        out or Path(cfg.output.root) / f"bench-{which}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        out = new_unique_dir(resolve_result_path(cfg.output.root), f"bench-{which}-{utc_stamp()}")
+    else:
+        out = resolve_result_path(out)
+        out.mkdir(parents=True, exist_ok=True)
     frame = BENCHES[which](cfg, out)
     write_table(out / f"bench_{which}.csv", frame)
     log.info("bench %s written to %s", which, out / f"bench_{which}.csv")

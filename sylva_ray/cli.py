@@ -5,7 +5,10 @@ sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its ch
 sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
-sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/bench.py)
+sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/experiments/bench.py)
+
+Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
+launcher); that is the only reason for the imports inside the functions below.
 """
 
 from __future__ import annotations

@@ -498,3 +498,27 @@ class DriverActor:
 
     def shutdown(self) -> None:
         self.federation.executor.shutdown()
+
+
+class DriverHandle:
+    """The driver actor seen from the main process as an ``engine.runner.Session``: the runner calls
+    it round by round, then Phase 2, then the summary, as it calls an in-process federation."""
+
+    def __init__(self, driver: Any) -> None:
+        self._ray, self._driver = ray, driver
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self._ray.get(self._driver.status.remote())
+
+    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
+        return self._ray.get(self._driver.run_round.remote(evaluate))
+
+    def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        return self._ray.get(self._driver.finish.remote(phase2))
+
+    def phase2(self, out_dir: Path) -> dict[str, Any]:
+        return self._ray.get(self._driver.phase2.remote(str(out_dir)))
+
+    def inject_faults(self, kills: dict, raises: dict, ooms: Optional[dict] = None) -> None:
+        self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))

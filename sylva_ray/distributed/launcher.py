@@ -15,7 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig, apply_overrides
 from sylva_ray.base.storage import remove_orphaned_temp_files
@@ -47,6 +47,9 @@ from sylva_ray.engine.runner import (
 )
 from sylva_ray.method.data import DataSource, load_source
 from sylva_ray.method.models import pretrained_backbone_state
+
+if TYPE_CHECKING:  # imported when a Ray run starts: an in-process run never loads Ray
+    from sylva_ray.distributed.actors import DriverHandle
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def remote_federation(
     resume: bool = False,
     staged: Optional[StagedInputs] = None,
     progress: bool = True,
-) -> Iterator["RemoteFederation"]:
+) -> Iterator[DriverHandle]:
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
 
@@ -122,7 +125,7 @@ def remote_federation(
         PlacementGroupSchedulingStrategy,
     )
 
-    from sylva_ray.distributed.actors import DriverActor
+    from sylva_ray.distributed.actors import DriverActor, DriverHandle
     from sylva_ray.distributed.capacity import (
         acquire_pool,
         alive_nodes,
@@ -164,7 +167,7 @@ def remote_federation(
             group,
             logging.getLogger().getEffectiveLevel(),
         )
-        federation = RemoteFederation(driver)
+        federation = DriverHandle(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
         if requested:
             release_request()  # the actors hold their resources now
@@ -178,31 +181,6 @@ def remote_federation(
             except Exception:  # the driver may already be gone; nothing to clean then
                 pass
             ray.kill(driver)
-
-
-class RemoteFederation:
-    """The driver actor seen through the ``Federation`` interface the progress loop uses."""
-
-    def __init__(self, driver: Any) -> None:
-        import ray
-
-        self._ray, self._driver = ray, driver
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return self._ray.get(self._driver.status.remote())
-
-    def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
-        return self._ray.get(self._driver.run_round.remote(evaluate))
-
-    def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        return self._ray.get(self._driver.finish.remote(phase2))
-
-    def phase2(self, out_dir: Path) -> dict[str, Any]:
-        return self._ray.get(self._driver.phase2.remote(str(out_dir)))
-
-    def inject_faults(self, kills: dict, raises: dict, ooms: Optional[dict] = None) -> None:
-        self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))
 
 
 def resume(

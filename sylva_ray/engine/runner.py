@@ -1,7 +1,7 @@
 """A run in the order a reader expects: Phase 1 round by round, then Phase 2, then the summary.
 
 The same calls drive a federation in this process (``LocalSession``) and one that lives in a driver
-actor (``distributed.launcher.RemoteFederation``): each is a ``Session``. Resuming checks live here
+actor (``distributed.actors.DriverHandle``): each is a ``Session``. Resuming checks live here
 too, because they decide whether a run directory may continue before anything starts.
 """
 

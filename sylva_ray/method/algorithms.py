@@ -35,6 +35,7 @@ from sylva_ray.method.losses import (
     sylva_loss,
 )
 from sylva_ray.method.scopes import SCOPES, ModelScope
+from sylva_ray.method.training import LocalObjective
 
 ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
 
@@ -61,9 +62,9 @@ FEDAVG_NO_PHASE2: dict[str, Any] = {"federation.aggregation": "fedavg", "layer_s
 
 
 # --- objectives: the inner attack and the outer loss ---------------------------------------------
-class Objective:
-    """What the one local loop (``training.adversarial_round``) asks of a method: the inner attack
-    and the outer loss, and whether the loss needs benign logits or the received global tensors."""
+class Objective(LocalObjective):
+    """Base of the objectives below (the interface is ``training.LocalObjective``): the config and
+    the client's class count; the loss wants benign logits and no global anchor unless it says so."""
 
     needs_benign: bool = True
     uses_anchor: bool = False
@@ -71,19 +72,6 @@ class Objective:
     def __init__(self, cfg: ExperimentConfig, data: ArrayDataset) -> None:
         self.cfg = cfg
         self.num_classes = data.num_classes
-
-    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
-        raise NotImplementedError
-
-    def loss(
-        self,
-        adversarial_logits: torch.Tensor,
-        labels: torch.Tensor,
-        benign_logits: Optional[torch.Tensor],
-        local_shared: Optional[Mapping[str, torch.Tensor]],
-        global_shared: Optional[Mapping[str, torch.Tensor]],
-    ) -> LossTerms:
-        raise NotImplementedError
 
 
 class SylvaObjective(Objective):

@@ -173,3 +173,21 @@ def test_resume_continues_at_the_checkpointed_round(cfg, tmp_path):
     assert again.state.next_round == 1 and torch.equal(again.state.global_adapter[KEY], first.state.global_adapter[KEY])
     again.run_round()
     assert list(pd.read_csv(tmp_path / "rounds.csv")["round"]) == [0, 1]
+
+
+def test_a_checkpoint_from_before_the_local_scope_loads_into_personal_states():
+    """Old checkpoints kept ``heads`` and, for a client training alone, its own ``adapters``."""
+    head, lora = {"head.weight": torch.ones(1)}, {KEY: torch.full((2, 2), 3.0)}
+    old = {
+        "next_round": 1,
+        "global_adapter": {KEY: torch.zeros(2, 2)},
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "seconds": 1.0,
+        "rounds_trained": {"0": 1},
+    }
+    tables = {"rows": [], "round_rows": [], "last_eval": [], "initial": {}}
+    shared = FederationState._from_payload({**old, "heads": {"0": head}, "adapters": {"0": {}}}, tables)
+    assert shared.client_states[0].personal == head and KEY in shared.global_adapter  # a federated run: unchanged
+    alone = FederationState._from_payload({**old, "heads": {"0": head}, "adapters": {"0": lora}}, tables)
+    assert alone.client_states[0].personal == {**lora, **head} and alone.global_adapter == {}  # nothing shared

@@ -2,13 +2,18 @@
 
 import pytest
 
+from sylva_ray.base.config import ConfigError
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.engine.rundir import (
     HOME_ENV,
     RunDirectoryError,
     create_run_dir,
+    load_run_config,
+    new_unique_dir,
+    prepare_data,
     resolve_result_path,
     results_base,
+    write_config,
 )
 
 
@@ -52,3 +57,35 @@ def test_an_existing_run_directory_is_never_written_into(clean_env):
     (taken / "summary.json").write_text("{}")
     with pytest.raises(RunDirectoryError, match="not empty"):
         create_run_dir(load_config("smoke"), taken)
+
+
+def test_unique_folders_never_reuse_an_existing_one(tmp_path):
+    first = new_unique_dir(tmp_path, "phase2-20260101-000000")
+    (first / "keep.txt").write_text("earlier results")
+    second = new_unique_dir(tmp_path, "phase2-20260101-000000")
+    third = new_unique_dir(tmp_path, "phase2-20260101-000000")
+    assert [p.name for p in (first, second, third)] == [
+        "phase2-20260101-000000",
+        "phase2-20260101-000000-2",
+        "phase2-20260101-000000-3",
+    ]
+    assert (first / "keep.txt").read_text() == "earlier results" and not any(second.iterdir())
+
+
+def test_a_run_keeps_its_partition_and_config_and_reloads_them(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    cfg = load_config("smoke", overrides=["runtime.seed=3"])
+    write_config(tmp_path, cfg)
+    source, partition = prepare_data(cfg, tmp_path, resume=False)
+    assert load_run_config(tmp_path) == cfg
+    again = load_config("smoke", overrides=["runtime.seed=4"])  # another seed would split differently...
+    _, reloaded = prepare_data(again, tmp_path, resume=True, source=source)  # ...but a resume keeps the file
+    assert (tmp_path / "partition.json").is_file()
+    assert reloaded.to_json() == partition.to_json()
+    assert prepare_data(again, tmp_path / "fresh", resume=False, source=source)[1].to_json() != partition.to_json()
+
+
+def test_a_damaged_config_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="config.yaml: not valid YAML"):
+        load_run_config(tmp_path)

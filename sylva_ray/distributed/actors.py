@@ -69,6 +69,13 @@ RESTART_PING_TIMEOUT_S, RESTART_PING_PAUSE_S = 5.0, 0.5
 ACTOR_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
+def main_process_log_level() -> int:
+    """The level actors log at: the main process's, when it configured logging (``--log-level``);
+    INFO otherwise (a Tune trial or a notebook that never called ``logging.basicConfig``)."""
+    root = logging.getLogger()
+    return root.level if root.handlers else logging.INFO
+
+
 class InjectedFault(RuntimeError):
     """Raised inside a client job on purpose (fault drills and tests)."""
 

@@ -125,7 +125,7 @@ def remote_federation(
         PlacementGroupSchedulingStrategy,
     )
 
-    from sylva_ray.distributed.actors import DriverActor, DriverHandle
+    from sylva_ray.distributed.actors import DriverActor, DriverHandle, main_process_log_level
     from sylva_ray.distributed.capacity import (
         acquire_pool,
         alive_nodes,
@@ -165,7 +165,7 @@ def remote_federation(
             partition,
             plan,
             group,
-            logging.getLogger().getEffectiveLevel(),
+            main_process_log_level(),
         )
         federation = DriverHandle(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here

@@ -1,7 +1,8 @@
 """One client's work -- train a round, evaluate -- on a model that is built once and reused.
 
 ``ClientWorker`` holds the pre-trained backbone wrapped with LoRA and the data pools; the
-personal state of *any* client (its head) is passed in and handed back, never kept here.
+personal state of *any* client (what its scope keeps: the head, for LoRA) is passed in and
+handed back, never kept here.
 That is what lets one worker (and later one Ray actor) serve many virtual clients, and lets a
 restarted worker pick up where the last one left off: the caller owns the state.
 """
@@ -144,7 +145,7 @@ class ClientWorker:
     def evaluate(
         self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], protocol: bool = False
     ) -> EvalResult:
-        """The client's personalised model (given adapter + own head) on its own test split;
+        """The client's personalised model (given shared tensors + its personal ones) on its own test split;
         ``GLOBAL_TEST_CLIENT`` scores the given (global) model on the global test set.
         ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well."""
         self._load(adapter, state)
@@ -172,7 +173,10 @@ class ClientWorker:
         key = (client_id, adapter_key)
         if key not in self._games:
             if self.scope.name != "lora":
-                raise ValueError(f"Phase 2 merges a LoRA adapter; algorithm {self.algorithm.name!r} has none")
+                raise ValueError(
+                    f"Phase 2 merges the global LoRA adapter; algorithm {self.algorithm.name!r} (scope "
+                    f"{self.scope.name!r}) shares none: set layer_selection.enabled=false"
+                )
             fused = fuse(self.model, adapter, state.personal)
             self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
             budget = self.cfg.layer_selection.game_cache_mb * BYTES_PER_MB

@@ -9,7 +9,7 @@ Phase 2 is not called from here: the runner (``engine.runner``) calls it after t
 
 One round, as data:
     driver --(global adapter as safetensors bytes, one copy)--> clients
-    clients --(their adapter bytes + metrics; head stays in ClientState)--> driver
+    clients --(their adapter bytes + metrics; personal tensors stay in ClientState)--> driver
     driver: aggregate in client-id order -> new global adapter -> evaluate -> checkpoint
 """
 
@@ -115,13 +115,17 @@ class FederationState:
 
     @classmethod
     def _from_payload(cls, payload: dict[str, Any], tables: dict[str, Any]) -> "FederationState":
+        global_adapter = payload["global_adapter"]
         if "personal" in payload:
             personal = payload["personal"]
         else:  # checkpoints before the "local" scope: heads, and a local client's own adapter beside them
-            personal = {c: {**payload.get("adapters", {}).get(c, {}), **head} for c, head in payload["heads"].items()}
+            adapters = payload.get("adapters", {})
+            personal = {c: {**adapters.get(c, {}), **head} for c, head in payload["heads"].items()}
+            if any(adapters.values()):  # a client that trained alone: nothing was shared, nothing is sent
+                global_adapter = {}
         return cls(
             next_round=int(payload["next_round"]),
-            global_adapter=payload["global_adapter"],
+            global_adapter=global_adapter,
             client_states={
                 int(c): ClientState(personal=p, rounds_trained=int(payload["rounds_trained"][c]))
                 for c, p in personal.items()
@@ -314,7 +318,7 @@ class Federation:
         return dict(outcome.metrics)
 
     def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int, protocol: bool = False) -> list[dict[str, Any]]:
-        """Each client's personalised model (global adapter + own head) on its own test split."""
+        """Each client's personalised model (global adapter + its personal tensors) on its own test split."""
         st = self.state
         jobs = [Job(c, st.client_states[c], protocol=protocol) for c in range(self.cfg.data.num_clients)]
         results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
@@ -396,7 +400,7 @@ class Federation:
                 "name": cfg.algorithm.name,
                 "ablations": list(cfg.algorithm.ablations),
                 "scope": self.algorithm.scope_name,
-                "federated": bool(self.info.initial_adapter),
+                "federated": self.algorithm.scope.name != "local",
             },
             "final": phase2["means"] if phase2 else means,
             "phase1": dict(means),

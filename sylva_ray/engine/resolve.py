@@ -117,21 +117,24 @@ def _lookup(raw: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def warn_overridden(algorithm: str, raw: dict[str, Any], implied: dict[str, Any]) -> list[str]:
-    """Log (and return) every field the user set that the algorithm's implied settings replace."""
+#: Warnings already given in this process (``compare`` builds one config per seed).
+_WARNED: set[str] = set()
+
+
+def warn_overridden(algorithm: str, raw: dict[str, Any], implied: dict[str, Any]) -> None:
+    """Log, once per process, every field the user set that the algorithm's implied settings replace."""
     lost = [
         f"{key}={value!r} (yours: {mine!r})"
         for key, value in implied.items()
         if (mine := _lookup(raw, key)) is not _UNSET and mine != value
     ]
-    if lost:
-        log.warning(
-            "algorithm.name=%s fixes %s: its values are used (README 'Baselines, ablations' names the algorithm.* "
-            "fields that set them)",
-            algorithm,
-            ", ".join(lost),
-        )
-    return lost
+    message = (
+        f"algorithm.name={algorithm} fixes {', '.join(lost)}: its values are used "
+        "(README 'Baselines, ablations' names the algorithm.* fields that set them)"
+    )
+    if lost and message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def address_problem(address: str) -> Optional[str]:

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
+from sylva_ray.distributed.launcher import phase2_only, remote_federation, run
 from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
@@ -121,8 +122,6 @@ def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
 
 def _engine(cfg: ExperimentConfig, actors: int) -> tuple[float, float, list[dict]]:
     """The same rounds through the Ray engine with ``actors`` client actors (setup s, rounds s, per-round rows)."""
-    from sylva_ray.distributed.launcher import remote_federation
-
     cfg = build_config(
         {**cfg.to_dict(), "runtime": {**cfg.to_dict()["runtime"], "num_actors": actors, "torch_threads": 1}}
     )
@@ -258,8 +257,6 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     """Phase 2 figures on one Phase-1 run of ``cfg``: speed-up with 2 workers vs 1, and the Shapley
     selection vs random layers of the same size vs all layers (same Phase-1 model, seeds, attack).
     Also writes ``bench_estimator.csv`` (Monte Carlo vs exact on 8-player games)."""
-    from sylva_ray.distributed.launcher import phase2_only, run
-
     phase1_dir = out / "phase1"
     phase1_dir.mkdir(parents=True, exist_ok=True)
     # Timing Phase 2 itself: the final-model protocol (AutoAttack, sanity attacks) is left out here.

@@ -33,6 +33,7 @@ from sylva_ray.distributed.capacity import (
     wait_for_capacity,
 )
 from sylva_ray.distributed.connect import check_before_start, cluster_can_grow, connect
+from sylva_ray.distributed.launcher import resume, run
 from sylva_ray.distributed.placement import actor_request, capacity
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import read_json
@@ -132,8 +133,6 @@ def run_parallelism(
 
 def execute_one(spec: RunSpec, lock: threading.Lock) -> dict[str, Any]:
     """Run, resume or skip one run directory; returns its summary."""
-    from sylva_ray.distributed.launcher import resume, run
-
     if (spec.run_dir / "summary.json").is_file():
         return read_json(spec.run_dir / "summary.json")
     with lock:  # creating directories and the config is quick; keep it ordered

@@ -285,7 +285,6 @@ def evaluate(
     batch_size: int,
     seed: int,
     device: torch.device,
-    attack_name: Optional[str] = None,
     protocol: Optional[EvaluationConfig] = None,
 ) -> EvalResult:
     """Clean accuracy on all of ``data``; robust accuracy under the evaluation attack.
@@ -297,7 +296,7 @@ def evaluate(
     Always in full fp32 (``precision.fp32_evaluation``): a lower-precision attack overstates robustness.
     """
     with fp32_evaluation(device):
-        return _evaluate(model, data, attack_cfg, batch_size, seed, device, attack_name, protocol)
+        return _evaluate(model, data, attack_cfg, batch_size, seed, device, protocol)
 
 
 def _evaluate(
@@ -307,7 +306,6 @@ def _evaluate(
     batch_size: int,
     seed: int,
     device: torch.device,
-    attack_name: Optional[str],
     protocol: Optional[EvaluationConfig],
 ) -> EvalResult:
     model.eval()
@@ -326,7 +324,7 @@ def _evaluate(
             else torch.zeros(0, dtype=torch.bool)
         )
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
-    attack = build_attack(attack_name or attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
+    attack = build_attack(attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
     robust = _attack_hits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
     result = EvalResult(_rate(clean), _rate(robust), len(data), limit, clean_on_robust=_rate(clean[:limit]))
     if protocol is None or not len(labels):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sylva_ray.base.config import PRESETS, ExperimentConfig
-from sylva_ray.engine.resolve import load_config
 
 log = logging.getLogger("sylva_ray")
 
@@ -40,8 +39,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config_from(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.preset, args.config_file, args.overrides)
+def _config_from(args: argparse.Namespace, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    from sylva_ray.engine.resolve import load_config  # the registries import torch, timm, peft: seconds
+
+    return load_config(args.preset, args.config_file, args.overrides if overrides is None else overrides)
 
 
 def _report(run_dir: object, summary: dict) -> int:
@@ -61,7 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sylva_ray.engine.rundir import create_run_dir
 
     overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
-    cfg = load_config(args.preset, args.config_file, overrides)
+    cfg = _config_from(args, overrides)
     check_before_start(cfg)  # before the run directory exists
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)

@@ -1,6 +1,8 @@
 """End to end through the ``sylva-ray`` entry point, in-process (the Ray engine is the next issue)."""
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -53,3 +55,10 @@ def test_bad_override_fails_before_any_work(tmp_path, caplog):
 def test_config_command_prints_resolved_yaml(capsys):
     assert main(["config", "--preset", "smoke", "--set", "lora.rank=16"]) == 0
     assert "rank: 16" in capsys.readouterr().out
+
+
+def test_the_entry_point_loads_no_heavy_library_until_a_command_needs_it():
+    """`sylva-ray --help` must not wait seconds for torch, timm, peft or Ray to import."""
+    probe = "import sys, sylva_ray.cli; print(sorted(m for m in ('torch', 'timm', 'peft', 'ray') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

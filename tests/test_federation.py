@@ -17,6 +17,7 @@ from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation, FederationState, sample_participants
 from sylva_ray.engine.jobs import Job, Outcome, WorkerInfo
 from sylva_ray.engine.resolve import load_config
+from sylva_ray.method.aggregation import AGGREGATORS, aggregate_fedavg
 from sylva_ray.method.models import decode_state, encode_state
 
 NUM_CLIENTS = 6
@@ -30,6 +31,21 @@ def upload_of(client: int, round_index: int) -> dict[str, torch.Tensor]:
 
 def samples_of(client: int) -> int:
     return client + 1
+
+
+#: The clients whose uploads each aggregation call received, in the order received.
+AGGREGATED: list[list[int]] = []
+RECORDING = "recording_fedavg"
+
+
+def recording_fedavg(states, num_samples, cfg):
+    """FedAvg that notes whose uploads it got (an upload's value is 10 r + c, and c < 10)."""
+    AGGREGATED.append([int(round(float(s[KEY][0, 0]))) % 10 for s in states])
+    return aggregate_fedavg(states, num_samples, cfg)
+
+
+if RECORDING not in AGGREGATORS:
+    AGGREGATORS.register(RECORDING)(recording_fedavg)
 
 
 class FakeExecutor:
@@ -104,7 +120,7 @@ def cfg():
             f"data.num_clients={NUM_CLIENTS}",
             "federation.rounds=3",
             "federation.participation=0.5",
-            "federation.aggregation=fedavg",
+            f"federation.aggregation={RECORDING}",
             "layer_selection.enabled=false",
         ],
     )
@@ -122,6 +138,7 @@ def test_rounds_sample_order_aggregate_and_checkpoint(cfg, tmp_path):
         (2, sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, 2)[-1]),
     ]
     executor = FakeExecutor(failures)
+    AGGREGATED.clear()
     federation = Federation(cfg, tmp_path, executor)
     while not federation.done:
         federation.run_round()
@@ -136,6 +153,7 @@ def test_rounds_sample_order_aggregate_and_checkpoint(cfg, tmp_path):
         rows = metrics[metrics["round"] == r]
         assert list(rows["client"]) == sorted(rows["client"])  # rows in client order, whatever the finishing order
         kept = [c for c in executor.trained[r] if (r, c) not in executor.failures]
+        assert AGGREGATED[r] == kept  # the aggregator gets the uploads in client-id order, drops left out
         expected = by_hand(kept, r)
         # The adapter each round sends is the previous round's aggregate, computed here by hand.
         sent_next = executor.received[r + 1][KEY] if r + 1 < 3 else federation.state.global_adapter[KEY]

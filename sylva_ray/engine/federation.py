@@ -168,15 +168,16 @@ def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 INPUTS_PREFIX = "inputs."
 
 
+def partition_fingerprint(run_dir: Path) -> dict[str, str]:
+    """The partition file's digest ("" before the run wrote one)."""
+    partition = Path(run_dir) / "partition.json"
+    digest = hashlib.sha256(partition.read_bytes()).hexdigest() if partition.is_file() else ""
+    return {f"{INPUTS_PREFIX}partition_sha256": digest}
+
+
 def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
     """The run's inputs beyond its config: the partition file and the pre-trained weights."""
-    partition = Path(run_dir) / "partition.json"
-    return {
-        f"{INPUTS_PREFIX}partition_sha256": hashlib.sha256(partition.read_bytes()).hexdigest()
-        if partition.is_file()
-        else "",
-        f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest,
-    }
+    return {**partition_fingerprint(run_dir), f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest}
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

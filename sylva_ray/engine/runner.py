@@ -7,7 +7,6 @@ too, because they decide whether a run directory may continue before anything st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,11 +18,11 @@ from tqdm.auto import tqdm
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.engine.federation import (
     CHECKPOINT_NAME,
-    INPUTS_PREFIX,
     Federation,
     FederationState,
     config_fingerprint,
     fingerprint_differences,
+    partition_fingerprint,
 )
 from sylva_ray.engine.phase2 import run_phase2
 from sylva_ray.engine.rundir import write_table
@@ -124,7 +123,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Federation
         return state
     current = config_fingerprint(cfg)
     if partition.is_file():  # the weights' digest is checked by the driver, once it has built the model
-        current[f"{INPUTS_PREFIX}partition_sha256"] = hashlib.sha256(partition.read_bytes()).hexdigest()
+        current.update(partition_fingerprint(run_dir))
     saved = {k: v for k, v in state.fingerprint.items() if k in current}
     differences = fingerprint_differences(saved, current)
     if differences:

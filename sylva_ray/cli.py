@@ -5,7 +5,7 @@ sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its ch
 sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
-sylva-ray bench comm|engine|scale        measured side by side (see sylva_ray/experiments/bench.py)
+sylva-ray bench comm|engine|scale|phase2|memory|startup   measured side by side (see sylva_ray/experiments/bench.py)
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
 launcher); that is the only reason for the imports inside the functions below.
@@ -40,9 +40,15 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace, overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    from sylva_ray.engine.resolve import load_config  # the registries import torch, timm, peft: seconds
+    from sylva_ray.engine.resolve import load_config  # the registries import torch: a second or two
 
     return load_config(args.preset, args.config_file, args.overrides if overrides is None else overrides)
+
+
+def _launch_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then ``--address`` and ``--dashboard`` (flags for the two launch settings)."""
+    launch = [f"runtime.address={args.address}"] if args.address else []
+    return [*args.overrides, *launch, *(["runtime.dashboard=true"] if args.dashboard else [])]
 
 
 def _report(run_dir: object, summary: dict) -> int:
@@ -61,7 +67,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sylva_ray.distributed.launcher import run
     from sylva_ray.engine.rundir import create_run_dir
 
-    overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
+    overrides = _launch_overrides(args)
     cfg = _config_from(args, overrides)
     check_before_start(cfg)  # before the run directory exists
     run_dir = create_run_dir(cfg, args.out)
@@ -72,7 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from sylva_ray.distributed.launcher import resume
 
-    return _report(args.run_dir, resume(args.run_dir, address=args.address))
+    return _report(args.run_dir, resume(args.run_dir, address=args.address, dashboard=args.dashboard or None))
 
 
 def _cmd_phase2(args: argparse.Namespace) -> int:
@@ -93,7 +99,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from sylva_ray.experiments.compare import run_comparison
     from sylva_ray.method.algorithms import default_comparison
 
-    overrides = list(args.overrides) + ([f"runtime.address={args.address}"] if args.address else [])
+    overrides = _launch_overrides(args)
     out = resolve_result_path(args.out or Path("runs") / f"compare-{utc_stamp()}")  # --out again resumes it
     algorithms = (
         [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -115,6 +121,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "startup":  # measures fresh processes from a parent that imports no torch
+        from sylva_ray.experiments.startup import bench_startup
+
+        frame = bench_startup(args.preset, args.config_file, args.overrides, args.out, args.repeats)
+        sys.stdout.write(frame.to_string(index=False) + "\n")
+        return 0
     from sylva_ray.experiments.bench import run_bench
 
     cfg = _config_from(args)
@@ -132,11 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(run)
     run.add_argument("--out", help="run directory (must be new or empty); default runs/<timestamp>-<name>")
     run.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    run.add_argument(
+        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
+    )
     run.set_defaults(handler=_cmd_run)
 
     again = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     again.add_argument("run_dir", type=Path)
     again.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    again.add_argument(
+        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
+    )
     again.set_defaults(handler=_cmd_resume)
 
     tailor = sub.add_parser(
@@ -182,11 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--max-parallel", type=int, help="cap on runs at once (default: as many as the cluster's resources hold)"
     )
+    compare.add_argument(
+        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
+    )
     compare.set_defaults(handler=_cmd_compare)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
-    bench.add_argument("which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory"])
+    bench.add_argument(
+        "which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory", "startup"]
+    )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
+    bench.add_argument(
+        "--repeats", type=int, default=2, help="startup: fresh processes per variant, run alternately (default 2)"
+    )
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)
     return parser

@@ -144,7 +144,8 @@ def test_rounds_sample_order_aggregate_and_checkpoint(cfg, tmp_path):
         federation.run_round()
 
     for r, clients in enumerate(executor.trained):
-        assert clients == sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, r)  # seeded, sorted by id
+        sampled = sample_participants(NUM_CLIENTS, 0.5, cfg.runtime.seed, r)  # seeded, sorted by id
+        assert clients == sorted(sampled, key=lambda c: (-samples_of(c), c))  # handed out largest first
         assert len(clients) == NUM_CLIENTS // 2
     assert torch.equal(executor.received[0][KEY], torch.zeros(2, 2))  # round 1 starts from the initial adapter
 
@@ -152,7 +153,7 @@ def test_rounds_sample_order_aggregate_and_checkpoint(cfg, tmp_path):
     for r in range(3):
         rows = metrics[metrics["round"] == r]
         assert list(rows["client"]) == sorted(rows["client"])  # rows in client order, whatever the finishing order
-        kept = [c for c in executor.trained[r] if (r, c) not in executor.failures]
+        kept = [c for c in sorted(executor.trained[r]) if (r, c) not in executor.failures]
         assert AGGREGATED[r] == kept  # the aggregator gets the uploads in client-id order, drops left out
         expected = by_hand(kept, r)
         # The adapter each round sends is the previous round's aggregate, computed here by hand.

@@ -191,7 +191,7 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     tailoring goes there too); summary rows stay free of machine-dependent fields."""
     import ray
 
-    from sylva_ray.distributed.actors import RayExecutor
+    from sylva_ray.distributed.actors import RayExecutor, start_client_actors
     from sylva_ray.engine.rundir import prepare_data
     from sylva_ray.method.models import pretrained_backbone_state
 
@@ -206,9 +206,8 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     )
     source, partition = prepare_data(cfg, tmp_path, resume=False)
     plan = PoolPlan(size=2, actor_options={"num_cpus": 1}, gpu_fraction=0.0, wanted=2)
-    executor = RayExecutor(
-        cfg, plan, ray.put(source), partition, ray.put(pretrained_backbone_state(cfg.model, cfg.data, source))
-    )
+    inputs = (ray.put(source), ray.put(pretrained_backbone_state(cfg.model, cfg.data, source)))
+    executor = RayExecutor(cfg, start_client_actors(cfg, plan, inputs[0], partition, inputs[1]))
     try:
         info = executor.info()
         payload = encode_state(info.initial_adapter)

@@ -453,6 +453,13 @@ class RuntimeConfig:
         Optional[str],
         Field(description="Ray cluster to join: host:port, ray://host:port or auto (None: start a local cluster)"),
     ] = None
+    dashboard: Annotated[
+        bool,
+        Field(
+            description="start Ray's dashboard with a local cluster this run starts (~200 MB and a second of CPU "
+            "at start-up; a cluster you join keeps its own)"
+        ),
+    ] = False
     client_resources: Annotated[
         dict[str, float],
         Field(

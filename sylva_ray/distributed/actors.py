@@ -1,4 +1,4 @@
-"""The Ray engine: client actors, the executor that fans jobs out to them, and the driver actor.
+"""The Ray engine's driver side: the executor that fans jobs out to client actors, and the driver actor.
 
 Ray lives in ``sylva_ray.distributed`` only; the engine and the math are Ray-free: an actor runs
 the engine's jobs (``engine.jobs.run_*_job``) and the driver actor runs the engine's round loop.
@@ -9,64 +9,41 @@ Following Ray's own patterns:
   * results are collected with ``ray.wait`` as they finish, then ordered by client id;
   * a client's personal state travels with its job and comes back with the result, so a restarted
     actor (which re-runs ``__init__``) or a re-assigned client loses nothing.
+The client actor is ``distributed.client_actor.ClientActor`` (its own module, so its processes
+do not import the driver's tables and plots).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import psutil
 import ray
-import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sylva_ray.base.config import ExperimentConfig
-from sylva_ray.base.precision import configure_runtime
+from sylva_ray.distributed.client_actor import ACTOR_LOG_FORMAT, BYTES_PER_MB, ClientActor
 from sylva_ray.distributed.placement import (
     GPUMemoryError,
     PlacementError,
     PoolPlan,
     threads_for,
 )
-from sylva_ray.engine.client import ClientWorker
 from sylva_ray.engine.federation import Federation
-from sylva_ray.engine.jobs import (
-    Job,
-    Outcome,
-    WorkerInfo,
-    payload_key,
-    run_coalition_job,
-    run_eval_job,
-    run_tailor_job,
-    run_train_job,
-    worker_info,
-)
+from sylva_ray.engine.jobs import Job, Outcome, WorkerInfo
 from sylva_ray.engine.runner import phase2_of
-from sylva_ray.method.data import DataSource, Partition
-from sylva_ray.method.models import decode_state
+from sylva_ray.method.data import Partition
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_MB = 1024 * 1024
-#: Memory a CUDA process needs outside torch's allocator (context, cuBLAS/cuDNN workspaces): kept
-#: out of the allocator's cap, or two actors at half a card each could still overfill it.
-CUDA_CONTEXT_RESERVE_BYTES = 1024**3
-#: Texts of CUDA allocation failures that torch raises as a plain RuntimeError, not OutOfMemoryError.
-CUDA_OOM_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 #: While waiting for a restarted actor: each ping waits at most this long, with this pause between.
 RESTART_PING_TIMEOUT_S, RESTART_PING_PAUSE_S = 5.0, 0.5
-
-
-#: How actors format their log lines (Ray prefixes each with the actor's name and pid).
-ACTOR_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def main_process_log_level() -> int:
@@ -74,123 +51,6 @@ def main_process_log_level() -> int:
     INFO otherwise (a Tune trial or a notebook that never called ``logging.basicConfig``)."""
     root = logging.getLogger()
     return root.level if root.handlers else logging.INFO
-
-
-class InjectedFault(RuntimeError):
-    """Raised inside a client job on purpose (fault drills and tests)."""
-
-
-def gpu_memory_message(cfg: ExperimentConfig, client_id: int, job: str, gpu_fraction: float, detail: str) -> str:
-    """What to change after a CUDA out-of-memory error: the share, the model and the batch sizes."""
-    card = ""
-    if torch.cuda.is_available():
-        total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
-        card = f" of a {total_gb:.1f} GB {torch.cuda.get_device_name()}"
-    return (
-        f"CUDA out of memory in client {client_id}'s {job} job: this actor may use {gpu_fraction:g}{card} "
-        f"(runtime.client_resources.num_gpus={gpu_fraction:g}) for model.name={cfg.model.name!r} at "
-        f"train.batch_size={cfg.train.batch_size}, train.eval_batch_size={cfg.train.eval_batch_size}, "
-        f"runtime.precision={cfg.runtime.precision!r}. Raise num_gpus (fewer actors per GPU), lower the batch sizes, "
-        f"or train in bf16; README 'GPU memory' has the arithmetic. The run stops here: its last checkpoint is intact. "
-        f"({detail.splitlines()[0] if detail else 'no detail'})"
-    )
-
-
-@ray.remote
-class ClientActor:
-    """Hosts one ``ClientWorker`` (model built once) and runs jobs for any client."""
-
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        source: DataSource,
-        partition: Partition,
-        backbone_state: dict[str, torch.Tensor],
-        threads: int,
-        gpu_fraction: float,
-        log_level: int = logging.INFO,
-    ) -> None:
-        logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
-        # Before anything touches CUDA: cuBLAS reads its workspace setting once per process.
-        configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)
-        torch.set_num_threads(threads)
-        self.cfg, self.gpu_fraction = cfg, gpu_fraction
-        if gpu_fraction > 0 and torch.cuda.is_available():
-            # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it,
-            # less what the CUDA context takes outside the allocator.
-            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                max(0.0, min(1.0, gpu_fraction) - CUDA_CONTEXT_RESERVE_BYTES / total)
-            )
-        elif gpu_fraction > 0 and cfg.runtime.device == "auto":
-            log.warning(
-                "Ray assigned GPU %s to this actor but torch sees no CUDA device: training on the CPU "
-                "(logical GPUs, or a driver/toolkit mismatch on this node)",
-                ray.get_gpu_ids(),
-            )
-        self.worker = ClientWorker(cfg, source, partition, backbone_state)
-        self._decoded: tuple[Optional[str], dict[str, torch.Tensor]] = (None, {})
-
-    def _adapter(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """Decode each broadcast once per actor, however many virtual clients use it."""
-        key = payload_key(payload)
-        if self._decoded[0] != key:
-            self._decoded = (key, decode_state(payload))
-        return self._decoded[1]
-
-    @contextlib.contextmanager
-    def _guard(self, client_id: int, job: str) -> Iterator[None]:
-        """CUDA out-of-memory becomes ``GPUMemoryError``: the driver stops the run instead of retrying."""
-        try:
-            yield
-        except torch.OutOfMemoryError as exc:
-            raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
-        except RuntimeError as exc:
-            if not any(text in str(exc) for text in CUDA_OOM_TEXTS):
-                raise
-            raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
-
-    def info(self, num_clients: int) -> WorkerInfo:
-        return worker_info(self.worker, num_clients)
-
-    def ping(self) -> int:
-        return os.getpid()
-
-    def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
-        if fault == "raise":
-            raise InjectedFault(f"injected fault in client {job.client_id}, round {round_index + 1}")
-        on_gpu = self.worker.device.type == "cuda"
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-        with self._guard(job.client_id, "train"):
-            if fault == "oom":
-                raise torch.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by a fault drill)"
-                )
-            outcome = run_train_job(self.worker, job, self._adapter(global_payload), round_index)
-        outcome.metrics["actor_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
-        outcome.metrics["actor_pid"] = os.getpid()
-        outcome.metrics["actor_node"] = ray.get_runtime_context().get_node_id()
-        if on_gpu:
-            outcome.metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / BYTES_PER_MB
-        return outcome
-
-    def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
-        with self._guard(job.client_id, "evaluation"):
-            return run_eval_job(self.worker, job, self._adapter(adapter_payload))
-
-    def coalition(self, job: Job, adapter_payload: bytes) -> Outcome:
-        with self._guard(job.client_id, "Phase 2 coalition"):
-            adapter = self._adapter(adapter_payload)
-            outcome = run_coalition_job(self.worker, job, adapter, self._decoded[0] or "")
-        outcome.metrics["actor_pid"] = os.getpid()  # read by the driver for the value only; never in a result file
-        return outcome
-
-    def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
-        # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
-        with self._guard(job.client_id, "Phase 2 tailoring"):
-            adapter = self._adapter(adapter_payload)
-            return run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")
 
 
 @dataclass
@@ -210,6 +70,40 @@ def gpu_memory_cause(exc: BaseException) -> Optional[GPUMemoryError]:
     return exc if isinstance(exc, GPUMemoryError) else None
 
 
+def start_client_actors(
+    cfg: ExperimentConfig,
+    plan: PoolPlan,
+    source_ref: ray.ObjectRef,
+    partition: Partition,
+    backbone_ref: ray.ObjectRef,
+    placement_group: Any = None,
+    log_level: int = logging.INFO,
+) -> list[Any]:
+    """Start the pool's client actors; each builds its worker (imports, model) as soon as it runs.
+
+    Called where the inputs were staged, before the driver actor exists, so the actors' imports and
+    model builds overlap the driver's start instead of following it (README 'Start-up and memory').
+    The caller keeps ``source_ref`` and ``backbone_ref`` alive for the run: a restarted actor re-reads
+    its constructor arguments from the object store.
+    """
+    threads = threads_for(cfg.runtime.client_resources, cfg.runtime.torch_threads)
+    options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
+    actors = [
+        ClientActor.options(**options, **_bundle(placement_group, 1 + i)).remote(
+            cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction, log_level
+        )
+        for i in range(plan.size)
+    ]
+    log.info(
+        "starting %d client actors (%s each, %d torch threads) for %d clients",
+        plan.size,
+        plan.actor_options,
+        threads,
+        cfg.data.num_clients,
+    )
+    return actors
+
+
 class RayExecutor:
     """Runs jobs on a pool of client actors; retries failed clients, drops them after that.
 
@@ -218,38 +112,13 @@ class RayExecutor:
     the pool, and its clients move to the remaining actors. CUDA out-of-memory is not retried.
     """
 
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        plan: PoolPlan,
-        source_ref: ray.ObjectRef,
-        partition: Partition,
-        backbone_ref: ray.ObjectRef,
-        faults: Optional[FaultPlan] = None,
-        placement_group: Any = None,
-        log_level: int = logging.INFO,
-    ) -> None:
+    def __init__(self, cfg: ExperimentConfig, actors: Sequence[Any], faults: Optional[FaultPlan] = None) -> None:
+        """``actors``: client-actor handles (``start_client_actors``), started by whoever had the
+        inputs first, so that they build their models while the driver starts."""
         self.cfg = cfg
         self.faults = faults or FaultPlan()
-        # Held for the executor's lifetime: a restarted actor re-reads its constructor arguments
-        # from the object store, so they must not go out of scope.
-        self._pinned = (source_ref, backbone_ref)
-        threads = threads_for(cfg.runtime.client_resources, cfg.runtime.torch_threads)
-        options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
-        self.actors = [
-            ClientActor.options(**options, **_bundle(placement_group, 1 + i)).remote(
-                cfg, source_ref, partition, backbone_ref, threads, plan.gpu_fraction, log_level
-            )
-            for i in range(plan.size)
-        ]
+        self.actors = list(actors)
         self.retired: set[int] = set()
-        log.info(
-            "started %d client actors (%s each, %d torch threads) for %d clients",
-            plan.size,
-            plan.actor_options,
-            threads,
-            cfg.data.num_clients,
-        )
 
     @property
     def live(self) -> list[int]:
@@ -440,10 +309,10 @@ def _bundle(placement_group: Any, index: int) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0)
 class DriverActor:
-    """Owns the federation: client actors, the round loop, the run directory.
+    """Owns the federation: the round loop, the run directory, and the client actors' work.
 
-    The data and the pre-trained backbone arrive as object references (read once where the run
-    started), the partition and the pool plan as values: the driver reads no data folder itself.
+    The client actors are started by the launching process (which staged the data and weights)
+    and handed over: the driver reads no data folder and builds no model itself.
     """
 
     def __init__(
@@ -451,23 +320,16 @@ class DriverActor:
         cfg: ExperimentConfig,
         run_dir: str,
         resume: bool,
-        inputs: dict[str, ray.ObjectRef],
-        partition: Partition,
+        actors: list[Any],
         plan: PoolPlan,
-        placement_group: Any = None,
         log_level: int = logging.INFO,
     ) -> None:
-        """``inputs``: ``{"source": ref, "backbone": ref}`` (a dict, so Ray hands the references on
-        instead of resolving them here); ``placement_group``: a Tune trial's reservation, each
-        client actor then goes into its own bundle; ``log_level``: the main process's, so
-        ``--log-level`` reaches every actor."""
+        """``actors``: the client-actor handles (``start_client_actors``); ``log_level``: the main
+        process's, so ``--log-level`` reaches every actor."""
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan
-        executor = RayExecutor(
-            cfg, plan, inputs["source"], partition, inputs["backbone"], self.faults, placement_group, log_level
-        )
-        self.federation = Federation(cfg, Path(run_dir), executor, resume=resume)
+        self.federation = Federation(cfg, Path(run_dir), RayExecutor(cfg, actors, self.faults), resume=resume)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,7 @@ check_before_start(cfg)   every check a run can make before a run directory exis
                           starts: the engine's preflight (model, data, weights), this
                           machine's CPUs and CUDA for a one-machine run, and a TCP probe of
                           ``--address`` (seconds, instead of Ray's minutes of retries)
-connect(address)          ``ray.init``: join a cluster, or start a local one
+connect(address, dashboard)  ``ray.init``: join a cluster, or start a local one (dashboard opt-in)
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ def cluster_can_grow() -> bool:
     return not bool(getattr(ray._private.worker.global_worker.node, "head", False))
 
 
-def connect(address: Optional[str]) -> None:
+def connect(address: Optional[str], dashboard: bool = False) -> None:
     """Join a running cluster, or start a local one; reuse Ray if this process already started it.
 
     A ``host:port`` address is probed with a short TCP connect first: an unreachable cluster is a
-    clear error in seconds instead of Ray's minutes of retries.
+    clear error in seconds instead of Ray's minutes of retries. A local cluster starts without the
+    dashboard unless ``dashboard`` (``runtime.dashboard``, ``--dashboard``): on a simulation nobody
+    watches, its head modules are ~200 MB of memory and a second of CPU at start-up (README
+    'Start-up and memory'); a cluster that is joined keeps whatever it runs.
     """
     import ray
 
@@ -52,7 +55,9 @@ def connect(address: Optional[str]) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address and address not in {"auto", "local"}:
         probe_address(address)
-    ray.init(address=address, log_to_driver=True)
+    starts_here = address in (None, "local") and not os.environ.get("RAY_ADDRESS")
+    # Only for a cluster started here: ray.init forwards other arguments to a Ray Client server.
+    ray.init(address=address, log_to_driver=True, **({"include_dashboard": dashboard} if starts_here else {}))
 
 
 def probe_address(address: str) -> None:

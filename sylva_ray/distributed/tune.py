@@ -5,7 +5,7 @@
   and a trial resumes from its last round. No ``ray.init``/``ray.shutdown`` in here.
 * ``trial_resources(cfg)``: a ``PlacementGroupFactory`` with one bundle for the trial process and
   its driver actor and one bundle per client actor; the engine sizes its pool from these bundles
-  and places each client actor in its own bundle (``actors.DriverActor``).
+  and places each client actor in its own bundle (``actors.start_client_actors``, from the trial process).
 * ``run_sweep(...)``: build the grid from ``{dotted.field: [values]}``, run ``Tuner.fit`` (or
   ``Tuner.restore``), and return a tidy table (one row per trial).
 """

@@ -26,7 +26,9 @@ from sylva_ray.method.data import (
     DataSource,
     Partition,
     client_data,
+    client_labels,
     global_test_set,
+    majority_class_rate,
 )
 from sylva_ray.method.layer_selection import LayerGame, fuse, player_prefixes
 from sylva_ray.method.models import (
@@ -104,13 +106,25 @@ class ClientWorker:
         self.initial_adapter = self.scope.shared(self.model)
         self.initial_personal = self.scope.personal(self.model)
         self._global_test: Optional[ArrayDataset] = None
-        self._data_cache: dict[int, ClientData] = {}
+        self._last_data: Optional[ClientData] = None
         self._games: OrderedDict[tuple[int, str], "LayerGame"] = OrderedDict()
 
     def data(self, client_id: int) -> ClientData:
-        if client_id not in self._data_cache:
-            self._data_cache[client_id] = client_data(self.source, self.partition, client_id)
-        return self._data_cache[client_id]
+        """The client's train/test split, copied out of the pool; only the last one is kept.
+
+        In an actor the pool is a zero-copy view of the one copy in Ray's object store. Keeping
+        every client's copy would, with clients handed to whichever actor is free, end with a float
+        copy of the whole pool in every actor (~600 MB for CIFAR-10); copying one client's share
+        again costs milliseconds per job.
+        """
+        if self._last_data is None or self._last_data.client_id != client_id:
+            self._last_data = client_data(self.source, self.partition, client_id)
+        return self._last_data
+
+    def majority_rate(self, client_id: int) -> float:
+        """The client's majority-class floor, from its labels alone (no image is copied)."""
+        train, test = client_labels(self.source, self.partition, client_id)
+        return majority_class_rate(train, test, self.source.num_classes)
 
     def global_test(self) -> ArrayDataset:
         if self._global_test is None:

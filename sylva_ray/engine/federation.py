@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,18 @@ def sample_participants(num_clients: int, fraction: float, seed: int, round_inde
     count = max(1, int(round(fraction * num_clients)))
     rng = numpy_rng(seed, "participants", round_index)
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def largest_first(clients: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
+    """Clients in decreasing size (ties by id): the order jobs are handed out in.
+
+    Under Dirichlet skew clients differ in size by an order of magnitude; an executor that gives
+    the next job to whichever actor is free first then runs the LPT rule (longest job first to the
+    least-loaded actor), so a round is not held up by one big client started last. The order is
+    deterministic; which actor runs a client never changes its result (equal threads everywhere),
+    and outcomes are put back in client-id order.
+    """
+    return sorted(clients, key=lambda c: (-sizes.get(c, 0), c))
 
 
 def is_eval_round(round_index: int, cfg: ExperimentConfig) -> bool:
@@ -143,9 +155,9 @@ class FederationState:
         )
 
 
-#: Fields a resume may change (``sylva-ray resume --address``); every other resolved field in
-#: config.yaml must be what the checkpoint was made with.
-RESUMABLE_FIELDS = frozenset({"runtime.address"})
+#: Fields a resume may change (``sylva-ray resume --address/--dashboard``): where the run executes,
+#: not what it computes; every other resolved field in config.yaml must be what the checkpoint was made with.
+RESUMABLE_FIELDS = frozenset({"runtime.address", "runtime.dashboard"})
 #: Dict-valued fields compared whole, as values.
 _OPAQUE = frozenset({"kwargs", "client_resources"})
 
@@ -244,7 +256,9 @@ class Federation:
         payload = encode_state(st.global_adapter)
         sent = len(payload)
         outcomes = sorted(
-            self.executor.train([Job(c, st.client_states[c]) for c in participants], payload, r),
+            self.executor.train(
+                [Job(c, st.client_states[c]) for c in largest_first(participants, self.info.num_train)], payload, r
+            ),
             key=lambda o: o.client_id,
         )
         done = [o for o in outcomes if o.ok]
@@ -321,7 +335,8 @@ class Federation:
     def _evaluate_all(self, rows: dict[int, dict[str, Any]], r: int, protocol: bool = False) -> list[dict[str, Any]]:
         """Each client's personalised model (global adapter + its personal tensors) on its own test split."""
         st = self.state
-        jobs = [Job(c, st.client_states[c], protocol=protocol) for c in range(self.cfg.data.num_clients)]
+        clients = largest_first(range(self.cfg.data.num_clients), self.info.num_train)
+        jobs = [Job(c, st.client_states[c], protocol=protocol) for c in clients]
         results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
         evaluation = []
         for outcome in results:

@@ -79,8 +79,8 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
         initial_adapter=worker.initial_adapter,
         initial_personal=worker.initial_personal,
         full_model_bytes=worker.full_model_bytes,
-        majority_rates={c: worker.data(c).majority_class_rate() for c in range(num_clients)},
-        num_train={c: len(worker.data(c).train) for c in range(num_clients)},
+        majority_rates={c: worker.majority_rate(c) for c in range(num_clients)},
+        num_train={c: len(worker.partition.train[c]) for c in range(num_clients)},
         players=worker.player_names() if worker.cfg.layer_selection.enabled else [],
         backbone_digest=worker.backbone_digest,
     )

@@ -19,11 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import timm
 import torch
 from torch import nn
 
-import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16)
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.method.cifar import UnsafeDataFile
 from sylva_ray.method.data import PartitionError, load_source, make_partition
@@ -33,6 +31,7 @@ from sylva_ray.method.models import (
     _pixel_model,
     matched_modules,
     read_checkpoint,
+    timm_library,
 )
 
 #: Classes used to build the meta model when the dataset's own count is not known without reading it.
@@ -54,6 +53,7 @@ def preflight(cfg: ExperimentConfig, *, data: bool = True, local_cpus: Optional[
 
 def meta_model(cfg: ExperimentConfig) -> tuple[Optional[nn.Module], list[str]]:
     """The configured backbone in pixel space on the meta device, or the problems building it."""
+    timm = timm_library()
     if cfg.model.name not in timm.list_models():
         close = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:5]
         return None, [f"model.name = {cfg.model.name!r}: not a timm model" + (f" (similar: {close})" if close else "")]

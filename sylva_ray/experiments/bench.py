@@ -13,6 +13,8 @@
            Monte Carlo with truncation vs exact Shapley on real 8-player client games.
 ``memory`` estimated accelerator memory of one client actor (``sylva_ray.experiments.memory``): activation
            bytes measured on the CPU, scaled to the batch; the given config and the ``paper`` preset.
+``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
+           client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
 """
 

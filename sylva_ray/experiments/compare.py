@@ -35,6 +35,7 @@ from sylva_ray.distributed.capacity import (
 from sylva_ray.distributed.connect import check_before_start, cluster_can_grow, connect
 from sylva_ray.distributed.launcher import resume, run
 from sylva_ray.distributed.placement import actor_request, capacity
+from sylva_ray.engine.federation import RESUMABLE_FIELDS
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import read_json
 from sylva_ray.experiments.comparison_report import RunSpec, write_report
@@ -89,12 +90,21 @@ def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: 
     return specs
 
 
+def _request(value: Any, key: str) -> Any:
+    """What a manifest entry asks for: the base config without where the runs execute
+    (``RESUMABLE_FIELDS``: ``--address``, ``--dashboard`` may differ when a comparison resumes)."""
+    if key != "base_config" or not isinstance(value, dict) or not isinstance(value.get("runtime"), dict):
+        return value
+    launch = {field.split(".", 1)[1] for field in RESUMABLE_FIELDS}
+    return {**value, "runtime": {k: v for k, v in value["runtime"].items() if k not in launch}}
+
+
 def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """A compare folder belongs to one request: refuse to mix results of another into it."""
     path = out / MANIFEST
     if path.is_file():
         previous = yaml.safe_load(path.read_text())
-        changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        changed = sorted(k for k in manifest if _request(previous.get(k), k) != _request(manifest[k], k))
         if changed:
             raise ConfigError(
                 f"--out {str(out)!r} holds a comparison with other {changed}; use a new --out, "
@@ -164,7 +174,7 @@ def run_comparison(
     check_manifest(out, {"algorithms": list(algorithms), "seeds": seeds, "base_config": base_raw})
     engine = specs[0].cfg.runtime.engine
     if engine == "ray":
-        connect(specs[0].cfg.runtime.address)
+        connect(specs[0].cfg.runtime.address, specs[0].cfg.runtime.dashboard)
     parallel, requested = run_parallelism(specs[0].cfg, actors_per_run, max_parallel)
     if max_parallel is not None:
         parallel = max(1, min(parallel, max_parallel))

@@ -25,7 +25,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.neighbors import BallTree
 
 from sylva_ray.base.config import FederationConfig
 from sylva_ray.base.registry import Registry
@@ -79,6 +78,8 @@ def balltree_weights(vectors: np.ndarray, num_samples: Sequence[int], k: int) ->
     if clients == 1:
         return base
     k = min(k, clients - 1)
+    from sklearn.neighbors import BallTree  # imported by the aggregations that use it, not every process
+
     distances, _ = BallTree(vectors).query(vectors, k=k + 1)  # column 0 is each point itself
     mean_distance = distances[:, 1:].mean(axis=1)
     bandwidth = float(np.median(mean_distance))

@@ -15,10 +15,9 @@ shared configuration, so a comparison differs only where the methods do.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
 import torch
-import torchattacks
 from torch import nn
 
 from sylva_ray.base.config import AlgorithmConfig, ExperimentConfig
@@ -36,6 +35,9 @@ from sylva_ray.method.losses import (
 )
 from sylva_ray.method.scopes import SCOPES, ModelScope
 from sylva_ray.method.training import LocalObjective
+
+if TYPE_CHECKING:  # torchattacks is imported where an attack is built, not by every process
+    from torchattacks.attack import Attack
 
 ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
 
@@ -90,7 +92,7 @@ class SylvaObjective(Objective):
         self.needs_benign = loss.benign_weight > 0 or loss.similarity_weight > 0
         self.uses_anchor = loss.proximal_mu > 0
 
-    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
+    def attack(self, model: nn.Module, seed: int) -> Attack:
         return build_attack(self.cfg.attack.train_attack, model, self.cfg.attack, "train", self.num_classes, seed)
 
     def loss(
@@ -109,7 +111,7 @@ class SylvaObjective(Objective):
 class MARTObjective(Objective):
     """PGD on the cross-entropy (MART's inner step), MART's loss outside (``losses.mart_loss``)."""
 
-    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
+    def attack(self, model: nn.Module, seed: int) -> Attack:
         return build_attack("pgd", model, self.cfg.attack, "train", self.num_classes, seed)
 
     def loss(
@@ -143,7 +145,7 @@ class CalFATObjective(Objective):
         super().__init__(cfg, data)
         self.log_prior = class_prior(data.class_counts()).log()
 
-    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack:
+    def attack(self, model: nn.Module, seed: int) -> Attack:
         device = next(model.parameters()).device
         calibrated = CalibratedLogits(model, self.log_prior.to(device), self.cfg.algorithm.calfat_tau)
         return build_attack("trades_kl", calibrated, self.cfg.attack, "train", self.num_classes, seed)

@@ -11,18 +11,20 @@ the clock; ours is derived from the run seed.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
-import torchattacks
 from torch import nn
 
 from sylva_ray.base.config import AttackConfig
 from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import torch_seeded
 
+if TYPE_CHECKING:  # torchattacks is imported where an attack is built, not by every process
+    from torchattacks.attack import Attack
+
 Role = Literal["train", "eval"]
-AttackFactory = Callable[[nn.Module, AttackConfig, Role, int, int], torchattacks.attack.Attack]
+AttackFactory = Callable[[nn.Module, AttackConfig, Role, int, int], "Attack"]
 ATTACKS: Registry[AttackFactory] = Registry("attack")
 
 
@@ -31,32 +33,32 @@ def _steps(cfg: AttackConfig, role: Role) -> tuple[int, float]:
 
 
 @ATTACKS.register("pgd")
-def build_pgd(
-    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
-) -> torchattacks.attack.Attack:
+def build_pgd(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> Attack:
     """L-inf PGD (Madry et al. 2018) on the cross-entropy, random start inside the ball."""
+    import torchattacks
+
     steps, step = _steps(cfg, role)
     return torchattacks.PGD(model, eps=cfg.eps, alpha=step, steps=steps, random_start=cfg.random_start)
 
 
 @ATTACKS.register("trades_kl")
-def build_trades_kl(
-    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
-) -> torchattacks.attack.Attack:
+def build_trades_kl(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> Attack:
     """TRADES' inner maximisation (KL to the benign prediction); torchattacks' TPGD."""
+    import torchattacks
+
     steps, step = _steps(cfg, role)
     return torchattacks.TPGD(model, eps=cfg.eps, alpha=step, steps=steps)
 
 
 @ATTACKS.register("autoattack")
-def build_autoattack(
-    model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
-) -> torchattacks.attack.Attack:
+def build_autoattack(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> Attack:
     """AutoAttack at reference strength: APGD-CE, APGD-T, FAB-T (multi-targeted), Square.
 
     ``MultiAttack`` runs each sub-attack only on the samples the previous ones failed on, as the
     reference implementation does; every sub-attack gets the same explicit seed.
     """
+    import torchattacks
+
     steps, queries = cfg.autoattack_steps, cfg.autoattack_square_queries
     # torchattacks' APGD-T and FAB-T target the top (n_classes - 1) other classes.
     return torchattacks.MultiAttack(
@@ -71,13 +73,11 @@ def build_autoattack(
     )
 
 
-def build_attack(
-    name: str, model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int
-) -> torchattacks.attack.Attack:
+def build_attack(name: str, model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> Attack:
     return ATTACKS.get(name)(model, cfg, role, num_classes, seed)
 
 
-def perturb(attack: torchattacks.attack.Attack, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+def perturb(attack: Attack, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """Adversarial images for a batch, reproducible from ``seed``, detached from the graph.
 
     torchattacks switches the model to eval mode for the attack and restores the previous mode.

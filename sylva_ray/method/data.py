@@ -337,8 +337,18 @@ class ClientData:
 
     def majority_class_rate(self) -> float:
         """Test accuracy of predicting the client's most frequent *training* label: a sanity floor."""
-        majority = int(np.argmax(self.train.class_counts()))
-        return float(np.mean(self.test.labels == majority))
+        return majority_class_rate(self.train.labels, self.test.labels, self.train.num_classes)
+
+
+def majority_class_rate(train_labels: np.ndarray, test_labels: np.ndarray, num_classes: int) -> float:
+    majority = int(np.argmax(np.bincount(train_labels, minlength=num_classes)))
+    return float(np.mean(test_labels == majority))
+
+
+def client_labels(source: DataSource, partition: Partition, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's train and test labels, without copying its images out of the pool."""
+    labels = source.private.labels
+    return labels[partition.train[client_id]], labels[partition.test[client_id]]
 
 
 def client_data(source: DataSource, partition: Partition, client_id: int) -> ClientData:

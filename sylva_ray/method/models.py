@@ -18,31 +18,48 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 import filelock
-import timm
 import torch
 import torch.nn.functional as F
-from peft import (
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
 from safetensors.torch import load, load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16 with timm)
 from sylva_ray.base.config import ConfigError, DataConfig, LoRAConfig, ModelConfig
 from sylva_ray.base.seeding import derive_seed, torch_generator, torch_seeded
 from sylva_ray.base.storage import atomic_write_bytes
 from sylva_ray.method.data import ArrayDataset, DataSource
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+def timm_library() -> ModuleType:
+    """timm, with this package's models registered, imported at first use.
+
+    timm (with torchvision) and peft (with transformers) cost seconds of CPU and hundreds of MB in
+    every process that imports them; a driver actor or a launching process that builds no trainable
+    model never needs them, so nothing in this module imports them until a model is built.
+    """
+    import timm
+
+    import sylva_ray.method.timm_models  # noqa: F401  (registers vit_pico_patch4_16 with timm)
+
+    return timm
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """``isinstance(model, peft.PeftModel)`` without importing peft where no model was wrapped."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +142,12 @@ def seeded_create(
     whole model, or of a re-initialised head) would differ between runs, actors and machines.
     """
     with torch_seeded(derive_seed(seed, "init")):
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        return timm_library().create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
 
 def create_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """``timm.create_model`` by name, seeded init; hub weights only when ``pretrained == 'timm'``."""
-    if cfg.name not in timm.list_models():
+    if cfg.name not in timm_library().list_models():
         raise ModelSourceError(f"model.name={cfg.name!r} is not a timm model (see timm.list_models())")
     try:
         return seeded_create(cfg.name, num_classes, cfg.kwargs, pretrained=cfg.pretrained == "timm")
@@ -374,6 +391,8 @@ def add_lora(model: PixelSpaceModel, cfg: LoRAConfig) -> PeftModel:
             raise ValueError(
                 f"lora.target_modules entry {target!r} also matches {wrong}; qualify it (e.g. 'attn.proj')"
             )
+    from peft import LoraConfig, get_peft_model
+
     peft_cfg = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
@@ -403,11 +422,15 @@ def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def shared_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The LoRA factors only (peft's adapter channel, without the head): what is uploaded."""
+    from peft import get_peft_model_state_dict
+
     return _cpu_copy({k: v for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k})
 
 
 def personal_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The classifier head (peft's ``modules_to_save`` copy): what stays on the client."""
+    from peft import get_peft_model_state_dict
+
     return _cpu_copy({k: v for k, v in get_peft_model_state_dict(model).items() if ".lora_" not in k})
 
 
@@ -428,6 +451,8 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     payload = dict(state)
     if any(key not in payload for key in _personal_keys(model)):
         payload = {**personal_state(model), **payload}
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(model, payload)
     if result.unexpected_keys:
         raise KeyError(f"adapter state has keys the model does not: {list(result.unexpected_keys)[:5]}")
@@ -454,7 +479,7 @@ def full_model_nbytes(model: nn.Module) -> int:
     Counted on the base model's own tensors (LoRA factors and peft's head copy excluded), i.e. what
     full-model FAT sends each round.
     """
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = model.get_base_model() if is_peft_model(model) else model
     state = {k: v for k, v in base.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k}
     return serialized_nbytes(
         {k.replace(".original_module", "").replace(".base_layer", ""): v for k, v in state.items()}

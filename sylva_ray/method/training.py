@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
-import torchattacks
 from torch import nn
 
 from sylva_ray.base.config import AttackConfig, EvaluationConfig, TrainConfig
@@ -25,6 +24,9 @@ from sylva_ray.method.attacks import build_attack, perturb
 from sylva_ray.method.data import ArrayDataset
 from sylva_ray.method.losses import LossTerms
 from sylva_ray.method.models import Role, classifier_name, parameter_role
+
+if TYPE_CHECKING:  # torchattacks is imported where an attack is built, not by every process
+    from torchattacks.attack import Attack
 
 #: Adapter name peft gives the one adapter we create; parameter names carry it, state-dict keys do not.
 PEFT_ADAPTER = "default"
@@ -93,7 +95,7 @@ class LocalObjective(Protocol):
     needs_benign: bool
     uses_anchor: bool
 
-    def attack(self, model: nn.Module, seed: int) -> torchattacks.attack.Attack: ...
+    def attack(self, model: nn.Module, seed: int) -> Attack: ...
 
     def loss(
         self,
@@ -261,7 +263,7 @@ class EvalResult:
 
 def _attack_hits(
     model: nn.Module,
-    attack: torchattacks.attack.Attack,
+    attack: Attack,
     images: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,

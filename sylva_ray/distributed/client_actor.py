@@ -1,0 +1,173 @@
+"""The client actor: one ``ClientWorker`` per process, running the engine's jobs for any client.
+
+Its own module, apart from the driver's (``distributed.actors``): a Ray worker imports the module
+that defines its actor class, and a client actor needs torch and the method (timm, peft and
+torchattacks load when its worker builds the model), never the driver's pandas, tables and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import psutil
+import ray
+import torch
+
+from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.precision import configure_runtime
+from sylva_ray.distributed.placement import GPUMemoryError
+from sylva_ray.engine.client import ClientWorker
+from sylva_ray.engine.jobs import (
+    Job,
+    Outcome,
+    WorkerInfo,
+    payload_key,
+    run_coalition_job,
+    run_eval_job,
+    run_tailor_job,
+    run_train_job,
+    worker_info,
+)
+from sylva_ray.method.data import DataSource, Partition
+from sylva_ray.method.models import decode_state
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_MB = 1024 * 1024
+#: Memory a CUDA process needs outside torch's allocator (context, cuBLAS/cuDNN workspaces): kept
+#: out of the allocator's cap, or two actors at half a card each could still overfill it.
+CUDA_CONTEXT_RESERVE_BYTES = 1024**3
+#: Texts of CUDA allocation failures that torch raises as a plain RuntimeError, not OutOfMemoryError.
+CUDA_OOM_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+#: How actors format their log lines (Ray prefixes each with the actor's name and pid).
+ACTOR_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside a client job on purpose (fault drills and tests)."""
+
+
+def gpu_memory_message(cfg: ExperimentConfig, client_id: int, job: str, gpu_fraction: float, detail: str) -> str:
+    """What to change after a CUDA out-of-memory error: the share, the model and the batch sizes."""
+    card = ""
+    if torch.cuda.is_available():
+        total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+        card = f" of a {total_gb:.1f} GB {torch.cuda.get_device_name()}"
+    return (
+        f"CUDA out of memory in client {client_id}'s {job} job: this actor may use {gpu_fraction:g}{card} "
+        f"(runtime.client_resources.num_gpus={gpu_fraction:g}) for model.name={cfg.model.name!r} at "
+        f"train.batch_size={cfg.train.batch_size}, train.eval_batch_size={cfg.train.eval_batch_size}, "
+        f"runtime.precision={cfg.runtime.precision!r}. Raise num_gpus (fewer actors per GPU), lower the batch sizes, "
+        f"or train in bf16; README 'GPU memory' has the arithmetic. The run stops here: its last checkpoint is intact. "
+        f"({detail.splitlines()[0] if detail else 'no detail'})"
+    )
+
+
+def tensors_of(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The staged backbone (``launcher.shareable_state``: read-only numpy views of the object store's
+    copy) as tensors over the same memory; ``load_state_dict`` copies them into the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+@ray.remote
+class ClientActor:
+    """Hosts one ``ClientWorker`` (model built once) and runs jobs for any client."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        source: DataSource,
+        partition: Partition,
+        backbone_state: Mapping[str, Any],
+        threads: int,
+        gpu_fraction: float,
+        log_level: int = logging.INFO,
+    ) -> None:
+        logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
+        # Before anything touches CUDA: cuBLAS reads its workspace setting once per process.
+        configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)
+        torch.set_num_threads(threads)
+        self.cfg, self.gpu_fraction = cfg, gpu_fraction
+        if gpu_fraction > 0 and torch.cuda.is_available():
+            # Ray's num_gpus is bookkeeping only: cap this process's share of the card to match it,
+            # less what the CUDA context takes outside the allocator.
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                max(0.0, min(1.0, gpu_fraction) - CUDA_CONTEXT_RESERVE_BYTES / total)
+            )
+        elif gpu_fraction > 0 and cfg.runtime.device == "auto":
+            log.warning(
+                "Ray assigned GPU %s to this actor but torch sees no CUDA device: training on the CPU "
+                "(logical GPUs, or a driver/toolkit mismatch on this node)",
+                ray.get_gpu_ids(),
+            )
+        self.worker = ClientWorker(cfg, source, partition, tensors_of(backbone_state))
+        self._decoded: tuple[Optional[str], dict[str, torch.Tensor]] = (None, {})
+
+    def _adapter(self, payload: bytes) -> dict[str, torch.Tensor]:
+        """Decode each broadcast once per actor, however many virtual clients use it."""
+        key = payload_key(payload)
+        if self._decoded[0] != key:
+            self._decoded = (key, decode_state(payload))
+        return self._decoded[1]
+
+    @contextlib.contextmanager
+    def _guard(self, client_id: int, job: str) -> Iterator[None]:
+        """CUDA out-of-memory becomes ``GPUMemoryError``: the driver stops the run instead of retrying."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
+        except RuntimeError as exc:
+            if not any(text in str(exc) for text in CUDA_OOM_TEXTS):
+                raise
+            raise GPUMemoryError(gpu_memory_message(self.cfg, client_id, job, self.gpu_fraction, str(exc))) from None
+
+    def info(self, num_clients: int) -> WorkerInfo:
+        return worker_info(self.worker, num_clients)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
+        if fault == "raise":
+            raise InjectedFault(f"injected fault in client {job.client_id}, round {round_index + 1}")
+        on_gpu = self.worker.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        with self._guard(job.client_id, "train"):
+            if fault == "oom":
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by a fault drill)"
+                )
+            outcome = run_train_job(self.worker, job, self._adapter(global_payload), round_index)
+        outcome.metrics["actor_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
+        outcome.metrics["actor_pid"] = os.getpid()
+        outcome.metrics["actor_node"] = ray.get_runtime_context().get_node_id()
+        if on_gpu:
+            outcome.metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / BYTES_PER_MB
+        return outcome
+
+    def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
+        with self._guard(job.client_id, "evaluation"):
+            return run_eval_job(self.worker, job, self._adapter(adapter_payload))
+
+    def coalition(self, job: Job, adapter_payload: bytes) -> Outcome:
+        with self._guard(job.client_id, "Phase 2 coalition"):
+            adapter = self._adapter(adapter_payload)
+            outcome = run_coalition_job(self.worker, job, adapter, self._decoded[0] or "")
+        outcome.metrics["actor_pid"] = os.getpid()  # read by the driver for the value only; never in a result file
+        return outcome
+
+    def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
+        # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
+        with self._guard(job.client_id, "Phase 2 tailoring"):
+            adapter = self._adapter(adapter_payload)
+            return run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")

@@ -135,7 +135,7 @@ class TreeSampler:
 
 
 def measure(
-    engine: str, actors: int, config_file: Path, overrides: list[str], workdir: Path
+    engine: str, actors: int, config_file: Path, workdir: Path
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """One fresh child process: its figures and what each kind of process held at the peak."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -155,8 +155,6 @@ def measure(
         "--config",
         str(config_file),
     ]
-    for override in overrides:
-        command += ["--set", override]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cold, local start
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     log_file = workdir / "child.log"
@@ -325,7 +323,7 @@ def bench_startup(
     for repeat in range(repeats):
         for variant, engine, actors in VARIANTS:
             log.info("bench startup: %s (repeat %d/%d)", variant, repeat + 1, repeats)
-            figures, peak_kinds = measure(engine, actors, config_file_out, [], out / f"{repeat}-{engine}-{actors}")
+            figures, peak_kinds = measure(engine, actors, config_file_out, out / f"{repeat}-{engine}-{actors}")
             runs.append({"variant": variant, "actors": actors, "repeat": repeat, **figures})
             kinds += [
                 {"variant": variant, "repeat": repeat, "process": kind, **held} for kind, held in peak_kinds.items()

@@ -1,7 +1,7 @@
 """One measured process of ``sylva-ray bench startup``: a run's Phase-1 rounds, from a cold start.
 
     python -m sylva_ray.experiments.startup_child --variant plain|ray --actors N --events FILE
-        --out RUN_DIR [--config FILE] [--set KEY=VALUE ...]
+        --out RUN_DIR --config FILE
 
 It does what ``sylva-ray run`` does up to the end of Phase 1 -- resolve the config, check it before
 any work, create the run directory, load the data, build the model(s), run the rounds with their
@@ -62,8 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--actors", type=int, default=0)
     parser.add_argument("--events", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
 
     from sylva_ray.distributed.connect import check_before_start
@@ -71,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from sylva_ray.engine.rundir import create_run_dir, write_config
 
     engine = ["runtime.engine=inprocess"] if args.variant == "plain" else [f"runtime.num_actors={args.actors}"]
-    cfg = load_config(config_file=args.config, overrides=[*args.overrides, *engine])
+    cfg = load_config(config_file=args.config, overrides=engine)
     check_before_start(cfg)
     run_dir = create_run_dir(cfg, args.out)
     write_config(run_dir, cfg)

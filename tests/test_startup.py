@@ -104,3 +104,10 @@ def test_bench_startup_runs_fresh_processes_and_reports_every_column(tmp_path, c
     plain = processes[processes["variant"] == "plain loop"]
     assert list(plain["process"]) == ["main process"]  # the plain loop starts no other process
     assert "first_model_vs_plain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--set", "federation.rounds=1"]])
+def test_bench_startup_refuses_before_writing_anything(tmp_path, argv):
+    out = tmp_path / "bench"
+    assert main(["bench", "startup", "--out", str(out), *argv]) == 2
+    assert not out.exists()

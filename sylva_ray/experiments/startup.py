@@ -310,13 +310,15 @@ def bench_startup(
 ) -> pd.DataFrame:
     """The three variants, alternating, ``repeats`` times, on ``STARTUP_WORKLOAD`` over the given
     config (``overrides`` last); writes every table into ``out`` and returns the summary."""
+    if repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: give at least 1")
+    text = resolved_config(preset, config_file, [*STARTUP_WORKLOAD, *(overrides or [])])
+    if yaml.safe_load(text)["federation"]["rounds"] < 2:
+        raise ConfigError("bench startup: federation.rounds must be >= 2 to time a steady round")
     if "torch" in sys.modules:
         log.warning("bench startup: this process has imported torch; the children's PSS is understated")
     out = Path(out) if out is not None else default_out()
     out.mkdir(parents=True, exist_ok=True)
-    text = resolved_config(preset, config_file, [*STARTUP_WORKLOAD, *(overrides or [])])
-    if yaml.safe_load(text)["federation"]["rounds"] < 2:
-        raise ConfigError("bench startup: federation.rounds must be >= 2 to time a steady round")
     config_file_out = out / "config.yaml"
     atomic_write_text(config_file_out, text)  # the workload every child resolves
     runs, kinds = [], []

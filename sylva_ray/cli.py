@@ -5,6 +5,7 @@ sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its ch
 sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
+    [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
 sylva-ray bench comm|engine|scale|phase2|memory|startup   measured side by side (see sylva_ray/experiments/bench.py)
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
@@ -19,9 +20,12 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from sylva_ray.base.config import PRESETS, ExperimentConfig
+
+if TYPE_CHECKING:
+    from sylva_ray.experiments.compare import ThreatGrid
 
 log = logging.getLogger("sylva_ray")
 
@@ -106,18 +110,56 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if args.algorithms is not None
         else default_comparison()
     )
+    raw = raw_config(args.preset, args.config_file, overrides)
+    threat = _threat_grid(args, raw)
     run_comparison(
-        raw_config(args.preset, args.config_file, overrides),
+        raw,
         algorithms,
         args.seeds,
         out,
         reference=args.reference,
         actors_per_run=args.actors_per_run,
         max_parallel=args.max_parallel,
+        threat=threat,
     )
     log.info("comparison written to %s", out)
-    sys.stdout.write((out / "comparison.md").read_text())
+    sys.stdout.write((out / ("threat.md" if threat is not None else "comparison.md")).read_text())
     return 0
+
+
+#: The issue's threat grid: no attack, then 10, 20 and 30% malicious clients.
+DEFAULT_THREAT_FRACTIONS = (0.0, 0.1, 0.2, 0.3)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _threat_grid(args: argparse.Namespace, raw: dict[str, Any]) -> Optional["ThreatGrid"]:
+    """A threat sweep when any of --aggregations/--behaviours/--fractions is given; the others
+    default to the config's aggregation, its adversary behaviour, and 0, 10, 20, 30%."""
+    from sylva_ray.base.config import ConfigError
+    from sylva_ray.experiments.compare import ThreatGrid
+
+    if args.aggregations is None and args.behaviours is None and args.fractions is None:
+        return None
+    try:
+        fractions = (
+            [float(f) for f in _comma_list(args.fractions)]
+            if args.fractions is not None
+            else list(DEFAULT_THREAT_FRACTIONS)
+        )
+    except ValueError:
+        raise ConfigError(f"--fractions {args.fractions!r}: give comma-separated numbers, e.g. 0,0.1,0.2,0.3") from None
+    return ThreatGrid(
+        aggregations=_comma_list(args.aggregations)
+        if args.aggregations is not None
+        else [raw.get("federation", {}).get("aggregation", "balltree")],
+        behaviours=_comma_list(args.behaviours)
+        if args.behaviours is not None
+        else [raw.get("adversary", {}).get("behaviour", "sign_flip")],
+        fractions=fractions,
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -203,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
     )
+    threat = compare.add_argument_group(
+        "threat sweep", "any of these runs algorithms x aggregations x (behaviour x fraction) x seeds instead"
+    )
+    threat.add_argument("--aggregations", help="comma-separated federation.aggregation rules, e.g. fedavg,krum")
+    threat.add_argument("--behaviours", help="comma-separated adversary.behaviour names, e.g. sign_flip,alie")
+    threat.add_argument("--fractions", help="comma-separated malicious fractions (default 0,0.1,0.2,0.3)")
     compare.set_defaults(handler=_cmd_compare)
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")

@@ -48,7 +48,7 @@ def test_yaml_round_trip_is_identity():
         ("data.nmae=digits", "data.nmae"),
         ("lora.rank=abc", "lora.rank"),
         ("data.partition=zipf", "data.partition"),
-        ("federation.aggregation=median", "federation.aggregation"),
+        ("federation.aggregation=mean", "federation.aggregation"),
         ("attack.eval_attack=cw", "attack.eval_attack"),
         ("lora.target_modules=[proj]", "lora.target_modules"),
         ("model.pretrained=checkpoint", "model.checkpoint"),

@@ -38,10 +38,10 @@ AGGREGATED: list[list[int]] = []
 RECORDING = "recording_fedavg"
 
 
-def recording_fedavg(states, num_samples, cfg):
+def recording_fedavg(states, num_samples, cfg, context):
     """FedAvg that notes whose uploads it got (an upload's value is 10 r + c, and c < 10)."""
     AGGREGATED.append([int(round(float(s[KEY][0, 0]))) % 10 for s in states])
-    return aggregate_fedavg(states, num_samples, cfg)
+    return aggregate_fedavg(states, num_samples, cfg, context)
 
 
 if RECORDING not in AGGREGATORS:

@@ -263,8 +263,46 @@ class FederationConfig:
     participation: Annotated[float, Field(gt=0, le=1, description="fraction of clients sampled per round (seeded)")] = (
         1.0
     )
-    aggregation: Annotated[str, Field(description="aggregator registry name: balltree (Sylva), fedavg")] = "balltree"
+    aggregation: Annotated[
+        str,
+        Field(
+            description="aggregator registry name: balltree (Sylva), fedavg, or a Byzantine-robust rule (ByzFL): "
+            "median, trimmed_mean, geometric_median, krum, multi_krum, centered_clipping"
+        ),
+    ] = "balltree"
     balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
+    pre_aggregation: Annotated[
+        list[str],
+        Field(
+            description="ByzFL pre-aggregation steps on the updates, in order, before any aggregation rule: clipping "
+            "(norm clipping at clip_radius), nnm (nearest-neighbour mixing, byzantine_f), bucketing (bucket_size)"
+        ),
+    ] = field(default_factory=list)
+    byzantine_f: Annotated[
+        Optional[int],
+        Field(
+            ge=0,
+            description="the number of Byzantine clients krum, multi_krum and nnm are built to tolerate; None: the "
+            "adversary's own count (adversary.fraction x data.num_clients)",
+        ),
+    ] = None
+    trim_fraction: Annotated[
+        float, Field(ge=0, lt=0.5, description="trimmed_mean drops floor(trim_fraction x n) updates at each end")
+    ] = 0.2
+    clip_radius: Annotated[
+        Optional[float],
+        Field(gt=0, description="L2 radius of the clipping pre-step; None: the median norm of the round's updates"),
+    ] = None
+    cc_radius: Annotated[
+        Optional[float],
+        Field(gt=0, description="centered_clipping's radius tau; None: the median norm of the round's updates"),
+    ] = None
+    cc_iterations: Annotated[int, Field(ge=1, description="centered_clipping's iterations L")] = 1
+    geomed_nu: Annotated[
+        float, Field(gt=0, description="geometric_median's smoothing: distances below nu count as nu")
+    ] = 1e-6
+    geomed_iterations: Annotated[int, Field(ge=1, description="geometric_median's Weiszfeld iterations T")] = 8
+    bucket_size: Annotated[int, Field(ge=1, description="updates averaged per bucket by the bucketing pre-step")] = 2
     eval_every: Annotated[int, Field(ge=1, description="evaluate every k rounds (the last round always)")] = 1
     round_timeout_s: Annotated[
         Optional[float],
@@ -274,6 +312,51 @@ class FederationConfig:
             "forever)",
         ),
     ] = 3600.0
+
+
+@dataclass(config=_STRICT)
+class AdversaryConfig:
+    """Byzantine clients: a seeded, fixed set of malicious participants and what they do.
+
+    Behaviours act on the *update* (uploaded tensors minus the global ones received), after the
+    client's own local training; ``label_flip`` poisons the training labels instead. Before
+    ``start_round`` the malicious clients behave honestly.
+    """
+
+    fraction: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=1,
+            description="share of the clients that are malicious: fraction x clients rounded half up, a seeded "
+            "fixed set",
+        ),
+    ] = 0.0
+    behaviour: Annotated[
+        str,
+        Field(description="behaviour registry name: sign_flip, scale, gaussian, alie, ipm, label_flip, free_rider"),
+    ] = "sign_flip"
+    start_round: Annotated[
+        int, Field(ge=0, description="first round (0-based, as in metrics.csv) in which the malicious clients attack")
+    ] = 0
+    flip_scale: Annotated[float, Field(gt=0, description="sign_flip uploads -flip_scale x its own update")] = 1.0
+    boost: Annotated[
+        Optional[float],
+        Field(
+            gt=0,
+            description="scale uploads boost x its own update; None: data.num_clients (model replacement under an "
+            "equal-weight mean)",
+        ),
+    ] = None
+    noise_mean: Annotated[float, Field(description="gaussian: mean of the N(mu, sigma^2) uploaded update")] = 0.0
+    noise_std: Annotated[float, Field(ge=0, description="gaussian: sigma of the uploaded noise vector")] = 1.0
+    alie_tau: Annotated[
+        Optional[float],
+        Field(
+            description="alie: honest mean + tau x honest std per coordinate; None: the paper's z_max for these n and f"
+        ),
+    ] = None
+    ipm_tau: Annotated[float, Field(gt=0, description="ipm: uploads -tau x the honest mean update")] = 2.0
 
 
 @dataclass(config=_STRICT)
@@ -548,6 +631,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     layer_selection: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -20,6 +20,7 @@ from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.precision import configure_runtime
 from sylva_ray.base.seeding import derive_seed, torch_seeded
 from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.byzantine import BEHAVIOURS, DATA, OWN, attack_context, craft_own_upload, flip_labels
 from sylva_ray.method.data import (
     ArrayDataset,
     ClientData,
@@ -138,11 +139,24 @@ class ClientWorker:
         self.scope.load(self.model, {**shared, **state.personal})
 
     def train(
-        self, client_id: int, state: ClientState, global_adapter: Mapping[str, torch.Tensor], round_index: int
+        self,
+        client_id: int,
+        state: ClientState,
+        global_adapter: Mapping[str, torch.Tensor],
+        round_index: int,
+        malicious: bool = False,
     ) -> ClientUpdate:
-        """Start from the received shared tensors and the client's own personal ones; train one round."""
+        """Start from the received shared tensors and the client's own personal ones; train one round.
+
+        ``malicious``: the client attacks this round (``adversary.behaviour``): it trains on flipped
+        labels (``label_flip``), or trains honestly and uploads what its behaviour makes of its own
+        update (``own`` behaviours); colluding behaviours are crafted by the driver after collection.
+        """
         self._load(global_adapter, state)
         data = self.data(client_id).train
+        behaviour = BEHAVIOURS.get(self.cfg.adversary.behaviour) if malicious else None
+        if behaviour is not None and behaviour.kind == DATA:
+            data = ArrayDataset(data.images, flip_labels(data.labels, data.num_classes), data.num_classes)
         metrics = adversarial_round(
             self.model,
             data,
@@ -154,7 +168,11 @@ class ClientWorker:
             precision=self.cfg.runtime.precision,
         )
         new_state = ClientState(personal=self.scope.personal(self.model), rounds_trained=state.rounds_trained + 1)
-        return ClientUpdate(client_id, self.scope.shared(self.model), len(data), metrics, new_state)
+        upload = self.scope.shared(self.model)
+        if behaviour is not None and behaviour.kind == OWN:
+            context = attack_context(self.cfg, round_index, client_id)
+            upload = craft_own_upload(upload, global_adapter, self.cfg.adversary, context)
+        return ClientUpdate(client_id, upload, len(data), metrics, new_state)
 
     def evaluate(
         self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], protocol: bool = False

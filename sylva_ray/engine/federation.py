@@ -28,21 +28,33 @@ import pandas as pd
 import torch
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
-from sylva_ray.base.seeding import numpy_rng
+from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
 from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
-from sylva_ray.engine.jobs import ClientExecutor, Job, WorkerInfo
+from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome, WorkerInfo
 from sylva_ray.engine.rundir import plot_accuracy, write_json, write_table
-from sylva_ray.engine.summaries import client_means
+from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.byzantine import (
+    BEHAVIOURS,
+    COLLUDING,
+    active,
+    attack_context,
+    craft_colluding_upload,
+    malicious_clients,
+    tolerated_f,
+)
 from sylva_ray.method.models import damaged_file_message, decode_state, encode_state
+from sylva_ray.method.robust_aggregation import SELECTING, aggregation_problem
 from sylva_ray.method.sanity import sanity_warnings
+from sylva_ray.method.update_space import RoundContext
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.pt"
+ADVERSARY_FILE = "adversary.json"
 
 
 def sample_participants(num_clients: int, fraction: float, seed: int, round_index: int) -> list[int]:
@@ -193,11 +205,16 @@ def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``field: value at the checkpoint -> value now`` for every field that differs."""
+    """``field: value at the checkpoint -> value now`` for every field that differs.
+
+    A field the checkpoint does not know (added to the schema after it was made) at its default
+    is not a difference: the default is what the code that made it did (e.g. no adversary)."""
+    defaults = config_fingerprint(ExperimentConfig())
     return [
         f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
         for key in sorted(set(saved) | set(current))
         if saved.get(key) != current.get(key)
+        and not (key not in saved and key in defaults and current.get(key) == defaults[key])
     ]
 
 
@@ -211,6 +228,10 @@ class Federation:
         self.info = executor.info()
         self.algorithm = algorithm_for(cfg)
         self.adapter_bytes = len(encode_state(self.info.initial_adapter))
+        # The malicious set is a function of the seed and the fraction: fixed for the whole run, the
+        # same across aggregation rules and algorithms, and recorded where a reader looks for it.
+        self.malicious = frozenset(malicious_clients(cfg.data.num_clients, cfg.adversary.fraction, cfg.runtime.seed))
+        self.byzantine_f = tolerated_f(cfg)
         checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
         identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
         if resume and checkpoint.is_file():
@@ -238,6 +259,30 @@ class Federation:
                 },
                 fingerprint=identity,
             )
+            write_json(self.run_dir / ADVERSARY_FILE, self.adversary_record())
+        if self.malicious:
+            log.info(
+                "adversary: clients %s are malicious (%s from round %d)",
+                sorted(self.malicious),
+                cfg.adversary.behaviour,
+                cfg.adversary.start_round,
+            )
+
+    def adversary_record(self) -> dict[str, Any]:
+        """The threat of this run: who is malicious, doing what, against which rule."""
+        adversary = self.cfg.adversary
+        return {
+            "clients": sorted(self.malicious),
+            "count": len(self.malicious),
+            "honest": self.cfg.data.num_clients - len(self.malicious),
+            "fraction": adversary.fraction,
+            "behaviour": adversary.behaviour if self.malicious else None,
+            "kind": BEHAVIOURS.get(adversary.behaviour).kind if self.malicious else None,
+            "start_round": adversary.start_round,
+            "aggregation": self.cfg.federation.aggregation,
+            "pre_aggregation": list(self.cfg.federation.pre_aggregation),
+            "byzantine_f": self.byzantine_f,
+        }
 
     @property
     def done(self) -> bool:
@@ -250,25 +295,41 @@ class Federation:
         cfg, st = self.cfg, self.state
         if r == 0 and not st.initial and (evaluate is None or evaluate):
             # The reference a run must beat: the pre-trained model (LoRA B = 0) with its pre-trained head.
-            st.initial = client_means(pd.DataFrame(self._evaluate_all({}, r)))
+            st.initial = client_means(split_by_malicious(pd.DataFrame(self._evaluate_all({}, r)))[0])
         participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
         # One copy per round, whatever the number of clients (a scope that shares nothing sends b"").
         payload = encode_state(st.global_adapter)
         sent = len(payload)
+        attacking = self.malicious if active(cfg.adversary, r) else frozenset()
         outcomes = sorted(
             self.executor.train(
-                [Job(c, st.client_states[c]) for c in largest_first(participants, self.info.num_train)], payload, r
+                [
+                    Job(c, st.client_states[c], malicious=c in attacking)
+                    for c in largest_first(participants, self.info.num_train)
+                ],
+                payload,
+                r,
             ),
             key=lambda o: o.client_id,
         )
         done = [o for o in outcomes if o.ok]
         uploads = [decode_state(o.upload or b"") for o in done]
+        if attacking and BEHAVIOURS.get(cfg.adversary.behaviour).kind == COLLUDING:
+            self._collude(done, uploads, attacking, r)
         weights = np.zeros(0)
+        too_few = aggregation_problem(cfg.federation.aggregation, cfg.federation, self.byzantine_f, len(done))
         if not done:
             log.warning("round %d: every participant dropped; the global adapter is unchanged", r + 1)
+        elif any(uploads) and too_few:
+            log.warning("round %d: %s; the global adapter is unchanged", r + 1, too_few)
         elif any(uploads):  # empty uploads (the local scope shares nothing) leave nothing to aggregate
+            context = RoundContext(
+                reference=st.global_adapter,
+                byzantine_f=self.byzantine_f,
+                seed=derive_seed(cfg.runtime.seed, "aggregation", r),
+            )
             st.global_adapter, weights = aggregate(
-                cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation
+                cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation, context
             )
         rows: dict[int, dict[str, Any]] = {}
         for outcome in outcomes:
@@ -291,6 +352,8 @@ class Federation:
             rows[outcome.client_id] = row
         for outcome, weight in zip(done, weights):
             rows[outcome.client_id]["agg_weight"] = float(weight)
+            if cfg.federation.aggregation in SELECTING:  # unknown (None) after a mixing pre-step
+                rows[outcome.client_id]["agg_selected"] = None if np.isnan(weight) else bool(weight > 0)
 
         final = r == cfg.federation.rounds - 1
         if evaluate if evaluate is not None else is_eval_round(r, cfg):
@@ -302,6 +365,8 @@ class Federation:
             if protocol and self.algorithm.scope.global_form and cfg.evaluation.global_test:
                 st.global_eval = self._evaluate_global()
                 st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
+        for client, row in rows.items():
+            row["malicious"] = client in self.malicious
         st.rows.extend(rows[c] for c in sorted(rows))
         seconds = time.perf_counter() - started
         st.seconds += seconds
@@ -322,6 +387,23 @@ class Federation:
             seconds,
         )
         return summary
+
+    def _collude(self, done: list[Outcome], uploads: list[State], attacking: frozenset[int], r: int) -> None:
+        """Colluding, omniscient attackers: every colluder's upload becomes the vector crafted from
+        the round's honest uploads (their own honest training is what they would have sent)."""
+        honest = [u for o, u in zip(done, uploads) if o.client_id not in attacking]
+        colluders = [i for i, o in enumerate(done) if o.client_id in attacking]
+        if not colluders:
+            return
+        if not honest or not any(honest):
+            log.warning("round %d: no honest update to collude against; the colluders send their own", r + 1)
+            return
+        context = attack_context(self.cfg, r, participants=len(done), colluders=len(colluders))
+        crafted = craft_colluding_upload(honest, self.state.global_adapter, self.cfg.adversary, context)
+        wire = encode_state(crafted)
+        for index in colluders:
+            uploads[index] = crafted
+            done[index].upload = wire  # what is counted as uploaded is what the attack sends
 
     def _evaluate_global(self) -> dict[str, Any]:
         """The global model on the global test set (models with a global form only)."""
@@ -352,6 +434,7 @@ class Federation:
                     "num_train": self.info.num_train[outcome.client_id],
                     **outcome.metrics,
                     "majority_rate": majority,
+                    "malicious": outcome.client_id in self.malicious,
                 }
             )
         return evaluation
@@ -360,6 +443,7 @@ class Federation:
         self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int
     ) -> dict[str, Any]:
         frame = pd.DataFrame(list(rows.values()))
+        honest = split_by_malicious(frame)[0]
         summary: dict[str, Any] = {
             "round": r,
             "participants": participants,
@@ -376,9 +460,9 @@ class Federation:
             "clean_acc",
             "robust_acc",
             "majority_rate",
-        ):
-            if column in frame and frame[column].notna().any():
-                summary[column] = float(frame[column].mean())
+        ):  # honest clients only: the progress line and rounds.csv follow the defence, not the attack
+            if column in honest and honest[column].notna().any():
+                summary[column] = float(honest[column].mean())
         for column in ("actor_rss_mb", "gpu_peak_mb"):  # gpu_peak_mb: torch.cuda.max_memory_allocated, GPU runs only
             if column in frame and frame[column].notna().any():
                 summary[f"{column}_max"] = float(frame[column].max())
@@ -408,8 +492,9 @@ class Federation:
                     self.run_dir / "models" / f"client_{cid:04d}.safetensors",
                     encode_state({**st.global_adapter, **client.personal}),
                 )
-        means = client_means(final_eval)
-        below = final_eval.loc[final_eval["clean_acc"] < final_eval["majority_rate"], "client"].astype(int).tolist()
+        honest_eval, malicious_eval = split_by_malicious(final_eval)
+        means = client_means(honest_eval)
+        below = honest_eval.loc[honest_eval["clean_acc"] < honest_eval["majority_rate"], "client"].astype(int).tolist()
         warnings = list(st.warnings) + list(phase2.get("sanity_warnings", []))
         summary = {
             "algorithm": {
@@ -423,10 +508,15 @@ class Federation:
             **({"phase2": phase2["means"], "selected_layers": phase2["selected"]} if phase2 else {}),
             "initial": st.initial,
             "global": st.global_eval or None,
+            "adversary": self.adversary_record(),
+            # The malicious clients' own final models, apart from every figure above (phase 1's here;
+            # after Phase 2 its own table holds theirs too).
+            "malicious_clients": (phase2.get("malicious_means") if phase2 else None)
+            or (client_means(malicious_eval) if len(malicious_eval) else None),
             "sanity": {
-                "majority_rate": float(final_eval["majority_rate"].mean()),
+                "majority_rate": float(honest_eval["majority_rate"].mean()),
                 "majority_rate_weighted": float(
-                    np.average(final_eval["majority_rate"], weights=final_eval["num_clean"])
+                    np.average(honest_eval["majority_rate"], weights=honest_eval["num_clean"])
                 ),
                 "clients_below_majority_rate": below,
                 "warnings": warnings,

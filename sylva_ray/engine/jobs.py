@@ -33,6 +33,7 @@ class Job:
     mask: Optional[int] = None
     players: Optional[list[int]] = None
     protocol: bool = False  # evaluation: the final-model protocol (AutoAttack + sanity attacks)
+    malicious: bool = False  # training: the client attacks this round (adversary.behaviour)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
 
 def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_index: int) -> Outcome:
     """The body of a training job, wherever it runs (in-process or inside an actor)."""
-    update = worker.train(job.client_id, job.state, global_adapter, round_index)
+    update = worker.train(job.client_id, job.state, global_adapter, round_index, malicious=job.malicious)
     return Outcome(
         client_id=job.client_id,
         upload=encode_state(update.adapter),

@@ -28,7 +28,7 @@ from sylva_ray.base.storage import atomic_write_bytes
 from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.jobs import Job
 from sylva_ray.engine.rundir import write_table
-from sylva_ray.engine.summaries import client_means
+from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.method.models import encode_state
 from sylva_ray.method.sanity import sanity_warnings
 from sylva_ray.method.shapley import ShapleyResult, make_estimator, select_players
@@ -164,7 +164,8 @@ def run_phase2(
     plot_heatmap(out_dir, frame)
     per_client_frame = pd.DataFrame(per_client)
     plot_before_after(out_dir, per_client_frame)
-    means = client_means(per_client_frame)
+    honest, malicious = split_by_malicious(per_client_frame)
+    means = client_means(honest)
     warnings = sanity_warnings(
         [row for row in per_client if "phase2_error" not in row], cfg.evaluation, "phase 2 (final)"
     )
@@ -180,6 +181,7 @@ def run_phase2(
     )
     return {
         "means": means,
+        "malicious_means": client_means(malicious) if len(malicious) else None,
         "selected": {str(c): [players[p] for p in s] for c, s in selected.items()},
         "per_client": per_client,
         "failed": {str(c): e for c, e in failed.items()},

@@ -30,7 +30,10 @@ from sylva_ray.base.config import (
 from sylva_ray.method.aggregation import AGGREGATORS
 from sylva_ray.method.algorithms import ALGORITHMS
 from sylva_ray.method.attacks import ATTACKS
+from sylva_ray.method.byzantine import BEHAVIOURS, malicious_count, tolerated_f
 from sylva_ray.method.data import DATASETS, PARTITIONERS
+from sylva_ray.method.robust_aggregation import aggregation_problem
+from sylva_ray.method.update_space import MIXING, PRE_AGGREGATIONS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ LOCAL_DATASETS = frozenset({"cifar10", "cifar100", "imagefolder"})
 EMBEDDED_PRETRAINING_DATASETS = frozenset({"digits", "synthetic"})
 #: Module-name suffixes that are ambiguous without their parent (``proj`` is also ``patch_embed.proj``).
 BARE_SUFFIXES = frozenset({"proj", "qkv", "fc1", "fc2"})
+#: Aggregation rules that weigh each upload by its sample count (one weight per client).
+SAMPLE_WEIGHTED = frozenset({"fedavg", "balltree"})
 #: Resource names a client actor may ask for, besides ``custom:NAME``.
 ACTOR_RESOURCES = frozenset({"num_cpus", "num_gpus", "memory"})
 _HOST_PORT = re.compile(r"^(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -169,9 +174,60 @@ def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[s
                 f"algorithm.ablations entry {ablation!r} does not apply to algorithm.name={cfg.algorithm.name!r}"
                 + (f"; it accepts {sorted(accepted)}" if accepted else "; it has no ablations")
             )
+    problems += _adversary_problems(cfg)
     problems += _path_problems(cfg, check_paths)
     problems += _model_problems(cfg)
     problems += _runtime_problems(cfg)
+    return problems
+
+
+def _adversary_problems(cfg: ExperimentConfig) -> list[str]:
+    """The threat and the rule must be possible together, for the number of updates a round gets."""
+    problems: list[str] = []
+    adversary, federation = cfg.adversary, cfg.federation
+    if adversary.behaviour not in BEHAVIOURS:
+        problems.append(f"adversary.behaviour = {adversary.behaviour!r}: unknown; choose one of {BEHAVIOURS.names()}")
+    count = malicious_count(cfg.data.num_clients, adversary.fraction)
+    if adversary.fraction > 0 and count == 0:
+        problems.append(
+            f"adversary.fraction = {adversary.fraction}: rounds to 0 of {cfg.data.num_clients} clients; "
+            f"use at least 1/{cfg.data.num_clients} = {1 / cfg.data.num_clients:.3g} or set it to 0"
+        )
+    if count >= cfg.data.num_clients:
+        problems.append(
+            f"adversary.fraction = {adversary.fraction}: all {cfg.data.num_clients} clients would be malicious, "
+            "leaving no honest client to measure; lower it"
+        )
+    if count and ALGORITHMS.get(cfg.algorithm.name).scope_name == "local":
+        problems.append(
+            f"adversary.fraction = {adversary.fraction} with algorithm.name={cfg.algorithm.name!r}: it shares "
+            "nothing, so malicious uploads cannot reach anyone; use a federated algorithm or set it to 0"
+        )
+    for step in federation.pre_aggregation:
+        if step not in PRE_AGGREGATIONS:
+            problems.append(f"federation.pre_aggregation entry {step!r}: unknown; choose from {list(PRE_AGGREGATIONS)}")
+    if len(set(federation.pre_aggregation)) < len(federation.pre_aggregation):
+        problems.append(f"federation.pre_aggregation = {federation.pre_aggregation}: lists a step twice")
+    if MIXING.intersection(federation.pre_aggregation) and federation.aggregation in SAMPLE_WEIGHTED:
+        problems.append(
+            f"federation.pre_aggregation = {federation.pre_aggregation} with federation.aggregation = "
+            f"{federation.aggregation!r}: nnm and bucketing mix updates, so per-client sample counts no longer "
+            "apply; use them with a robust rule (e.g. krum, median) or keep only clipping"
+        )
+    if federation.aggregation in AGGREGATORS:
+        participants = max(1, int(round(federation.participation * cfg.data.num_clients)))
+        problem = aggregation_problem(federation.aggregation, federation, tolerated_f(cfg), participants)
+        if problem:
+            problems.append(
+                f"federation.aggregation = {federation.aggregation!r}: {problem} per round "
+                f"(federation.participation x data.num_clients = {participants}); lower federation.byzantine_f or "
+                "adversary.fraction, or raise the participation, the clients, or lower federation.bucket_size"
+            )
+    if count and adversary.start_round >= cfg.federation.rounds:
+        problems.append(
+            f"adversary.start_round = {adversary.start_round}: the run has rounds 0..{cfg.federation.rounds - 1}, so "
+            "the malicious clients would never attack; lower it below federation.rounds"
+        )
     return problems
 
 

@@ -24,3 +24,12 @@ def client_means(evaluation: pd.DataFrame) -> dict[str, float]:
             np.sqrt(np.average((frame[column] - weighted) ** 2, weights=frame[count]))
         )
     return means
+
+
+def split_by_malicious(evaluation: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(honest rows, malicious rows): accuracy figures are the honest clients' (a malicious
+    client's own model says nothing about the defence); rows without the column are honest."""
+    if "malicious" not in evaluation:
+        return evaluation, evaluation.iloc[0:0]
+    flags = evaluation["malicious"].fillna(False).astype(bool)
+    return evaluation[~flags], evaluation[flags]

@@ -5,6 +5,8 @@
       runs/<algorithm>/seed<k>/          a normal run directory each: `sylva-ray resume` works on it
       comparison.csv / comparison.md     one row per algorithm x seed / the paper-style table
       pareto.png, accuracy_vs_upload.png, per_client.png
+      threat.csv / threat.md / threat.png  with a threat sweep (--aggregations/--behaviours/--fractions):
+                                         runs/<algorithm>/<aggregation>/<behaviour>-<fraction>|clean/seed<k>/
 
 Seed k of every algorithm uses ``runtime.seed = base + k``: the same partition, pre-trained
 weights, initial LoRA, participant sampling and attack seeds across algorithms. Runs go to the Ray
@@ -15,9 +17,11 @@ them), as many at once as the cluster's CPUs/GPUs hold; an interrupted compare r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,8 +42,11 @@ from sylva_ray.distributed.placement import actor_request, capacity
 from sylva_ray.engine.federation import RESUMABLE_FIELDS
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import read_json
-from sylva_ray.experiments.comparison_report import RunSpec, write_report
+from sylva_ray.experiments.comparison_report import RunSpec, ThreatCell, write_report
+from sylva_ray.experiments.threat_report import NO_ATTACK
+from sylva_ray.method.aggregation import AGGREGATORS
 from sylva_ray.method.algorithms import ALGORITHMS, parse_algorithm
+from sylva_ray.method.byzantine import BEHAVIOURS, malicious_count
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,126 @@ def plan_runs(base_raw: dict[str, Any], algorithms: list[str], seeds: int, out: 
     if problems:
         raise ConfigError("\n".join(problems))
     return specs
+
+
+@dataclass(frozen=True)
+class ThreatGrid:
+    """``compare``'s threat sweep: every algorithm against every rule under every attack cell.
+
+    The attack-free cell (fraction 0) runs once per algorithm x rule; each behaviour runs at each
+    positive fraction. Seed k is the same partition and, at a given fraction, the same malicious
+    set for every rule and algorithm (``byzantine.malicious_clients``). The rules' tolerance f is
+    fixed across the grid (the largest fraction's count unless ``federation.byzantine_f`` is set),
+    so each rule is the same rule with and without attackers.
+    """
+
+    aggregations: list[str]
+    behaviours: list[str]
+    fractions: list[float]
+
+    def cells(self, algorithm: str) -> list[ThreatCell]:
+        cells = [ThreatCell(algorithm, agg, NO_ATTACK, 0.0) for agg in self.aggregations] if 0 in self.fractions else []
+        cells += [
+            ThreatCell(algorithm, agg, behaviour, fraction)
+            for agg in self.aggregations
+            for behaviour in self.behaviours
+            for fraction in self.fractions
+            if fraction > 0
+        ]
+        return cells
+
+    def problems(self) -> list[str]:
+        problems = []
+        for name, values in (("--aggregations", self.aggregations), ("--behaviours", self.behaviours)):
+            if not values:
+                problems.append(f"{name} is empty")
+            duplicates = sorted({v for v in values if values.count(v) > 1})
+            if duplicates:
+                problems.append(f"{name} lists {duplicates} twice")
+        problems += [
+            f"--aggregations entry {a!r}: unknown; choose from {AGGREGATORS.names()}"
+            for a in self.aggregations
+            if a not in AGGREGATORS
+        ]
+        problems += [
+            f"--behaviours entry {b!r}: unknown; choose from {BEHAVIOURS.names()}"
+            for b in self.behaviours
+            if b not in BEHAVIOURS
+        ]
+        problems += [f"--fractions entry {f}: give fractions in [0, 1)" for f in self.fractions if not 0 <= f < 1]
+        if len(set(self.fractions)) < len(self.fractions):
+            problems.append(f"--fractions {self.fractions} lists a fraction twice")
+        return problems
+
+
+def plan_threat_runs(
+    base_raw: dict[str, Any], algorithms: list[str], grid: ThreatGrid, seeds: int, out: Path
+) -> list[RunSpec]:
+    """One validated config per algorithm x threat cell x seed; every error before any run starts."""
+    problems = grid.problems()
+    if seeds < 1:
+        problems.append(f"--seeds {seeds}: give at least 1")
+    if not algorithms:
+        problems.append(f"--algorithms is empty; choose from {sorted(ALGORITHMS.names())}")
+    clients = int(base_raw.get("data", {}).get("num_clients", ExperimentConfig().data.num_clients))
+    counts = [malicious_count(clients, f) for f in grid.fractions]
+    if len(set(counts)) < len(counts):
+        problems.append(
+            f"--fractions {grid.fractions}: with {clients} clients they give {counts} malicious clients; "
+            "two fractions with one count would run the same cell twice"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+    base_seed = int(base_raw.get("runtime", {}).get("seed", 0))
+    tolerated = _lookup_f(base_raw)
+    specs: list[RunSpec] = []
+    for spec in algorithms:
+        name, ablations = parse_algorithm(spec)
+        if name not in ALGORITHMS:
+            problems.append(f"--algorithms entry {spec!r}: unknown algorithm {name!r}")
+            continue
+        for cell in grid.cells(spec):
+            for k in range(seeds):
+                seed = base_seed + k
+                overrides: dict[str, Any] = {
+                    "algorithm.name": name,
+                    "algorithm.ablations": ablations,
+                    "runtime.seed": seed,
+                    "name": f"{spec}-{cell.aggregation}-{cell.behaviour}-{cell.fraction:g}-seed{seed}",
+                    "federation.aggregation": cell.aggregation,
+                    "adversary.fraction": cell.fraction,
+                }
+                if cell.behaviour != NO_ATTACK:
+                    overrides["adversary.behaviour"] = cell.behaviour
+                raw = apply_overrides(base_raw, overrides)
+                if tolerated is None:
+                    raw = apply_overrides(
+                        raw, {"federation.byzantine_f": malicious_count(clients, max(grid.fractions))}
+                    )
+                try:
+                    cfg = build_config(raw)
+                    if k == 0 and not specs:
+                        check_before_start(cfg)
+                except ConfigError as exc:
+                    problems.append(f"threat cell {cell.label}: {exc}")
+                    break
+                if cfg.federation.aggregation != cell.aggregation:  # the algorithm fixes its own rule
+                    problems.append(
+                        f"--algorithms entry {spec!r} fixes federation.aggregation={cfg.federation.aggregation!r}, "
+                        f"so it cannot run under --aggregations {cell.aggregation!r}; sweep the rules with algorithms "
+                        "that leave it free (sylva, sylva-no_phase2, fedavg_lora_at)"
+                    )
+                    break
+                folder = "clean" if cell.behaviour == NO_ATTACK else f"{cell.behaviour}-{cell.fraction:g}"
+                run_dir = out / "runs" / spec / cell.aggregation / folder / f"seed{seed}"
+                specs.append(RunSpec(cell.label, seed, cfg, run_dir, cell))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))  # one line per distinct problem
+    return specs
+
+
+def _lookup_f(raw: dict[str, Any]) -> Any:
+    return raw.get("federation", {}).get("byzantine_f")
 
 
 def _request(value: Any, key: str) -> Any:
@@ -162,16 +289,31 @@ def run_comparison(
     reference: Optional[str] = None,
     actors_per_run: int = 1,
     max_parallel: Optional[int] = None,
+    threat: Optional[ThreatGrid] = None,
 ) -> pd.DataFrame:
-    """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots."""
+    """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots.
+
+    ``threat``: sweep malicious fraction x behaviour x aggregation (``ThreatGrid``) as well."""
     out = Path(out)
+    if reference is not None and threat is not None:
+        raise ConfigError("--reference applies to an algorithm comparison, not to a threat sweep; drop it")
     if reference is not None and reference not in algorithms:
         raise ConfigError(f"--reference {reference!r} is not among --algorithms {algorithms}")
     if actors_per_run < 1:
         raise ConfigError(f"--actors-per-run {actors_per_run}: give at least 1")
     base_raw = apply_overrides(base_raw, {"runtime.num_actors": actors_per_run})
-    specs = plan_runs(base_raw, algorithms, seeds, out)
-    check_manifest(out, {"algorithms": list(algorithms), "seeds": seeds, "base_config": base_raw})
+    if threat is None:
+        specs = plan_runs(base_raw, algorithms, seeds, out)
+        manifest = {"algorithms": list(algorithms), "seeds": seeds, "base_config": base_raw}
+    else:
+        specs = plan_threat_runs(base_raw, algorithms, threat, seeds, out)
+        manifest = {
+            "algorithms": list(algorithms),
+            "seeds": seeds,
+            "base_config": base_raw,
+            "threat": dataclasses.asdict(threat),
+        }
+    check_manifest(out, manifest)
     engine = specs[0].cfg.runtime.engine
     if engine == "ray":
         connect(specs[0].cfg.runtime.address, specs[0].cfg.runtime.dashboard)

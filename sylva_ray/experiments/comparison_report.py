@@ -31,14 +31,33 @@ from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
 METRICS = ("clean_acc", "robust_acc", "autoattack_acc")
+#: comparison.csv columns that are labels, not figures to average over seeds
+TEXT_COLUMNS = frozenset(
+    {"algorithm", "seed", "run_dir", "status", "error", "scope", "base_algorithm", "aggregation", "behaviour"}
+)
 
 
 @dataclass
 class RunSpec:
-    algorithm: str  # as written on the command line, e.g. "sylva-no_phase2"
+    algorithm: str  # as written on the command line, e.g. "sylva-no_phase2"; a threat cell's label in a threat sweep
     seed: int
     cfg: ExperimentConfig
     run_dir: Path
+    threat: Optional["ThreatCell"] = None
+
+
+@dataclass(frozen=True)
+class ThreatCell:
+    """One cell of a threat sweep: which algorithm, against which rule, under which attack."""
+
+    algorithm: str
+    aggregation: str
+    behaviour: str  # "none" at fraction 0
+    fraction: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm}/{self.aggregation}/{self.behaviour}@{self.fraction:g}"
 
 
 def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optional[str]) -> dict[str, Any]:
@@ -49,6 +68,13 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         "status": "ok" if summary is not None else "failed",
         "error": error or "",
     }
+    if spec.threat is not None:
+        row.update(
+            base_algorithm=spec.threat.algorithm,
+            aggregation=spec.threat.aggregation,
+            behaviour=spec.threat.behaviour,
+            malicious_fraction=spec.threat.fraction,
+        )
     if summary is None:
         return row
     final = summary["final"]
@@ -69,6 +95,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         majority_rate=summary["sanity"].get("majority_rate_weighted", summary["sanity"]["majority_rate"]),
         sanity_warnings=len(summary["sanity"].get("warnings", [])),
         scope=summary.get("algorithm", {}).get("scope", ""),
+        num_malicious=(summary.get("adversary") or {}).get("count", 0),
     )
     return row
 
@@ -76,7 +103,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
 def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per algorithm, in the order the algorithms were asked for."""
     ok = frame[frame["status"] == "ok"]
-    numeric = [c for c in ok.columns if c not in {"algorithm", "seed", "run_dir", "status", "error", "scope"}]
+    numeric = [c for c in ok.columns if c not in TEXT_COLUMNS]
     order = list(dict.fromkeys(frame["algorithm"]))
     grouped = ok.groupby("algorithm", sort=False)[numeric]
     means, stds = grouped.mean(), grouped.std(ddof=1)
@@ -308,6 +335,11 @@ def write_report(
         "'global' = the global model on the global test set (full-model FedAvg only). "
         "Upload: all clients' bytes per round, as serialised (safetensors)."
     )
+    if specs[0].threat is not None:
+        from sylva_ray.experiments.threat_report import write_threat_report
+
+        context += " Accuracies are the honest clients' only."
+        write_threat_report(out, frame, context)
     atomic_write_text(out / "comparison.md", markdown(agg, relative, reference, context))
     plot_pareto(out, frame, agg)
     plot_accuracy_vs_upload(out, frame)

@@ -21,33 +21,33 @@ public; this one is our documented choice (``federation.balltree_k`` sets k).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sylva_ray.base.config import FederationConfig
 from sylva_ray.base.registry import Registry
+from sylva_ray.method.robust_aggregation import ROBUST_RULES
+from sylva_ray.method.update_space import (
+    NO_CONTEXT,
+    RoundContext,
+    State,
+    check_same_keys,
+    flatten_state,
+    on_updates,
+)
 
-State = Mapping[str, torch.Tensor]
-#: (client states, sample counts, config) -> (aggregate, the weights used)
-Aggregator = Callable[[Sequence[State], Sequence[int], FederationConfig], tuple[dict[str, torch.Tensor], np.ndarray]]
+#: (client states, sample counts, config, round context) -> (aggregate, each client's weight in it)
+Aggregator = Callable[
+    [Sequence[State], Sequence[int], FederationConfig, RoundContext], tuple[dict[str, torch.Tensor], np.ndarray]
+]
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
-
-
-def _check_same_keys(states: Sequence[State]) -> list[str]:
-    if not states:
-        raise ValueError("nothing to aggregate: no client updates")
-    keys = sorted(states[0])
-    for index, state in enumerate(states[1:], start=1):
-        if sorted(state) != keys:
-            raise KeyError(f"update {index} has other tensors than update 0")
-    return keys
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i * state_i, key by key, in float64 then cast back (weights are normalised here)."""
-    keys = _check_same_keys(states)
+    keys = check_same_keys(states)
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be {len(states)} non-negative numbers with a positive sum, got {w.tolist()}")
@@ -56,11 +56,6 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[
         key: sum(float(wi) * s[key].detach().to(torch.float64) for wi, s in zip(w, states)).to(states[0][key].dtype)
         for key in keys
     }
-
-
-def flatten_state(state: State) -> np.ndarray:
-    """One vector per client, keys in sorted order so every client lines up."""
-    return np.concatenate([state[k].detach().cpu().to(torch.float64).reshape(-1).numpy() for k in sorted(state)])
 
 
 def sample_weights(num_samples: Sequence[int]) -> np.ndarray:
@@ -92,27 +87,45 @@ def balltree_weights(vectors: np.ndarray, num_samples: Sequence[int], k: int) ->
 
 @AGGREGATORS.register("fedavg")
 def aggregate_fedavg(
-    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Sample-weighted FedAvg (McMahan et al. 2017) of the LoRA factors."""
     weights = sample_weights(num_samples)
+    if cfg.pre_aggregation:  # clipped updates, averaged with the same weights
+        return on_updates(states, cfg, context, lambda u: (weights @ u, weights))
     return weighted_average(states, weights), weights
 
 
 @AGGREGATORS.register("balltree")
 def aggregate_balltree(
-    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+    states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Sylva's server step: ball-tree density weights x sample counts, then a weighted mean."""
-    _check_same_keys(states)
+    """Sylva's server step: ball-tree density weights x sample counts, then a weighted mean.
+
+    The distances are the same between uploads as between updates (upload - the common
+    reference); after a pre-aggregation step they are taken between the clipped updates."""
+    check_same_keys(states)
+    if cfg.pre_aggregation:
+
+        def rule(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            weights = balltree_weights(updates, num_samples, cfg.balltree_k)
+            return weights @ updates, weights
+
+        return on_updates(states, cfg, context, rule)
     weights = balltree_weights(np.stack([flatten_state(s) for s in states]), num_samples, cfg.balltree_k)
     return weighted_average(states, weights), weights
 
 
 def aggregate(
-    name: str, states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig
+    name: str,
+    states: Sequence[State],
+    num_samples: Sequence[int],
+    cfg: FederationConfig,
+    context: RoundContext = NO_CONTEXT,
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    return AGGREGATORS.get(name)(states, num_samples, cfg)
+    """The named rule's aggregate and each upload's weight in it (``robust_aggregation`` says what
+    "weight" means for rules that are not weighted means)."""
+    return AGGREGATORS.get(name)(states, num_samples, cfg, context)
 
 
 def product_gap(states: Sequence[State], weights: Sequence[float], aggregate_state: State) -> float:
@@ -129,3 +142,21 @@ def product_gap(states: Sequence[State], weights: Sequence[float], aggregate_sta
         num += float((exact - approx).pow(2).sum())
         den += float(exact.pow(2).sum())
     return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _robust_aggregator(name: str) -> Aggregator:
+    """A ByzFL rule on vectors as an aggregator of uploads (``update_space.on_updates``)."""
+    rule = ROBUST_RULES[name]
+
+    def aggregator(
+        states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
+    ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        return on_updates(states, cfg, context, lambda updates: rule(updates, cfg, context))
+
+    aggregator.__doc__ = rule.__doc__
+    aggregator.__name__ = f"aggregate_{name}"
+    return aggregator
+
+
+for _name in ROBUST_RULES:
+    AGGREGATORS.register(_name)(_robust_aggregator(_name))

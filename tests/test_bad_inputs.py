@@ -159,6 +159,29 @@ def test_run_refuses_a_nonempty_out(tmp_path, monkeypatch, import_seconds):
     refused(["run", "--preset", "smoke", "--out", str(tmp_path / "taken")], "--out", tmp_path, import_seconds)
 
 
+GARBAGE_SEED = 0
+GARBAGE_PAYLOADS = 300  # random bytes reach many unpickler opcodes; each one must end as a named refusal
+
+
+def test_safe_load_refuses_any_garbage_as_damage(tmp_path):
+    """Random bytes raise Overflow/Memory/Key/Unicode errors deep in pickle; all must become UnsafeDataFile."""
+    from sylva_ray.method.cifar import UnsafeDataFile, safe_load
+
+    rng = np.random.default_rng(GARBAGE_SEED)
+    path = tmp_path / "data_batch_1"
+    loaded_values = 0
+    for _ in range(GARBAGE_PAYLOADS):
+        path.write_bytes(rng.bytes(int(rng.integers(1, 4000))))
+        try:
+            value = safe_load(path)
+        except UnsafeDataFile as exc:
+            assert str(path) in str(exc)
+        else:  # a few payloads are valid tiny pickles (an int, None): not a dict, refused later by read_split
+            loaded_values += 1
+            assert not isinstance(value, dict) or not value
+    assert loaded_values < GARBAGE_PAYLOADS
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "wrong_content"])
 def test_run_refuses_bad_cifar_folders(case, tmp_path, monkeypatch, import_seconds):
     monkeypatch.chdir(tmp_path)
@@ -167,7 +190,7 @@ def test_run_refuses_bad_cifar_folders(case, tmp_path, monkeypatch, import_secon
     if case == "empty":
         root.mkdir()
     elif case == "garbage":
-        write_cifar(root, payload=os.urandom(4000))
+        write_cifar(root, payload=np.random.default_rng(GARBAGE_SEED).bytes(4000))
         named = "data_batch_1"
     elif case == "truncated":
         folder = write_cifar(root)

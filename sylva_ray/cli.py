@@ -6,7 +6,7 @@ sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|memory|startup   measured side by side (see sylva_ray/experiments/bench.py)
+sylva-ray bench comm|engine|scale|phase2|memory|clock|startup   side by side (sylva_ray/experiments/bench.py)
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
 launcher); that is the only reason for the imports inside the functions below.
@@ -43,10 +43,18 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config_from(args: argparse.Namespace, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+def _config_from(
+    args: argparse.Namespace, overrides: Optional[list[str]] = None, check_paths: bool = True
+) -> ExperimentConfig:
     from sylva_ray.engine.resolve import load_config  # the registries import torch: a second or two
 
-    return load_config(args.preset, args.config_file, args.overrides if overrides is None else overrides)
+    return load_config(
+        args.preset, args.config_file, args.overrides if overrides is None else overrides, check_paths=check_paths
+    )
+
+
+#: Benches that cost a configuration without reading its data or weights (``--preset paper`` works here).
+PATH_FREE_BENCHES = frozenset({"memory", "clock"})
 
 
 def _launch_overrides(args: argparse.Namespace) -> list[str]:
@@ -171,7 +179,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from sylva_ray.experiments.bench import run_bench
 
-    cfg = _config_from(args)
+    cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
     frame = run_bench(args.which, cfg, args.out)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
     bench.add_argument(
-        "which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory", "startup"]
+        "which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory", "clock", "startup"]
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(

@@ -29,7 +29,7 @@ from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.federation import CHECKPOINT_NAME, FederationState
 from sylva_ray.engine.jobs import Job
 from sylva_ray.engine.resolve import load_config
-from sylva_ray.experiments.memory import estimate_actor_memory
+from sylva_ray.method.cost import estimate_actor_memory
 from sylva_ray.method.data import load_source
 from sylva_ray.method.models import (
     add_lora,

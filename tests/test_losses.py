@@ -77,7 +77,7 @@ def test_sylva_loss_is_the_weighted_sum_of_its_terms():
         + 0.5 * 0.4 * 1.0
     )
     assert float(terms.total) == pytest.approx(float(expected), rel=1e-6)
-    assert terms.proximal == pytest.approx(1.0)
+    assert float(terms.proximal) == pytest.approx(1.0)
 
 
 def test_plain_pgd_at_needs_no_benign_pass():

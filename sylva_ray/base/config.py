@@ -312,6 +312,14 @@ class FederationConfig:
             "forever)",
         ),
     ] = 3600.0
+    deadline_s: Annotated[
+        Optional[float],
+        Field(
+            gt=0,
+            description="simulated round deadline (system.* clock): a client whose simulated download + compute + "
+            "upload exceeds it is a straggler, its update not aggregated (None: every client is waited for)",
+        ),
+    ] = None
 
 
 @dataclass(config=_STRICT)
@@ -517,6 +525,49 @@ class EvaluationConfig:
     ] = 0.02
 
 
+#: The edge mix every preset starts from (README "Edge devices on a simulated clock").
+DEFAULT_DEVICE_MIX = {"jetson_orin_nano@wifi": 0.4, "phone_midrange@4g": 0.4, "raspberry_pi5@broadband": 0.2}
+
+
+@dataclass(config=_STRICT)
+class SystemConfig:
+    """The clients' devices and links, and the simulated clock that turns FLOPs and bytes into seconds.
+
+    Profiles are ``"<device>@<network>"`` names of ``sylva_ray.method.devices``' classes (or the
+    ones added here); the clock never reads a wall clock, so it is the same on any machine.
+    """
+
+    clock: Annotated[
+        bool, Field(description="run the simulated clock (one FLOP count per run); false: no sim_* columns")
+    ] = True
+    devices: Annotated[
+        dict[str, float] | list[str],
+        Field(
+            description="profile name -> proportion of the clients (seeded assignment), or one profile name per "
+            "client in client order"
+        ),
+    ] = field(default_factory=lambda: dict(DEFAULT_DEVICE_MIX))
+    efficiency: Annotated[
+        Optional[float],
+        Field(gt=0, le=1, description="sustained share of peak FLOP/s for every device (None: each class's own)"),
+    ] = None
+    availability: Annotated[
+        bool,
+        Field(description="draw each sampled client online with its device class's availability (seeded per round)"),
+    ] = False
+    device_classes: Annotated[
+        dict[str, dict[str, Any]],
+        Field(
+            description="extra device classes: name -> {flops_per_s (number or {precision: number}), memory_gb, "
+            "efficiency, availability}"
+        ),
+    ] = field(default_factory=dict)
+    network_classes: Annotated[
+        dict[str, dict[str, Any]],
+        Field(description="extra network classes: name -> {downlink_mbps, uplink_mbps, latency_s}"),
+    ] = field(default_factory=dict)
+
+
 @dataclass(config=_STRICT)
 class RuntimeConfig:
     """Where and how the simulation runs."""
@@ -635,6 +686,7 @@ class ExperimentConfig:
     layer_selection: LayerSelectionConfig = field(default_factory=LayerSelectionConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -699,7 +751,7 @@ def merge_layers(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 
 
 # dict-valued *fields* are replaced whole by an override, not merged key by key.
-_OPAQUE_DICTS = {"kwargs", "client_resources"}
+_OPAQUE_DICTS = {"kwargs", "client_resources", "devices", "device_classes", "network_classes"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -31,6 +31,7 @@ from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
 from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
+from sylva_ray.engine.clock import DEVICES_FILE, RoundPlan, SimulatedClock, clock_summary, plot_clock
 from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome, WorkerInfo
 from sylva_ray.engine.rundir import plot_accuracy, write_json, write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
@@ -171,7 +172,7 @@ class FederationState:
 #: not what it computes; every other resolved field in config.yaml must be what the checkpoint was made with.
 RESUMABLE_FIELDS = frozenset({"runtime.address", "runtime.dashboard"})
 #: Dict-valued fields compared whole, as values.
-_OPAQUE = frozenset({"kwargs", "client_resources"})
+_OPAQUE = frozenset({"kwargs", "client_resources", "devices", "device_classes", "network_classes"})
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -232,6 +233,15 @@ class Federation:
         # same across aggregation rules and algorithms, and recorded where a reader looks for it.
         self.malicious = frozenset(malicious_clients(cfg.data.num_clients, cfg.adversary.fraction, cfg.runtime.seed))
         self.byzantine_f = tolerated_f(cfg)
+        # Simulated seconds on the clients' devices (engine.clock): decided from the config, the
+        # partition and one FLOP count, never from this machine's wall clock.
+        self.clock = (
+            SimulatedClock(cfg, self.info.num_train, self.info.step_flops, self.info.train_memory_gb)
+            if cfg.system.clock
+            else None
+        )
+        if self.clock is not None:
+            write_table(self.run_dir / DEVICES_FILE, self.clock.devices_frame())
         checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
         identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
         if resume and checkpoint.is_file():
@@ -301,11 +311,14 @@ class Federation:
         payload = encode_state(st.global_adapter)
         sent = len(payload)
         attacking = self.malicious if active(cfg.adversary, r) else frozenset()
+        # Offline clients and stragglers (known before the round) do no work in the simulation.
+        plan = self.clock.plan(r, participants, sent) if self.clock is not None else None
+        takers = plan.takers if plan is not None else participants
         outcomes = sorted(
             self.executor.train(
                 [
                     Job(c, st.client_states[c], malicious=c in attacking)
-                    for c in largest_first(participants, self.info.num_train)
+                    for c in largest_first(takers, self.info.num_train)
                 ],
                 payload,
                 r,
@@ -347,9 +360,13 @@ class Federation:
                 row.update(outcome.metrics)
             else:
                 row["error"] = (outcome.error or "").strip().splitlines()[-1][:200] if outcome.error else ""
+            if self.clock is not None:
+                row.update(online=True, straggler=False, **self.clock.times(outcome.client_id, sent, row["bytes_up"]))
             st.bytes_up += row["bytes_up"]
             st.bytes_down += sent
             rows[outcome.client_id] = row
+        if plan is not None:
+            rows.update(self._absent_rows(plan, r, sent))
         for outcome, weight in zip(done, weights):
             rows[outcome.client_id]["agg_weight"] = float(weight)
             if cfg.federation.aggregation in SELECTING:  # unknown (None) after a mixing pre-step
@@ -367,10 +384,20 @@ class Federation:
                 st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
         for client, row in rows.items():
             row["malicious"] = client in self.malicious
+            if self.clock is not None:
+                row["profile"] = self.clock.profiles[client].name
         st.rows.extend(rows[c] for c in sorted(rows))
         seconds = time.perf_counter() - started
         st.seconds += seconds
         summary = self._round_summary(r, rows, seconds, len(participants))
+        if plan is not None and self.clock is not None:
+            took = {c: rows[c]["sim_total_s"] for c in plan.takers}
+            summary["sim_round_s"] = self.clock.round_seconds(plan, took)
+            summary["sim_clock_s"] = (st.round_rows[-1].get("sim_clock_s", 0.0) if st.round_rows else 0.0) + summary[
+                "sim_round_s"
+            ]
+            summary["stragglers"] = len(plan.stragglers)
+            summary["offline"] = len(plan.offline)
         st.round_rows.append(summary)
         st.next_round = r + 1
         self._persist()
@@ -387,6 +414,34 @@ class Federation:
             seconds,
         )
         return summary
+
+    def _absent_rows(self, plan: RoundPlan, r: int, sent: int) -> dict[int, dict[str, Any]]:
+        """Rows of the sampled clients that did not train: stragglers downloaded the broadcast and
+        would have taken ``sim_total_s``; offline clients received nothing."""
+        rows: dict[int, dict[str, Any]] = {}
+        for client in plan.stragglers:
+            self.state.bytes_down += sent
+            rows[client] = {
+                "round": r,
+                "client": client,
+                "participated": False,
+                "online": True,
+                "straggler": True,
+                "bytes_down": sent,
+                "bytes_up": 0,
+                **plan.times[client],
+            }
+        for client in plan.offline:
+            rows[client] = {
+                "round": r,
+                "client": client,
+                "participated": False,
+                "online": False,
+                "straggler": False,
+                "bytes_down": 0,
+                "bytes_up": 0,
+            }
+        return rows
 
     def _collude(self, done: list[Outcome], uploads: list[State], attacking: frozenset[int], r: int) -> None:
         """Colluding, omniscient attackers: every colluder's upload becomes the vector crafted from
@@ -486,6 +541,11 @@ class Federation:
             raise RuntimeError("no evaluation was recorded; the last round always evaluates")
         final_eval = pd.DataFrame(st.last_eval)
         plot_accuracy(self.run_dir, pd.DataFrame(st.round_rows))
+        simulated = None
+        if self.clock is not None:
+            rows_frame, rounds_frame = pd.DataFrame(st.rows), pd.DataFrame(st.round_rows)
+            simulated = clock_summary(self.clock, rows_frame, rounds_frame)
+            plot_clock(self.run_dir, rows_frame, rounds_frame)
         if cfg.output.save_models:
             for cid, client in st.client_states.items():
                 atomic_write_bytes(
@@ -531,6 +591,7 @@ class Federation:
                 "upload_bytes_per_round": st.bytes_up / max(1, len(st.round_rows)),
             },
             "dropped_client_rounds": int(sum(bool(r.get("dropped")) for r in st.rows)),
+            "simulated": simulated,
             "seconds": st.seconds,
             "wall_seconds": st.seconds + float(phase2.get("seconds", 0.0)),
             "per_client": phase2["per_client"] if phase2 else st.last_eval,

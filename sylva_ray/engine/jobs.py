@@ -17,6 +17,7 @@ import torch
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.engine.client import ClientState, ClientWorker
+from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
 from sylva_ray.method.models import decode_state, encode_state
 
@@ -64,6 +65,8 @@ class WorkerInfo:
     num_train: dict[int, int]
     players: list[str] = field(default_factory=list)
     backbone_digest: str = ""
+    step_flops: dict[int, int] = field(default_factory=dict)  # batch size -> FLOPs of one local step (clock)
+    train_memory_gb: Optional[float] = None  # one client's training peak, estimated (clock's memory check)
 
 
 class ClientExecutor(Protocol):
@@ -76,14 +79,27 @@ class ClientExecutor(Protocol):
 
 
 def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
+    """The common starting point; with the simulated clock on, also its one FLOP count per batch shape
+    and the memory estimate (done here, in a client process, where timm and peft are loaded anyway)."""
+    cfg = worker.cfg
+    num_train = {c: len(worker.partition.train[c]) for c in range(num_clients)}
+    step_flops: dict[int, int] = {}
+    train_memory_gb = None
+    if cfg.system.clock:
+        shape, classes = worker.source.image_shape, worker.source.num_classes
+        step_flops = step_flops_by_batch(cfg, shape, classes, batch_sizes_of(num_train.values(), cfg.train.batch_size))
+        memory = estimate_actor_memory(cfg, shape, classes, needs_benign=algorithm_needs_benign(cfg))
+        train_memory_gb = float(memory["train_peak_gb"])
     return WorkerInfo(
         initial_adapter=worker.initial_adapter,
         initial_personal=worker.initial_personal,
         full_model_bytes=worker.full_model_bytes,
         majority_rates={c: worker.majority_rate(c) for c in range(num_clients)},
-        num_train={c: len(worker.partition.train[c]) for c in range(num_clients)},
-        players=worker.player_names() if worker.cfg.layer_selection.enabled else [],
+        num_train=num_train,
+        players=worker.player_names() if cfg.layer_selection.enabled else [],
         backbone_digest=worker.backbone_digest,
+        step_flops=step_flops,
+        train_memory_gb=train_memory_gb,
     )
 
 

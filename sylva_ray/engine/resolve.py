@@ -32,6 +32,7 @@ from sylva_ray.method.algorithms import ALGORITHMS
 from sylva_ray.method.attacks import ATTACKS
 from sylva_ray.method.byzantine import BEHAVIOURS, malicious_count, tolerated_f
 from sylva_ray.method.data import DATASETS, PARTITIONERS
+from sylva_ray.method.devices import system_problems
 from sylva_ray.method.robust_aggregation import aggregation_problem
 from sylva_ray.method.update_space import MIXING, PRE_AGGREGATIONS
 
@@ -175,6 +176,7 @@ def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[s
                 + (f"; it accepts {sorted(accepted)}" if accepted else "; it has no ablations")
             )
     problems += _adversary_problems(cfg)
+    problems += system_problems(cfg)
     problems += _path_problems(cfg, check_paths)
     problems += _model_problems(cfg)
     problems += _runtime_problems(cfg)

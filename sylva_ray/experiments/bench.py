@@ -11,8 +11,11 @@
 ``phase2`` on one Phase-1 run: Phase 2 with 1 and with 2 client actors (speed-up), the Shapley
            choice vs random layers of the same size vs all layers; and ``bench_estimator.csv``:
            Monte Carlo with truncation vs exact Shapley on real 8-player client games.
-``memory`` estimated accelerator memory of one client actor (``sylva_ray.experiments.memory``): activation
+``memory`` estimated accelerator memory of one client actor (``sylva_ray.method.cost``): activation
            bytes measured on the CPU, scaled to the batch; the given config and the ``paper`` preset.
+``clock``  simulated round time (``engine.clock``) of Sylva vs FAT on device mixes, split into compute
+           and network, from counted FLOPs and exact bytes, without training
+           (``sylva_ray.experiments.clock_bench``); and who makes a deadline.
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -37,10 +40,10 @@ from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
 from sylva_ray.engine.rundir import new_unique_dir, prepare_data, read_json, resolve_result_path, utc_stamp, write_table
-from sylva_ray.experiments.memory import estimate_actor_memory
+from sylva_ray.experiments.clock_bench import bench_clock
 from sylva_ray.method.aggregation import aggregate
-from sylva_ray.method.algorithms import algorithm_for
-from sylva_ray.method.data import ArrayDataset, load_source, make_partition
+from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
+from sylva_ray.method.data import load_source, make_partition
 from sylva_ray.method.models import (
     _pixel_model,
     add_lora,
@@ -303,7 +306,7 @@ PAPER_MEMORY_VARIANTS = [(64, 256, "fp32"), (64, 128, "fp32"), (32, 64, "fp32"),
 
 
 def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
-    """Estimated accelerator memory per client actor (``sylva_ray.experiments.memory``): the configuration
+    """Estimated accelerator memory per client actor (``sylva_ray.method.cost``): the configuration
     given, then the ``paper`` preset and the batch/precision alternatives around it."""
 
     def inputs(c: ExperimentConfig) -> tuple[tuple[int, int, int], int]:
@@ -328,18 +331,13 @@ def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def algorithm_needs_benign(cfg: ExperimentConfig) -> bool:
-    """Whether the configured algorithm's loss keeps the benign forward's graph too."""
-    probe = ArrayDataset(np.zeros((1, 3, 1, 1), dtype=np.float32), np.zeros(1, dtype=np.int64), 2)
-    return bool(algorithm_for(cfg).objective(probe).needs_benign)
-
-
 BENCHES = {
     "comm": bench_comm,
     "engine": bench_engine,
     "scale": bench_scale,
     "phase2": bench_phase2,
     "memory": bench_memory,
+    "clock": bench_clock,
 }
 
 

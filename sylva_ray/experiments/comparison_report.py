@@ -8,6 +8,8 @@ Columns of ``comparison.csv`` (one row per algorithm x seed), accuracies in [0, 
     upload_mb_per_round, upload_mb_per_client_round, total_upload_mb, total_mb (up + down), wall_s
     majority_rate                                     the constant majority-class predictor's accuracy
     sanity_warnings                                   count of failed gradient-masking checks
+    sim_hours, sim_round_s, sim_compute_s, sim_network_s, sim_time_to_95pct_robust_h, straggler_client_rounds
+                                                      the simulated clock on the run's device mix (system.*)
 
 ``comparison.md`` averages over seeds (mean +- std) and, with a reference, gives the paper's three
 headline figures: upload ratio (reference bytes / algorithm bytes), robust and clean gains in
@@ -27,6 +29,7 @@ import pandas as pd
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.engine.clock import SECONDS_PER_HOUR
 from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
@@ -97,6 +100,17 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         scope=summary.get("algorithm", {}).get("scope", ""),
         num_malicious=(summary.get("adversary") or {}).get("count", 0),
     )
+    simulated = summary.get("simulated") or {}
+    if simulated:  # the simulated clock on the run's device mix (README "Edge devices on a simulated clock")
+        by_device = simulated.get("by_device") or []
+        row.update(
+            sim_hours=simulated["hours"],
+            sim_round_s=simulated["mean_round_s"],
+            sim_compute_s=float(np.mean([d["sim_compute_s"] for d in by_device])) if by_device else np.nan,
+            sim_network_s=float(np.mean([d["sim_network_s"] for d in by_device])) if by_device else np.nan,
+            sim_time_to_95pct_robust_h=(simulated.get("time_to_95pct_robust_acc_s") or np.nan) / SECONDS_PER_HOUR,
+            straggler_client_rounds=simulated.get("straggler_client_rounds", 0),
+        )
     return row
 
 
@@ -137,6 +151,11 @@ def _pm(agg: pd.DataFrame, algorithm: str, column: str, scale: float = 100.0, di
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _optional_pm(agg: pd.DataFrame, algorithm: str, column: str, digits: int) -> str:
+    """A column only runs with the simulated clock have ('-' without it)."""
+    return _pm(agg, algorithm, column, 1.0, digits) if f"{column}_mean" in agg else "-"
+
+
 def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Optional[str], context: str) -> str:
     lines = [
         "# Comparison",
@@ -144,8 +163,8 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         context,
         "",
         "| algorithm | seeds | clean | PGD | AutoAttack | global clean | global PGD | global AA "
-        "| upload MB / round | total MB | wall s | sanity warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| upload MB / round | total MB | sim. round s | sim. hours | wall s | sanity warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     accuracies = (
         "clean_acc",
@@ -161,6 +180,8 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         cells += [
             _pm(agg, algorithm, "upload_mb_per_round", 1.0, 3),
             _pm(agg, algorithm, "total_mb", 1.0, 2),
+            _optional_pm(agg, algorithm, "sim_round_s", 2),
+            _optional_pm(agg, algorithm, "sim_hours", 3),
             _pm(agg, algorithm, "wall_s", 1.0, 0),
         ]
         cells.append(str(int(agg.loc[algorithm, "sanity_warnings_mean"] * agg.loc[algorithm, "seeds"])))

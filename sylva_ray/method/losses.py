@@ -66,11 +66,15 @@ def proximal_term(local: Mapping[str, torch.Tensor], reference: Mapping[str, tor
 
 @dataclass
 class LossTerms:
+    """The loss to back-propagate and its terms, detached. The terms stay tensors: turning each into
+    a float would synchronise a GPU four times a step (and cannot be done on the meta device, where
+    ``method.flops`` counts a step without weights); the local loop converts its sums once a round."""
+
     total: torch.Tensor
-    adversarial: float
-    benign: float
-    similarity: float
-    proximal: float
+    adversarial: torch.Tensor
+    benign: torch.Tensor
+    similarity: torch.Tensor
+    proximal: torch.Tensor
 
 
 def sylva_loss(
@@ -103,7 +107,7 @@ def sylva_loss(
         + cfg.similarity_weight * sim
         + 0.5 * cfg.proximal_mu * prox
     )
-    return LossTerms(total, float(adv.detach()), float(ben.detach()), float(sim.detach()), float(prox.detach()))
+    return LossTerms(total, adv.detach(), ben.detach(), sim.detach(), prox.detach())
 
 
 # --- baselines' local objectives (pure functions, unit-tested by hand) ---------------------------
@@ -133,8 +137,8 @@ def mart_loss(
     kl = F.kl_div(torch.log(adv_probs + MART_EPS), nat_probs, reduction="none").sum(dim=1)
     robust = (kl * (1.0000001 - true_probs)).mean()
     total = boosted + beta * robust
-    zero = 0.0
-    return LossTerms(total, float(boosted.detach()), zero, float(robust.detach()), zero)
+    zero = total.new_zeros(())
+    return LossTerms(total, boosted.detach(), zero, robust.detach(), zero)
 
 
 def class_prior(counts: np.ndarray) -> torch.Tensor:
@@ -166,4 +170,5 @@ def calfat_loss(
     ce = F.cross_entropy(adv, labels)
     kl = similarity_kl(ben, adv, detach_benign=False)
     total = ce + scale * kl
-    return LossTerms(total, float(ce.detach()), 0.0, float(kl.detach()), 0.0)
+    zero = total.new_zeros(())
+    return LossTerms(total, ce.detach(), zero, kl.detach(), zero)

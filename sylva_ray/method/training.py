@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -107,6 +106,48 @@ class LocalObjective(Protocol):
     ) -> LossTerms: ...
 
 
+#: RoundMetrics fields that hold the means of a round's loss terms, in LossTerms' order.
+TERM_NAMES = ("loss", "adversarial", "benign", "similarity", "proximal")
+
+
+@dataclass
+class LocalStep:
+    """What one optimiser step of the local loop works with: built once a round."""
+
+    model: nn.Module
+    objective: LocalObjective
+    attack: "Attack"
+    optimizer: torch.optim.Optimizer
+    trainable: list[nn.Parameter]
+    train_cfg: TrainConfig
+    precision: str
+    device: torch.device
+    local: Optional[Mapping[str, torch.Tensor]] = None  # the local shared tensors (proximal term)
+    anchor: Optional[Mapping[str, torch.Tensor]] = None  # the received global ones
+
+
+def local_step(
+    ctx: LocalStep, images: torch.Tensor, labels: torch.Tensor, attack_seed: int, dropout_seed: int
+) -> LossTerms:
+    """One step of the local loop: attack the batch, the forward(s), the loss, backward, clip, step.
+
+    The training loop and the simulated clock's FLOP count (``method.flops``) both call this, so the
+    clock counts exactly the work a round does.
+    """
+    images, labels = images.to(ctx.device), labels.to(ctx.device)
+    with training_precision(ctx.precision, ctx.device):
+        adversarial = perturb(ctx.attack, images, labels, attack_seed)
+        with torch_seeded(dropout_seed):
+            adv_logits = ctx.model(adversarial)
+            ben_logits = ctx.model(images) if ctx.objective.needs_benign else None
+        terms = ctx.objective.loss(adv_logits, labels, ben_logits, ctx.local, ctx.anchor)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    clip_gradients(ctx.trainable, ctx.train_cfg.max_grad_norm)
+    ctx.optimizer.step()
+    return terms
+
+
 def adversarial_round(
     model: nn.Module,
     data: ArrayDataset,
@@ -130,13 +171,14 @@ def adversarial_round(
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(trainable, train_cfg)
     attack = objective.attack(model, seed)
-    needs_benign = objective.needs_benign
     use_prox = objective.uses_anchor and global_shared is not None
     anchor = {k: v.to(device) for k, v in global_shared.items()} if use_prox else None
     local = shared_parameters(model) if use_prox else None
+    ctx = LocalStep(model, objective, attack, optimizer, trainable, train_cfg, precision, device, local, anchor)
 
     metrics = RoundMetrics()
-    sums = np.zeros(5)
+    # Summed on the device and read once a round (float64 where the device has it, as numpy did before).
+    sums = torch.zeros(len(TERM_NAMES), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
     model.train()
     for epoch in range(train_cfg.local_epochs):
         for step, (images, labels) in enumerate(
@@ -144,25 +186,22 @@ def adversarial_round(
         ):
             if train_cfg.local_steps is not None and metrics.steps >= train_cfg.local_steps:
                 break
-            images, labels = images.to(device), labels.to(device)
-            with training_precision(precision, device):
-                adversarial = perturb(attack, images, labels, derive_seed(seed, "attack", epoch, step))
-                with torch_seeded(derive_seed(seed, "dropout", epoch, step)):
-                    adv_logits = model(adversarial)
-                    ben_logits = model(images) if needs_benign else None
-                terms = objective.loss(adv_logits, labels, ben_logits, local, anchor)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            clip_gradients(trainable, train_cfg.max_grad_norm)
-            optimizer.step()
+            terms = local_step(
+                ctx,
+                images,
+                labels,
+                attack_seed=derive_seed(seed, "attack", epoch, step),
+                dropout_seed=derive_seed(seed, "dropout", epoch, step),
+            )
             metrics.steps += 1
             metrics.samples += len(labels)
-            sums += [float(terms.total.detach()), terms.adversarial, terms.benign, terms.similarity, terms.proximal]
+            sums += torch.stack(
+                [terms.total.detach(), terms.adversarial, terms.benign, terms.similarity, terms.proximal]
+            ).to(sums.dtype)
     model.eval()
     if metrics.steps:
-        metrics.loss, metrics.adversarial, metrics.benign, metrics.similarity, metrics.proximal = (
-            sums / metrics.steps
-        ).tolist()
+        for name, value in zip(TERM_NAMES, (sums / metrics.steps).tolist()):
+            setattr(metrics, name, value)
     metrics.seconds = time.perf_counter() - start
     return metrics
 

@@ -1,0 +1,210 @@
+"""What one client's local work costs: FLOPs per optimiser step, and accelerator memory.
+
+**FLOPs** (the simulated clock, ``engine.clock``): one real step of the local loop
+(``training.local_step``: every PGD step, the adversarial and benign forwards, the loss, backward
+and the optimiser step) runs under torch's ``FlopCounterMode``, which counts the FLOPs of the
+matrix products and convolutions from their shapes (2 per multiply-add; element-wise work is not
+counted, as in every FLOP count of this kind). It is counted once per batch shape and multiplied by
+the client's steps, so the clock is deterministic: no wall-clock time enters it. A model built
+on torch's ``meta`` device (no weights, no memory) gives the same count without training: that is
+how a ViT-B/16 round is costed on a laptop (``sylva-ray bench clock``).
+
+**Memory**: how much accelerator memory one client actor needs, measured on the host and scaled
+to the batch.
+
+Why measure here rather than guess: activation memory dominates adversarial fine-tuning (every
+PGD step is a forward + backward through the whole backbone) and depends on the model, its input
+size and the precision. The tensors autograd saves for the backward pass are the same on any
+device, so one forward at a small batch on the CPU, with
+``torch.autograd.graph.saved_tensors_hooks`` counting the saved storages (each once, parameters
+left out), measured at two small batches, gives the bytes per sample (the slope) and the bytes
+that do not grow with the batch (under bf16 autocast: the bf16 copies of the weights); the
+estimate scales them to the configured batch:
+
+    training  = weights + trainable state (grad + optimiser moments) + forwards x act(train.batch_size)
+    evaluation = weights + act(train.eval_batch_size)           (PGD-20: one forward + backward at a time)
+    act(b)    = fixed + b x per_sample
+
+``forwards`` is 2 when the loss also needs the benign logits (Sylva, TRADES, MART, CalFAT keep both
+graphs alive until backward) and 1 otherwise. Not counted: the CUDA context and cuDNN/cuBLAS
+workspaces (~0.5-1 GB per process, outside ``torch.cuda.max_memory_allocated``) and allocator
+fragmentation: keep 20% headroom (``HEADROOM``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.precision import training_precision
+from sylva_ray.method.algorithms import algorithm_for
+from sylva_ray.method.data import ArrayDataset
+from sylva_ray.method.models import _pixel_model, add_lora, create_backbone
+from sylva_ray.method.training import LocalStep, local_step, make_optimizer, shared_parameters
+
+GIB = 1024**3
+#: Batches measured on the CPU; the estimate is linear in the batch through these two points.
+PROBE_BATCHES = (2, 4)
+#: Fraction of the card to leave free for the CUDA context, workspaces and fragmentation.
+HEADROOM = 0.2
+#: Optimiser state per trainable parameter: the gradient, plus momentum (SGD) or two moments (AdamW).
+OPTIMIZER_COPIES = {"sgd": 2, "adamw": 3}
+
+
+def _saved_bytes(model: torch.nn.Module, images: torch.Tensor, precision: str) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = images.clone().requires_grad_(True)  # attacks differentiate w.r.t. the input
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        training_precision(precision, images.device),
+    ):
+        model(images)
+    return sum(seen.values())
+
+
+def _line(model: torch.nn.Module, image_shape: tuple[int, int, int], precision: str) -> tuple[float, float]:
+    """(bytes that do not grow with the batch, bytes per sample) of one forward's saved tensors."""
+    small, large = (_saved_bytes(model, torch.rand(b, *image_shape), precision) for b in PROBE_BATCHES)
+    per_sample = (large - small) / (PROBE_BATCHES[1] - PROBE_BATCHES[0])
+    return max(0.0, small - per_sample * PROBE_BATCHES[0]), per_sample
+
+
+def estimate_actor_memory(
+    cfg: ExperimentConfig, image_shape: tuple[int, int, int], num_classes: int, needs_benign: bool = True
+) -> dict[str, Any]:
+    """Estimated peak GB of one client actor for ``cfg`` (training at ``runtime.precision``,
+    evaluation in fp32); see the module docstring for the formula."""
+    blank = dataclasses.replace(cfg.model, pretrained="none")
+    model = add_lora(_pixel_model(create_backbone(blank, num_classes), blank), cfg.lora).eval()
+    fixed_train, per_sample_train = _line(model, image_shape, cfg.runtime.precision)
+    fixed_eval, per_sample_eval = _line(model, image_shape, "fp32")
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    forwards = 2 if needs_benign else 1
+    train = (
+        weights
+        + OPTIMIZER_COPIES[cfg.train.optimizer] * trainable
+        + forwards * (fixed_train + per_sample_train * cfg.train.batch_size)
+    )
+    evaluation = weights + fixed_eval + per_sample_eval * cfg.train.eval_batch_size
+    return {
+        "model": cfg.model.name,
+        "input": "x".join(str(s) for s in image_shape),
+        "precision": cfg.runtime.precision,
+        "train_batch": cfg.train.batch_size,
+        "eval_batch": cfg.train.eval_batch_size,
+        "weights_gb": round(weights / GIB, 2),
+        "activation_mb_per_sample_train": round(per_sample_train / 2**20, 1),
+        "activation_mb_per_sample_eval": round(per_sample_eval / 2**20, 1),
+        "fixed_mb_per_forward_train": round(fixed_train / 2**20, 1),
+        "train_peak_gb": round(train / GIB, 2),
+        "eval_peak_gb": round(evaluation / GIB, 2),
+        "needs_gb_with_headroom": round(max(train, evaluation) / GIB / (1 - HEADROOM), 2),
+    }
+
+
+def algorithm_needs_benign(cfg: ExperimentConfig) -> bool:
+    """Whether the configured algorithm's loss keeps the benign forward's graph too."""
+    probe = ArrayDataset(np.zeros((1, 3, 1, 1), dtype=np.float32), np.zeros(1, dtype=np.int64), 2)
+    return bool(algorithm_for(cfg).objective(probe).needs_benign)
+
+
+# --- FLOPs of one local step ---------------------------------------------------------------------
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to the "Global" total."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> "_NoModuleTracking":
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+class StepFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` without its per-module breakdown.
+
+    Its module tracker hooks every module's inputs, and ``torch.autograd.grad`` with respect to a
+    leaf input then fails ("A leaf node was passed to _will_engine_execute_node", pytorch/pytorch
+    #131753, open) -- which is what every PGD step does. Only the total is wanted here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _NoModuleTracking()
+
+
+def count_step_flops(model: torch.nn.Module, cfg: ExperimentConfig, batch: int, image_shape, num_classes: int) -> int:
+    """FLOPs of one local step of ``cfg``'s algorithm at this batch size, on a ``meta``-device model.
+
+    The step is the training loop's own (``training.local_step``), with the configured attack,
+    loss (benign branch and proximal anchor included) and optimiser. Counted on ``meta`` tensors,
+    where scaled-dot-product attention decomposes into the matrix products it computes: on the CPU
+    torch runs a fused attention kernel that the counter does not see, so a CPU count would depend
+    on which kernel the machine picked.
+    """
+    device = torch.device("meta")
+    labels = torch.arange(batch) % num_classes
+    data = ArrayDataset(np.zeros((batch, *image_shape), dtype=np.float32), labels.numpy(), num_classes)
+    objective = algorithm_for(cfg).objective(data)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = shared_parameters(model) if objective.uses_anchor else None
+    anchor = {k: v.detach().clone() for k, v in local.items()} if local is not None else None
+    ctx = LocalStep(
+        model,
+        objective,
+        objective.attack(model, 0),
+        make_optimizer(trainable, cfg.train),
+        trainable,
+        cfg.train,
+        cfg.runtime.precision,
+        device,
+        local,
+        anchor,
+    )
+    model.train()
+    with StepFlopCounter() as counter:
+        local_step(ctx, torch.rand(batch, *image_shape, device=device), labels, attack_seed=0, dropout_seed=0)
+    return int(counter.get_total_flops())
+
+
+def meta_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:
+    """``cfg``'s model as a client trains it (algorithm's scope applied), on the ``meta`` device."""
+    blank = dataclasses.replace(cfg.model, pretrained="none")
+    with torch.device("meta"):
+        base = _pixel_model(create_backbone(blank, num_classes), blank)
+        return algorithm_for(cfg).scope.wrap(base, cfg.lora)
+
+
+def step_flops_by_batch(
+    cfg: ExperimentConfig, image_shape: tuple[int, ...], num_classes: int, batch_sizes: Iterable[int]
+) -> dict[int, int]:
+    """``{batch size: FLOPs of one local step}``: one counted step per batch shape, no weights, no training."""
+    model = meta_model(cfg, num_classes)
+    return {b: count_step_flops(model, cfg, b, image_shape, num_classes) for b in sorted(set(batch_sizes))}
+
+
+def batch_sizes_of(num_samples: Iterable[int], batch_size: int) -> list[int]:
+    """The distinct batch shapes a set of clients trains with: full batches and each remainder."""
+    sizes = set()
+    for n in num_samples:
+        if n >= batch_size:
+            sizes.add(batch_size)
+        if n % batch_size:
+            sizes.add(n % batch_size)
+    return sorted(sizes)

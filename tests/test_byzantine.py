@@ -316,6 +316,7 @@ def _config(*overrides: str):
             "federation.rounds=2",
             "layer_selection.enabled=false",
             "evaluation.global_test=false",
+            "system.clock=false",  # the fake executor counts no FLOPs (the clock: test_clock.py)
             *overrides,
         ],
     )

@@ -122,6 +122,7 @@ def cfg():
             "federation.participation=0.5",
             f"federation.aggregation={RECORDING}",
             "layer_selection.enabled=false",
+            "system.clock=false",  # the fake executor counts no FLOPs (the clock: test_clock.py)
         ],
     )
 

@@ -129,6 +129,12 @@ class SimulatedClock:
             c: batch_sequence(int(n), train.batch_size, train.local_epochs, train.local_steps)
             for c, n in num_train.items()
         }
+        uncounted = sorted({b for seq in self.batches.values() for b in seq} - set(step_flops))
+        if uncounted:
+            raise ValueError(
+                f"no FLOP count for batch sizes {uncounted}: the executor's WorkerInfo.step_flops must cover every "
+                "client's batches (or set system.clock=false)"
+            )
         self.flops = {c: int(sum(step_flops[b] for b in seq)) for c, seq in self.batches.items()}
         self.train_memory_gb = train_memory_gb
         self.short_of_memory = (

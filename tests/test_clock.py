@@ -234,3 +234,13 @@ def test_the_run_directory_records_devices_and_plots(runs):
     assert devices["profile"].tolist() == DEADLINE_RUN[4].split("=", 1)[1].strip("[]").split(", ")
     assert (run_dir / "accuracy_vs_sim_time.png").is_file() and (run_dir / "sim_time_by_device.png").is_file()
     assert {"time_to_90pct_robust_acc_s", "time_to_95pct_robust_acc_s"} <= set(summary["simulated"])
+
+
+def test_flops_read_off_the_line_equal_counting_every_batch_shape():
+    from sylva_ray.method.cost import meta_model
+
+    cfg = load_config("smoke")
+    sizes = [2, 5, 7, 11, 32]
+    model = meta_model(cfg, 10)
+    counted = {b: count_step_flops(model, cfg, b, (3, 8, 8), 10) for b in sizes}
+    assert step_flops_by_batch(cfg, (3, 8, 8), 10, sizes) == counted

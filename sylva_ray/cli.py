@@ -64,12 +64,12 @@ def _launch_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _report(run_dir: object, summary: dict) -> int:
-    log.info(
-        "final client means: clean %.4f robust %.4f (%s)",
-        summary["final"]["clean_acc"],
-        summary["final"]["robust_acc"],
-        run_dir,
-    )
+    final = summary["final"]
+    figures = [f"clean {final['clean_acc']:.4f}", f"PGD {final['robust_acc']:.4f}"]
+    for key, name in (("autoattack_acc", "AutoAttack"), ("strongest_attack_acc", "strongest attack")):
+        if key in final:
+            figures.append(f"{name} {final[key]:.4f} ± {final[f'{key}_se']:.4f} (n={final[f'{key}_samples']})")
+    log.info("final client means: %s (%s)", ", ".join(figures), run_dir)
     print(json.dumps({"run_dir": str(run_dir), **summary["final"]}))
     return 0
 

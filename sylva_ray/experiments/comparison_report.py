@@ -1,7 +1,7 @@
 """The comparison's tables and plots, from the run directories' summary.json and rounds.csv.
 
 Columns of ``comparison.csv`` (one row per algorithm x seed), accuracies in [0, 1]:
-    clean_acc, robust_acc (PGD), autoattack_acc      per-client test splits, test-sample-weighted
+    clean_acc, robust_acc (PGD), autoattack_acc, strongest_attack_acc   per-client test splits, sample-weighted
     *_client_std                                      weighted std over clients
     *_unweighted                                      plain client means
     global_clean_acc, global_robust_acc, global_autoattack_acc   global model on the global test set
@@ -33,7 +33,7 @@ from sylva_ray.engine.clock import SECONDS_PER_HOUR
 from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
-METRICS = ("clean_acc", "robust_acc", "autoattack_acc")
+METRICS = ("clean_acc", "robust_acc", "autoattack_acc", "strongest_attack_acc")
 #: comparison.csv columns that are labels, not figures to average over seeds
 TEXT_COLUMNS = frozenset(
     {"algorithm", "seed", "run_dir", "status", "error", "scope", "base_algorithm", "aggregation", "behaviour"}
@@ -86,6 +86,9 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         row[f"{metric}_client_std"] = final.get(f"{metric}_client_std", np.nan)
         row[f"{metric}_unweighted"] = final.get(metric, np.nan)
         row[f"global_{metric}"] = (summary.get("global") or {}).get(metric, np.nan)
+    for metric in ("autoattack_acc", "strongest_attack_acc"):  # how far each seed's figure can be trusted
+        row[f"{metric}_samples"] = final.get(f"{metric}_samples", np.nan)
+        row[f"{metric}_se"] = final.get(f"{metric}_weighted_se", np.nan)
     comm = summary["communication"]
     rounds = max(1, int(comm["rounds"]))
     clients = max(1, len(summary.get("per_client", [])))
@@ -162,14 +165,15 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         "",
         context,
         "",
-        "| algorithm | seeds | clean | PGD | AutoAttack | global clean | global PGD | global AA "
+        "| algorithm | seeds | clean | PGD | AutoAttack | strongest attack | global clean | global PGD | global AA "
         "| upload MB / round | total MB | sim. round s | sim. hours | wall s | sanity warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     accuracies = (
         "clean_acc",
         "robust_acc",
         "autoattack_acc",
+        "strongest_attack_acc",
         "global_clean_acc",
         "global_robust_acc",
         "global_autoattack_acc",
@@ -187,6 +191,14 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         cells.append(str(int(agg.loc[algorithm, "sanity_warnings_mean"] * agg.loc[algorithm, "seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
     floor = agg["majority_rate_mean"].mean()
+    if "autoattack_acc_samples_mean" in agg and agg["autoattack_acc_samples_mean"].notna().any():
+        lines += [
+            "",
+            f"AutoAttack (the reference implementation) and the strongest-attack figure (an image is robust only if it "
+            f"survived every attack run on it) are measured on {agg['autoattack_acc_samples_mean'].mean():.0f} test "
+            f"images per seed; binomial standard error of one seed's figure: "
+            f"{agg['autoattack_acc_se_mean'].mean() * 100:.1f} points (AutoAttack, mean over algorithms).",
+        ]
     lines += [
         "",
         f"Majority-class constant predictor (per client: its most frequent training label; perfectly 'robust'): "
@@ -197,8 +209,9 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         lines += [
             f"## Relative to `{reference}`",
             "",
-            "| algorithm | upload ratio (ref / alg) | Δ clean pts (%) | Δ PGD pts (%) | Δ AutoAttack pts (%) |",
-            "|---|---|---|---|---|",
+            "| algorithm | upload ratio (ref / alg) | Δ clean pts (%) | Δ PGD pts (%) | Δ AutoAttack pts (%) "
+            "| Δ strongest pts (%) |",
+            "|---|---|---|---|---|---|",
         ]
         for algorithm, row in relative.iterrows():
             ratio = "no upload" if math.isinf(row["upload_ratio"]) else f"{row['upload_ratio']:.1f}x"

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -281,6 +282,9 @@ class EvalResult:
     ``clean_on_robust``: clean accuracy on the attacked subset (robust <= clean is checked there);
     ``pgd_on_sanity``: the evaluation PGD's accuracy on the sanity subset, next to ``long_pgd_acc``
     and ``large_eps_acc`` on the same images; ``pgd_on_autoattack``: PGD on AutoAttack's subset.
+    ``strongest_attack_acc``: on AutoAttack's subset (PGD's without AutoAttack), the share of images
+    that survived every attack run on them at the threat model's eps (PGD, AutoAttack, the long PGD;
+    not the large-eps check, which is another radius): never above any one of them on those images.
     """
 
     clean_acc: float
@@ -290,11 +294,14 @@ class EvalResult:
     clean_on_robust: Optional[float] = None
     autoattack_acc: Optional[float] = None
     num_autoattack: Optional[int] = None
+    autoattack_se: Optional[float] = None
     pgd_on_autoattack: Optional[float] = None
     long_pgd_acc: Optional[float] = None
     large_eps_acc: Optional[float] = None
     pgd_on_sanity: Optional[float] = None
     num_sanity: Optional[int] = None
+    strongest_attack_acc: Optional[float] = None
+    num_strongest: Optional[int] = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
@@ -370,23 +377,70 @@ def _evaluate(
     result = EvalResult(_rate(clean), _rate(robust), len(data), limit, clean_on_robust=_rate(clean[:limit]))
     if protocol is None or not len(labels):
         return result
+    survived = robust.clone()  # per image: robust to every attack at eps run on it so far
     if protocol.autoattack:
         n = min(len(labels), protocol.autoattack_max_samples)
-        auto = build_attack("autoattack", model, attack_cfg, "eval", data.num_classes, derive_seed(seed, "autoattack"))
-        hits = _attack_hits(model, auto, images[:n], labels[:n], batch_size, derive_seed(seed, "autoattack"), device)
+        hits = reference_autoattack_hits(
+            model, attack_cfg, images[:n], labels[:n], data.num_classes, derive_seed(seed, "autoattack"), batch_size
+        )
         result.autoattack_acc, result.num_autoattack = _rate(hits), n
+        result.autoattack_se = binomial_se(result.autoattack_acc, n)
         result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
+        survived = _combine(survived, hits)[:n]
     if protocol.sanity_checks:
         n = min(len(labels), protocol.sanity_samples)
         long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
         long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)
         large_cfg = dataclasses.replace(attack_cfg, eps=protocol.sanity_large_eps, eval_step_size=None)
         large = build_attack("pgd", model, large_cfg, "eval", data.num_classes, seed)
-        result.long_pgd_acc = _rate(_attack_hits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device))
+        long_hits = _attack_hits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device)
+        result.long_pgd_acc = _rate(long_hits)
+        survived = _combine(survived, long_hits)
         result.large_eps_acc = _rate(_attack_hits(model, large, images[:n], labels[:n], batch_size, seed, device))
         result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
         result.num_sanity = n
+    result.strongest_attack_acc, result.num_strongest = _rate(survived), len(survived)
     return result
+
+
+def _combine(survived: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """AND of per-image survival over the images both attacks saw; images only one saw keep its verdict."""
+    out = survived.clone()
+    common = min(len(out), len(hits))
+    out[:common] &= hits[:common]
+    return out
+
+
+def reference_autoattack_hits(
+    model: nn.Module,
+    attack_cfg: AttackConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Per-image correctness under the reference AutoAttack, run once over the subset (as its authors
+    run it: each attack on the images the previous ones failed on, ``batch_size`` at a time)."""
+    if not len(labels):
+        return torch.zeros(0, dtype=torch.bool)
+    device = next(model.parameters()).device
+    auto = build_attack("autoattack", model, attack_cfg, "eval", num_classes, seed)
+    x, y = images.to(device), labels.to(device)
+    with torch_seeded(seed), torch.enable_grad():
+        adversarial = auto(x, y, batch_size=batch_size).detach()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                (model(adversarial[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).cpu()
+                for i in range(0, len(y), batch_size)
+            ]
+        )
+
+
+def binomial_se(rate: float, samples: float) -> float:
+    """Standard error of an accuracy measured on ``samples`` images: sqrt(p (1 - p) / n)."""
+    return float(np.sqrt(rate * (1 - rate) / samples)) if samples > 0 else float("nan")
 
 
 def _rate(hits: torch.Tensor) -> float:

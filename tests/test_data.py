@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sylva_ray.base.config import DataConfig
 from sylva_ray.base.seeding import numpy_rng
@@ -174,3 +175,18 @@ def test_every_dataset_is_registered():
     assert set(DATASETS.names()) >= {"digits", "cifar10", "cifar100", "imagefolder", "synthetic"}
     with pytest.raises(ValueError, match="already registered"):
         DATASETS.register("digits")(lambda cfg: None)
+
+
+def test_array_dataset_is_a_torch_dataset():
+    from torch.utils.data import DataLoader, Dataset
+
+    from sylva_ray.method.data import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.uniform(0, 1, (5, 3, 4, 4)).astype(np.float32), np.arange(5) % 3, 3)
+    assert isinstance(data, Dataset)
+    image, label = data[2]
+    assert isinstance(image, torch.Tensor) and image.shape == (3, 4, 4) and label == 2
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    images, labels = next(iter(DataLoader(data, batch_size=5)))
+    assert torch.equal(images, torch.from_numpy(data.images)) and labels.tolist() == data.labels.tolist()

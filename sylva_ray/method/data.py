@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from sylva_ray.base.config import DataConfig
 from sylva_ray.base.registry import Registry
@@ -43,8 +45,10 @@ class PartitionError(ValueError):
 
 
 @dataclass
-class ArrayDataset:
-    """Images (N, C, H, W) float32 in [0, 1] and integer labels (N,)."""
+class ArrayDataset(Dataset):
+    """Images (N, C, H, W) float32 in [0, 1] and integer labels (N,); a ``torch.utils.data.Dataset``
+    too (``ds[i]`` is ``(image tensor, label)``, so ``DataLoader(ds)`` works), with the arrays kept
+    as ``.images`` / ``.labels`` for the batched code paths that slice them directly."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -58,6 +62,9 @@ class ArrayDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.images[index]), int(self.labels[index])
 
     def subset(self, indices: np.ndarray) -> "ArrayDataset":
         return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from sylva_ray.base.config import ConfigError
-from sylva_ray.engine.clock import SimulatedClock, assign_profiles, batch_sequence, time_to_share
+from sylva_ray.engine.clock import SimulatedClock, assign_profiles, time_to_share
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.experiments.comparison_report import RunSpec, summary_row
-from sylva_ray.method.cost import count_step_flops, step_flops_by_batch
+from sylva_ray.method.cost import batch_sequence, count_step_flops, step_flops_by_batch
 from sylva_ray.method.devices import DEVICE_CLASSES, NETWORK_CLASSES
 
 #: A toy device and link whose numbers make the hand computation short.
@@ -244,3 +244,28 @@ def test_flops_read_off_the_line_equal_counting_every_batch_shape():
     model = meta_model(cfg, 10)
     counted = {b: count_step_flops(model, cfg, b, (3, 8, 8), 10) for b in sizes}
     assert step_flops_by_batch(cfg, (3, 8, 8), 10, sizes) == counted
+
+
+def test_flops_are_counted_for_a_bf16_run_too():
+    """Autocast has no meta device: the count runs in fp32 (FLOPs do not depend on the dtype)."""
+    bf16 = step_flops_by_batch(load_config("smoke", overrides=["runtime.precision=bf16"]), (3, 8, 8), 10, [4])
+    assert bf16 == step_flops_by_batch(load_config("smoke"), (3, 8, 8), 10, [4])
+
+
+def test_nothing_to_send_costs_no_time():
+    from sylva_ray.engine.clock import transfer_seconds
+
+    assert transfer_seconds(0, 8.0, 0.1) == 0.0 and transfer_seconds(10**6, 8.0, 0.1) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "system.device_classes={toy: {flops_per_s: {bf16: 1.0e12}, memory_gb: 1}}",
+        "system.device_classes={toy: {flops_per_s: 0, memory_gb: 1}}",
+        "system.network_classes={slow: {downlink_mbps: 0, uplink_mbps: 1, latency_s: 0}}",
+    ],
+)
+def test_impossible_custom_classes_are_refused(override):
+    with pytest.raises(ConfigError, match="system"):
+        load_config("smoke", overrides=[override])

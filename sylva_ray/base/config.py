@@ -558,8 +558,8 @@ class SystemConfig:
     device_classes: Annotated[
         dict[str, dict[str, Any]],
         Field(
-            description="extra device classes: name -> {flops_per_s (number or {precision: number}), memory_gb, "
-            "efficiency, availability}"
+            description="extra device classes: name -> {flops_per_s (number, or {precision: number} with fp32), "
+            "memory_gb, efficiency (default 0.25), availability (default 1)}"
         ),
     ] = field(default_factory=dict)
     network_classes: Annotated[

@@ -34,6 +34,7 @@ import pandas as pd
 from sylva_ray.base.config import ExperimentConfig, SystemConfig
 from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.seeding import numpy_rng
+from sylva_ray.method.cost import batch_sequence
 from sylva_ray.method.devices import Profile, device_classes, network_classes, resolve_profile
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ DEVICES_FILE = "devices.csv"
 
 
 def transfer_seconds(num_bytes: int, mbps: float, latency_s: float) -> float:
-    """Seconds to move ``num_bytes`` over a ``mbps`` link, plus one round-trip latency."""
+    """Seconds to move ``num_bytes`` over a ``mbps`` link, plus one round-trip latency (nothing to
+    send costs nothing: the ``local`` scope shares no tensor)."""
+    if num_bytes <= 0:
+        return 0.0
     return num_bytes * BITS_PER_BYTE / (mbps * BITS_PER_MEGABIT) + latency_s
 
 
@@ -62,15 +66,6 @@ def client_times(profile: Profile, flops: float, bytes_down: int, bytes_up: int)
         "sim_upload_s": upload,
         "sim_total_s": download + compute + upload,
     }
-
-
-def batch_sequence(num_samples: int, batch_size: int, local_epochs: int, local_steps: Optional[int]) -> list[int]:
-    """The batch sizes of one local round, in order, as ``training.adversarial_round`` draws them."""
-    per_epoch = [batch_size] * (num_samples // batch_size) + (
-        [num_samples % batch_size] if num_samples % batch_size else []
-    )
-    sequence = per_epoch * local_epochs
-    return sequence if local_steps is None else sequence[:local_steps]
 
 
 def assign_profiles(system: SystemConfig, num_clients: int, seed: int) -> list[str]:
@@ -191,10 +186,13 @@ class SimulatedClock:
         return RoundPlan(online, offline, stragglers, [c for c in online if c not in stragglers], times)
 
     def round_seconds(self, plan: RoundPlan, recorded: Mapping[int, float]) -> float:
-        """The round's length: its slowest taker, or the deadline when someone missed it."""
-        if plan.stragglers:
-            return float(self.cfg.federation.deadline_s or 0.0)
-        return float(max(recorded.values(), default=0.0))
+        """The round's length: its slowest taker; with a deadline, the deadline when someone missed
+        it or nobody came, and never more than the deadline."""
+        deadline = self.cfg.federation.deadline_s
+        slowest = float(max(recorded.values(), default=0.0))
+        if deadline is None:
+            return slowest
+        return float(deadline) if plan.stragglers or not plan.takers else min(slowest, float(deadline))
 
 
 def time_to_share(rounds: pd.DataFrame, column: str = "robust_acc") -> dict[str, Optional[float]]:
@@ -215,7 +213,7 @@ def time_to_share(rounds: pd.DataFrame, column: str = "robust_acc") -> dict[str,
 def clock_summary(clock: SimulatedClock, rows: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
     """``summary.json``'s ``simulated`` section."""
     total = float(rounds["sim_round_s"].sum()) if "sim_round_s" in rounds else 0.0
-    trained = rows[rows.get("sim_total_s", pd.Series(dtype=float)).notna()] if "sim_total_s" in rows else rows.iloc[0:0]
+    trained = work_done(rows)
     by_device = breakdown(trained) if len(trained) else []
     return {
         "seconds": total,
@@ -232,13 +230,27 @@ def clock_summary(clock: SimulatedClock, rows: pd.DataFrame, rounds: pd.DataFram
     }
 
 
+def work_done(rows: pd.DataFrame) -> pd.DataFrame:
+    """Client-rounds that trained and uploaded (not stragglers' predicted times, not offline clients)."""
+    if "sim_total_s" not in rows or "participated" not in rows:
+        return rows.iloc[0:0]
+    took_part = rows["participated"].fillna(False).astype(bool)
+    if "straggler" in rows:
+        took_part &= ~rows["straggler"].fillna(False).astype(bool)
+    return rows[took_part & rows["sim_total_s"].notna()]
+
+
 def breakdown(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    """Mean simulated seconds per client-round by profile, split into compute and network."""
+    """Mean simulated seconds per client-round by profile, split into compute and network, with the
+    number of client-rounds each mean is over."""
     frame = rows.assign(sim_network_s=rows["sim_download_s"] + rows["sim_upload_s"])
-    grouped = frame.groupby("profile")[
-        ["sim_compute_s", "sim_download_s", "sim_upload_s", "sim_network_s", "sim_total_s"]
+    columns = ["sim_compute_s", "sim_download_s", "sim_upload_s", "sim_network_s", "sim_total_s"]
+    grouped = frame.groupby("profile")
+    sizes = grouped.size()
+    return [
+        {"profile": name, "client_rounds": int(sizes[name]), **{k: float(v) for k, v in means.items()}}
+        for name, means in grouped[columns].mean().iterrows()
     ]
-    return [{"profile": name, **{k: float(v) for k, v in means.items()}} for name, means in grouped.mean().iterrows()]
 
 
 def plot_clock(run_dir: Path, rows: pd.DataFrame, rounds: pd.DataFrame) -> list[Path]:
@@ -258,7 +270,7 @@ def plot_clock(run_dir: Path, rows: pd.DataFrame, rounds: pd.DataFrame) -> list[
         ax.grid(alpha=0.3)
         fig.tight_layout()
         written.append(save_figure(fig, run_dir / "accuracy_vs_sim_time.png"))
-    trained = rows.dropna(subset=["sim_total_s"]) if "sim_total_s" in rows else rows.iloc[0:0]
+    trained = work_done(rows)
     if len(trained):
         table = pd.DataFrame(breakdown(trained)).set_index("profile")
         fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(table)))

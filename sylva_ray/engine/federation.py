@@ -240,8 +240,6 @@ class Federation:
             if cfg.system.clock
             else None
         )
-        if self.clock is not None:
-            write_table(self.run_dir / DEVICES_FILE, self.clock.devices_frame())
         checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
         identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
         if resume and checkpoint.is_file():
@@ -259,6 +257,9 @@ class Federation:
                         "experiments: " + "; ".join(differences)
                     )
             log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
+            if self.clock is not None and self.state.round_rows and "sim_round_s" not in self.state.round_rows[0]:
+                log.warning("%s predates the simulated clock: this resume runs without it", checkpoint)
+                self.clock = None
         else:
             self.state = FederationState(
                 next_round=0,
@@ -270,6 +271,8 @@ class Federation:
                 fingerprint=identity,
             )
             write_json(self.run_dir / ADVERSARY_FILE, self.adversary_record())
+        if self.clock is not None:
+            write_table(self.run_dir / DEVICES_FILE, self.clock.devices_frame())
         if self.malicious:
             log.info(
                 "adversary: clients %s are malicious (%s from round %d)",

@@ -87,8 +87,9 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
     train_memory_gb = None
     if cfg.system.clock:
         shape, classes = worker.source.image_shape, worker.source.num_classes
-        step_flops = step_flops_by_batch(cfg, shape, classes, batch_sizes_of(num_train.values(), cfg.train.batch_size))
-        memory = estimate_actor_memory(cfg, shape, classes, needs_benign=algorithm_needs_benign(cfg))
+        with torch.random.fork_rng(devices=[]):  # the models built to cost the step draw from torch's generator
+            step_flops = step_flops_by_batch(cfg, shape, classes, batch_sizes_of(num_train.values(), cfg.train))
+            memory = estimate_actor_memory(cfg, shape, classes, needs_benign=algorithm_needs_benign(cfg))
         train_memory_gb = float(memory["train_peak_gb"])
     return WorkerInfo(
         initial_adapter=worker.initial_adapter,

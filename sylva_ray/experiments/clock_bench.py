@@ -20,7 +20,6 @@ times: who takes part, by profile and client size).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,9 @@ from sylva_ray.engine.clock import SimulatedClock
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import write_table
 from sylva_ray.method.algorithms import algorithm_for
-from sylva_ray.method.cost import batch_sizes_of, step_flops_by_batch
+from sylva_ray.method.cost import batch_sizes_of, client_model, step_flops_by_batch
 from sylva_ray.method.data import ArrayDataset, DataSource, load_source, make_partition
-from sylva_ray.method.models import _pixel_model, create_backbone, encode_state
+from sylva_ray.method.models import encode_state
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,7 @@ def _source(cfg: ExperimentConfig) -> tuple[DataSource, tuple[int, ...]]:
 
 def wire_bytes(cfg: ExperimentConfig, num_classes: int) -> int:
     """Serialized bytes of the broadcast (= one upload) for ``cfg``'s algorithm, built without weights."""
-    blank = dataclasses.replace(cfg.model, pretrained="none")
-    scope = algorithm_for(cfg).scope
-    model = scope.wrap(_pixel_model(create_backbone(blank, num_classes), blank), cfg.lora)
-    return len(encode_state(scope.shared(model)))
+    return len(encode_state(algorithm_for(cfg).scope.shared(client_model(cfg, num_classes))))
 
 
 def _work(cfg: ExperimentConfig) -> tuple[dict[int, int], dict[int, int], int]:
@@ -77,9 +73,7 @@ def _work(cfg: ExperimentConfig) -> tuple[dict[int, int], dict[int, int], int]:
     source, shape = _source(cfg)
     partition = make_partition(source, cfg.data, cfg.runtime.seed)
     num_train = {c: len(t) for c, t in enumerate(partition.train)}
-    flops = step_flops_by_batch(
-        cfg, shape, source.num_classes, batch_sizes_of(num_train.values(), cfg.train.batch_size)
-    )
+    flops = step_flops_by_batch(cfg, shape, source.num_classes, batch_sizes_of(num_train.values(), cfg.train))
     return num_train, flops, wire_bytes(cfg, source.num_classes)
 
 

@@ -106,12 +106,18 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
     simulated = summary.get("simulated") or {}
     if simulated:  # the simulated clock on the run's device mix (README "Edge devices on a simulated clock")
         by_device = simulated.get("by_device") or []
+        counts = [d.get("client_rounds", 1) for d in by_device]
+        to_95 = simulated.get("time_to_95pct_robust_acc_s")
+
+        def per_client_round(key: str) -> float:  # over every profile's client-rounds
+            return float(np.average([d[key] for d in by_device], weights=counts)) if by_device else np.nan
+
         row.update(
             sim_hours=simulated["hours"],
             sim_round_s=simulated["mean_round_s"],
-            sim_compute_s=float(np.mean([d["sim_compute_s"] for d in by_device])) if by_device else np.nan,
-            sim_network_s=float(np.mean([d["sim_network_s"] for d in by_device])) if by_device else np.nan,
-            sim_time_to_95pct_robust_h=(simulated.get("time_to_95pct_robust_acc_s") or np.nan) / SECONDS_PER_HOUR,
+            sim_compute_s=per_client_round("sim_compute_s"),
+            sim_network_s=per_client_round("sim_network_s"),
+            sim_time_to_95pct_robust_h=to_95 / SECONDS_PER_HOUR if to_95 is not None else np.nan,
             straggler_client_rounds=simulated.get("straggler_client_rounds", 0),
         )
     return row
@@ -194,10 +200,10 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
     if "autoattack_acc_samples_mean" in agg and agg["autoattack_acc_samples_mean"].notna().any():
         lines += [
             "",
-            f"AutoAttack (the reference implementation) and the strongest-attack figure (an image is robust only if it "
-            f"survived every attack run on it) are measured on {agg['autoattack_acc_samples_mean'].mean():.0f} test "
-            f"images per seed; binomial standard error of one seed's figure: "
-            f"{agg['autoattack_acc_se_mean'].mean() * 100:.1f} points (AutoAttack, mean over algorithms).",
+            f"AutoAttack (the reference implementation) is measured on {agg['autoattack_acc_samples_mean'].mean():.0f} "
+            f"test images per seed (binomial standard error of one seed's figure: "
+            f"{agg['autoattack_acc_se_mean'].mean() * 100:.1f} points, mean over algorithms); the strongest-attack "
+            "figure (an image is robust only if it survived every attack run on it) on the same images.",
         ]
     lines += [
         "",

@@ -1,4 +1,4 @@
-"""torchattacks by name, in [0, 1] pixel space, seeded, fp32, model in eval mode.
+"""Attacks by name (torchattacks; the reference AutoAttack), in [0, 1] pixel space, seeded, fp32, eval mode.
 
 Registry entries build a ready attack from ``(model, AttackConfig, role, num_classes, seed)``;
 ``role`` is ``"train"`` or ``"eval"`` because the two use different step counts.
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torchattacks is imported where an attack is built, not by e
 Role = Literal["train", "eval"]
 AttackFactory = Callable[[nn.Module, AttackConfig, Role, int, int], "Attack"]
 ATTACKS: Registry[AttackFactory] = Registry("attack")
+log = logging.getLogger(__name__)
 
 
 def _steps(cfg: AttackConfig, role: Role) -> tuple[int, float]:
@@ -77,21 +78,46 @@ class ReferenceAutoAttack:
         targets = max(1, min(REFERENCE_TARGETS, num_classes - 1))
         self.runner.apgd_targeted.n_target_classes = targets
         self.runner.fab.n_target_classes = targets
-        for sub in (self.runner.apgd, self.runner.apgd_targeted, self.runner.fab):
-            sub.n_iter = cfg.autoattack_steps
-        self.runner.square.n_queries = cfg.autoattack_square_queries
         self.reference_strength = (
             cfg.autoattack_steps == REFERENCE_ITERATIONS and cfg.autoattack_square_queries == REFERENCE_SQUARE_QUERIES
         )
+        if not self.reference_strength:
+            for apgd in (self.runner.apgd, self.runner.apgd_targeted):
+                _set_apgd_iterations(apgd, cfg.autoattack_steps)
+            self.runner.fab.n_iter = cfg.autoattack_steps
+            self.runner.square.n_queries = cfg.autoattack_square_queries
+            log.warning(
+                "AutoAttack below reference strength (attack.autoattack_steps=%d, autoattack_square_queries=%d; "
+                "reference 100 / 5000): its figures are upper bounds of the reference's; say so where you report them",
+                cfg.autoattack_steps,
+                cfg.autoattack_square_queries,
+            )
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def run(
+        self, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adversarial images, the model's predictions on them), as the reference returns them;
+        ``images`` may stay on the CPU (each batch is moved to the model's device)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            adversarial, _ = self.runner.run_standard_evaluation(images, labels, batch_size=batch_size or len(labels))
+            return self.runner.run_standard_evaluation(images, labels, batch_size=batch_size or len(labels))
         finally:
             self.model.train(was_training)
-        return adversarial
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """torchattacks' calling convention (``attack.eval_attack=autoattack``): the adversarial images."""
+        return self.run(images, labels)[0]
+
+
+def _set_apgd_iterations(apgd: object, iterations: int) -> None:
+    """APGD's iteration count and the step-size checkpoints its ``__init__`` derives from it
+    (pyautoattack's autopgd_base: 22% / 6% / 3% of the iterations): setting ``n_iter`` alone after
+    construction would keep a 100-iteration schedule that a shorter run never reaches."""
+    apgd.n_iter = apgd.n_iter_orig = iterations  # type: ignore[attr-defined]
+    apgd.n_iter_2 = max(int(0.22 * iterations), 1)  # type: ignore[attr-defined]
+    apgd.n_iter_min = max(int(0.06 * iterations), 1)  # type: ignore[attr-defined]
+    apgd.size_decr = max(int(0.03 * iterations), 1)  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("autoattack")

@@ -34,17 +34,17 @@ fragmentation: keep 20% headroom (``HEADROOM``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.config import ExperimentConfig, TrainConfig
 from sylva_ray.base.precision import training_precision
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.data import ArrayDataset
-from sylva_ray.method.models import _pixel_model, add_lora, create_backbone
+from sylva_ray.method.models import _pixel_model, create_backbone
 from sylva_ray.method.training import LocalStep, local_step, make_optimizer, shared_parameters
 
 GIB = 1024**3
@@ -88,8 +88,7 @@ def estimate_actor_memory(
 ) -> dict[str, Any]:
     """Estimated peak GB of one client actor for ``cfg`` (training at ``runtime.precision``,
     evaluation in fp32); see the module docstring for the formula."""
-    blank = dataclasses.replace(cfg.model, pretrained="none")
-    model = add_lora(_pixel_model(create_backbone(blank, num_classes), blank), cfg.lora).eval()
+    model = client_model(cfg, num_classes).eval()
     fixed_train, per_sample_train = _line(model, image_shape, cfg.runtime.precision)
     fixed_eval, per_sample_eval = _line(model, image_shape, "fp32")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -149,6 +148,10 @@ class StepFlopCounter(FlopCounterMode):
         self.mod_tracker = _NoModuleTracking()
 
 
+#: FLOPs do not depend on the dtype, and autocast has no meta device: the count runs in fp32.
+FLOP_COUNT_PRECISION = "fp32"
+
+
 def count_step_flops(model: torch.nn.Module, cfg: ExperimentConfig, batch: int, image_shape, num_classes: int) -> int:
     """FLOPs of one local step of ``cfg``'s algorithm at this batch size, on a ``meta``-device model.
 
@@ -172,7 +175,7 @@ def count_step_flops(model: torch.nn.Module, cfg: ExperimentConfig, batch: int, 
         make_optimizer(trainable, cfg.train),
         trainable,
         cfg.train,
-        cfg.runtime.precision,
+        FLOP_COUNT_PRECISION,
         device,
         local,
         anchor,
@@ -183,12 +186,17 @@ def count_step_flops(model: torch.nn.Module, cfg: ExperimentConfig, batch: int, 
     return int(counter.get_total_flops())
 
 
-def meta_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:
-    """``cfg``'s model as a client trains it (algorithm's scope applied), on the ``meta`` device."""
+def client_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:
+    """``cfg``'s model as a client trains it (the algorithm's scope: LoRA, or the full model),
+    without pre-trained weights: for costing shapes, FLOPs and bytes, never for results."""
     blank = dataclasses.replace(cfg.model, pretrained="none")
+    return algorithm_for(cfg).scope.wrap(_pixel_model(create_backbone(blank, num_classes), blank), cfg.lora)
+
+
+def meta_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:
+    """``client_model`` on the ``meta`` device: no weights, no memory."""
     with torch.device("meta"):
-        base = _pixel_model(create_backbone(blank, num_classes), blank)
-        return algorithm_for(cfg).scope.wrap(base, cfg.lora)
+        return client_model(cfg, num_classes)
 
 
 def step_flops_by_batch(
@@ -226,12 +234,16 @@ def step_flops_by_batch(
 LINE_POINTS = 3
 
 
-def batch_sizes_of(num_samples: Iterable[int], batch_size: int) -> list[int]:
-    """The distinct batch shapes a set of clients trains with: full batches and each remainder."""
-    sizes = set()
-    for n in num_samples:
-        if n >= batch_size:
-            sizes.add(batch_size)
-        if n % batch_size:
-            sizes.add(n % batch_size)
-    return sorted(sizes)
+def batch_sequence(num_samples: int, batch_size: int, local_epochs: int, local_steps: Optional[int]) -> list[int]:
+    """The batch sizes of one local round, in order, as ``training.adversarial_round`` draws them."""
+    full, last = divmod(num_samples, batch_size)
+    per_epoch = [batch_size] * full + ([last] if last else [])
+    sequence = per_epoch * local_epochs
+    return sequence if local_steps is None else sequence[:local_steps]
+
+
+def batch_sizes_of(num_samples: Iterable[int], train: TrainConfig) -> list[int]:
+    """The distinct batch shapes a set of clients trains with in a round."""
+    return sorted(
+        {b for n in num_samples for b in batch_sequence(n, train.batch_size, train.local_epochs, train.local_steps)}
+    )

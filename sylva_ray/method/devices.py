@@ -127,7 +127,7 @@ def device_classes(custom: Mapping[str, Mapping[str, Any]]) -> dict[str, DeviceC
         classes[name] = DeviceClass(
             flops_per_s=dict(flops) if isinstance(flops, Mapping) else {"fp32": float(flops)},
             memory_gb=float(spec["memory_gb"]),
-            efficiency=float(spec.get("efficiency", GPU_EFFICIENCY if spec.get("gpu", False) else CPU_EFFICIENCY)),
+            efficiency=float(spec.get("efficiency", CPU_EFFICIENCY)),
             availability=float(spec.get("availability", 1.0)),
         )
     return classes
@@ -206,6 +206,21 @@ def system_problems(cfg: ExperimentConfig) -> list[str]:
         devices, networks = device_classes(system.device_classes), network_classes(system.network_classes)
     except (TypeError, ValueError) as exc:
         return [f"system.device_classes / system.network_classes: not numbers ({exc})"]
+    for name, device in devices.items():
+        if "fp32" not in device.flops_per_s or min(device.flops_per_s.values()) <= 0 or device.memory_gb <= 0:
+            problems.append(
+                f"system.device_classes.{name}: flops_per_s needs a positive fp32 rate (a number, or a mapping "
+                "with an fp32 key) and memory_gb must be positive"
+            )
+        if not 0 < device.efficiency <= 1 or not 0 < device.availability <= 1:
+            problems.append(f"system.device_classes.{name}: efficiency and availability must be in (0, 1]")
+    for name, network in networks.items():
+        if network.downlink_mbps <= 0 or network.uplink_mbps <= 0 or network.latency_s < 0:
+            problems.append(
+                f"system.network_classes.{name}: downlink_mbps and uplink_mbps must be positive, latency_s >= 0"
+            )
+    if problems:
+        return problems
     names: Iterable[str] = system.devices if isinstance(system.devices, list) else system.devices.keys()
     if isinstance(system.devices, list) and len(system.devices) != cfg.data.num_clients:
         problems.append(

@@ -68,7 +68,7 @@ def proximal_term(local: Mapping[str, torch.Tensor], reference: Mapping[str, tor
 class LossTerms:
     """The loss to back-propagate and its terms, detached. The terms stay tensors: turning each into
     a float would synchronise a GPU four times a step (and cannot be done on the meta device, where
-    ``method.flops`` counts a step without weights); the local loop converts its sums once a round."""
+    ``method.cost`` counts a step without weights); the local loop converts its sums once a round."""
 
     total: torch.Tensor
     adversarial: torch.Tensor

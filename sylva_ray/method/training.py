@@ -132,7 +132,7 @@ def local_step(
 ) -> LossTerms:
     """One step of the local loop: attack the batch, the forward(s), the loss, backward, clip, step.
 
-    The training loop and the simulated clock's FLOP count (``method.flops``) both call this, so the
+    The training loop and the simulated clock's FLOP count (``method.cost``) both call this, so the
     clock counts exactly the work a round does.
     """
     images, labels = images.to(ctx.device), labels.to(ctx.device)
@@ -282,9 +282,10 @@ class EvalResult:
     ``clean_on_robust``: clean accuracy on the attacked subset (robust <= clean is checked there);
     ``pgd_on_sanity``: the evaluation PGD's accuracy on the sanity subset, next to ``long_pgd_acc``
     and ``large_eps_acc`` on the same images; ``pgd_on_autoattack``: PGD on AutoAttack's subset.
-    ``strongest_attack_acc``: on AutoAttack's subset (PGD's without AutoAttack), the share of images
-    that survived every attack run on them at the threat model's eps (PGD, AutoAttack, the long PGD;
-    not the large-eps check, which is another radius): never above any one of them on those images.
+    ``strongest_attack_acc`` (with AutoAttack only): on the images PGD and AutoAttack both attacked,
+    the share that survived every attack run on them at the threat model's eps (PGD, AutoAttack, and
+    on the first ``sanity_samples`` the long PGD; not the large-eps check, which is another radius):
+    never above any one of them on those images.
     """
 
     clean_acc: float
@@ -386,7 +387,7 @@ def _evaluate(
         result.autoattack_acc, result.num_autoattack = _rate(hits), n
         result.autoattack_se = binomial_se(result.autoattack_acc, n)
         result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
-        survived = _combine(survived, hits)[:n]
+        survived = _combine(survived, hits)[:n]  # the images PGD and AutoAttack both attacked
     if protocol.sanity_checks:
         n = min(len(labels), protocol.sanity_samples)
         long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
@@ -399,7 +400,8 @@ def _evaluate(
         result.large_eps_acc = _rate(_attack_hits(model, large, images[:n], labels[:n], batch_size, seed, device))
         result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
         result.num_sanity = n
-    result.strongest_attack_acc, result.num_strongest = _rate(survived), len(survived)
+    if protocol.autoattack:  # without AutoAttack the figure would only restate PGD's
+        result.strongest_attack_acc, result.num_strongest = _rate(survived), len(survived)
     return result
 
 
@@ -421,21 +423,14 @@ def reference_autoattack_hits(
     batch_size: int,
 ) -> torch.Tensor:
     """Per-image correctness under the reference AutoAttack, run once over the subset (as its authors
-    run it: each attack on the images the previous ones failed on, ``batch_size`` at a time)."""
+    run it: each attack on the images the previous ones failed on, ``batch_size`` at a time). The
+    reference re-seeds torch's generators itself; ``torch_seeded`` keeps that from leaking out."""
     if not len(labels):
         return torch.zeros(0, dtype=torch.bool)
-    device = next(model.parameters()).device
     auto = build_attack("autoattack", model, attack_cfg, "eval", num_classes, seed)
-    x, y = images.to(device), labels.to(device)
     with torch_seeded(seed), torch.enable_grad():
-        adversarial = auto(x, y, batch_size=batch_size).detach()
-    with torch.no_grad():
-        return torch.cat(
-            [
-                (model(adversarial[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).cpu()
-                for i in range(0, len(y), batch_size)
-            ]
-        )
+        _, predicted = auto.run(images, labels, batch_size=batch_size)
+    return (predicted.cpu() == labels.cpu()).cpu()
 
 
 def binomial_se(rate: float, samples: float) -> float:

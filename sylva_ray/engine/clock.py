@@ -34,6 +34,7 @@ import pandas as pd
 from sylva_ray.base.config import ExperimentConfig, SystemConfig
 from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.seeding import numpy_rng
+from sylva_ray.engine.rundir import plot_accuracy
 from sylva_ray.method.cost import batch_sequence
 from sylva_ray.method.devices import Profile, device_classes, network_classes, resolve_profile
 
@@ -255,21 +256,10 @@ def breakdown(rows: pd.DataFrame) -> list[dict[str, Any]]:
 
 def plot_clock(run_dir: Path, rows: pd.DataFrame, rounds: pd.DataFrame) -> list[Path]:
     """``accuracy_vs_sim_time.png`` and ``sim_time_by_device.png`` (compute vs network per profile)."""
-    written = []
+    hours = rounds.assign(sim_hours=rounds["sim_clock_s"] / SECONDS_PER_HOUR) if "sim_clock_s" in rounds else rounds
+    curve = plot_accuracy(run_dir, hours, "sim_hours", "simulated time (hours)", "accuracy_vs_sim_time.png")
+    written = [curve] if curve is not None else []
     plt = pyplot()
-    evaluated = rounds.dropna(subset=["clean_acc"]) if "clean_acc" in rounds else rounds.iloc[0:0]
-    if len(evaluated) and "sim_clock_s" in evaluated:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        hours = evaluated["sim_clock_s"] / SECONDS_PER_HOUR
-        ax.plot(hours, evaluated["clean_acc"], marker="o", label="clean")
-        ax.plot(hours, evaluated["robust_acc"], marker="s", label="robust")
-        ax.set_xlabel("simulated time (hours)")
-        ax.set_ylabel("client-mean accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(save_figure(fig, run_dir / "accuracy_vs_sim_time.png"))
     trained = work_done(rows)
     if len(trained):
         table = pd.DataFrame(breakdown(trained)).set_index("profile")

@@ -134,23 +134,26 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def plot_accuracy(run_dir: Path, rounds: pd.DataFrame) -> Path | None:
-    """Client-mean clean and robust accuracy per evaluated round (a person would rather look)."""
-    evaluated = rounds.dropna(subset=["clean_acc"])
-    if evaluated.empty:
+def plot_accuracy(
+    run_dir: Path, rounds: pd.DataFrame, x: str = "round", xlabel: str = "round", name: str = "accuracy.png"
+) -> Path | None:
+    """Client-mean clean and robust accuracy per evaluated round (a person would rather look),
+    against the round or another column of ``rounds`` (the simulated clock's hours)."""
+    evaluated = rounds.dropna(subset=["clean_acc"]) if "clean_acc" in rounds else rounds.iloc[0:0]
+    if evaluated.empty or x not in evaluated:
         return None
     fig, ax = pyplot().subplots(figsize=(5, 3.2))
-    ax.plot(evaluated["round"], evaluated["clean_acc"], marker="o", label="clean")
-    ax.plot(evaluated["round"], evaluated["robust_acc"], marker="s", label="robust")
+    ax.plot(evaluated[x], evaluated["clean_acc"], marker="o", label="clean")
+    ax.plot(evaluated[x], evaluated["robust_acc"], marker="s", label="robust")
     if "majority_rate" in evaluated:
         ax.axhline(float(evaluated["majority_rate"].iloc[-1]), color="grey", ls="--", lw=1, label="majority class")
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("client-mean accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_figure(fig, run_dir / "accuracy.png")
+    return save_figure(fig, run_dir / name)
 
 
 def prepare_data(

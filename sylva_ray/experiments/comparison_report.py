@@ -369,9 +369,14 @@ def write_report(
         f"Dataset {cfg.data.name}, {cfg.data.num_clients} clients, {cfg.data.partition} alpha {cfg.data.alpha}, "
         f"{cfg.federation.rounds} rounds, eps {cfg.attack.eps:g}; "
         f"PGD-{cfg.attack.eval_steps} (step {cfg.attack.eval_step():g}), "
-        f"AutoAttack {cfg.attack.autoattack_steps} iterations / Square {cfg.attack.autoattack_square_queries} queries "
-        f"on the first {cfg.evaluation.autoattack_max_samples} test samples per client. "
-        "Accuracies in % on each client's own test split, test-sample-weighted (mean ± std over seeds); "
+        + (
+            f"reference AutoAttack {cfg.attack.autoattack_steps} iterations / Square "
+            f"{cfg.attack.autoattack_square_queries} queries on the first {cfg.evaluation.autoattack_max_samples} "
+            "test samples per client. "
+            if cfg.evaluation.autoattack
+            else "AutoAttack off (evaluation.autoattack=false). "
+        )
+        + "Accuracies in % on each client's own test split, test-sample-weighted (mean ± std over seeds); "
         "'global' = the global model on the global test set (full-model FedAvg only). "
         "Upload: all clients' bytes per round, as serialised (safetensors)."
     )

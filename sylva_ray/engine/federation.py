@@ -271,7 +271,7 @@ class Federation:
                 fingerprint=identity,
             )
             write_json(self.run_dir / ADVERSARY_FILE, self.adversary_record())
-        if self.clock is not None:
+        if self.clock is not None and not (self.run_dir / DEVICES_FILE).is_file():  # once: results are not rewritten
             write_table(self.run_dir / DEVICES_FILE, self.clock.devices_frame())
         if self.malicious:
             log.info(

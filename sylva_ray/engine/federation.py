@@ -370,6 +370,7 @@ class Federation:
             rows[outcome.client_id] = row
         if plan is not None:
             rows.update(self._absent_rows(plan, r, sent))
+            st.bytes_down += sent * len(plan.stragglers)  # stragglers received the broadcast
         for outcome, weight in zip(done, weights):
             rows[outcome.client_id]["agg_weight"] = float(weight)
             if cfg.federation.aggregation in SELECTING:  # unknown (None) after a mixing pre-step
@@ -423,7 +424,6 @@ class Federation:
         would have taken ``sim_total_s``; offline clients received nothing."""
         rows: dict[int, dict[str, Any]] = {}
         for client in plan.stragglers:
-            self.state.bytes_down += sent
             rows[client] = {
                 "round": r,
                 "client": client,

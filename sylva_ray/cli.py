@@ -6,7 +6,7 @@ sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|memory|clock|startup   side by side (sylva_ray/experiments/bench.py)
+sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup   side by side (sylva_ray/experiments/bench.py)
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
 launcher); that is the only reason for the imports inside the functions below.
@@ -263,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
     bench.add_argument(
-        "which", nargs="?", default="comm", choices=["comm", "engine", "scale", "phase2", "memory", "clock", "startup"]
+        "which",
+        nargs="?",
+        default="comm",
+        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup"],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(

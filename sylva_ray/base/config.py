@@ -377,12 +377,13 @@ class LayerSelectionConfig:
         Field(description="players of the game: transformer blocks, or the LoRA-adapted modules"),
     ] = "blocks"
     value: Annotated[
-        Literal["linear", "tolerance"],
+        Literal["ce", "linear", "tolerance"],
         Field(
-            description="linear: v = clean + robust_weight * robust; tolerance: v = clean - robust_penalty * max(0, "
-            "robust drop - robust_tolerance)"
+            description="ce: v = -(benign CE + robust_weight * adversarial CE) on the validation share (continuous; "
+            "README 'Phase 2'); linear: v = clean + robust_weight * robust accuracy; tolerance: v = clean - "
+            "robust_penalty * max(0, robust drop - robust_tolerance)"
         ),
-    ] = "linear"
+    ] = "ce"
     robust_weight: Annotated[float, Field(ge=0, description="lambda of the linear value")] = 1.0
     robust_tolerance: Annotated[
         float,
@@ -399,24 +400,29 @@ class LayerSelectionConfig:
         int,
         Field(ge=1, le=16, description="exact Shapley up to this many players (2^L evaluations), Monte Carlo beyond"),
     ] = 10
+    estimator: Annotated[
+        Literal["permutation", "kernelshap", "unbiased_kernelshap", "svarm", "stratified", "owen"],
+        Field(description="shapiq's approximator beyond exact_max_players (README 'Phase 2', estimator table)"),
+    ] = "permutation"
     max_evaluations: Annotated[
-        int, Field(ge=2, description="Monte Carlo budget: distinct coalitions evaluated per client")
+        int, Field(ge=2, description="approximation budget: distinct coalitions evaluated per client")
     ] = 128
-    stderr_tolerance: Annotated[
-        float, Field(gt=0, description="Monte Carlo stops when every layer's standard error is below this")
-    ] = 0.01
-    truncation_tolerance: Annotated[
-        float,
-        Field(ge=0, description="TMC truncation: stop a permutation once |v(N) - v(prefix)| is below this (0: off)"),
-    ] = 0.005
-    permutations_per_batch: Annotated[
-        int, Field(ge=1, description="antithetic permutation pairs walked in parallel per Monte Carlo batch")
+    replicates: Annotated[
+        int,
+        Field(
+            ge=2,
+            description="independent approximator runs sharing the budget; their spread gives each layer's stderr",
+        ),
     ] = 4
+    stderr_tolerance: Annotated[
+        float, Field(gt=0, description="approximation stops early once every layer's standard error is below this")
+    ] = 0.01
     selection: Annotated[
-        Literal["top_k", "threshold", "positive", "random", "all"],
+        Literal["top_k", "threshold", "positive", "random", "all", "last", "head", "none"],
         Field(
             description="which layers to fine-tune: by Shapley value (top_k, threshold, positive), or without a game "
-            "(random: top_k at random; all)"
+            "(random: top_k at random; all; last: the last top_k; head: the head alone; none: no tuning, the fused "
+            "Phase-1 model)"
         ),
     ] = "top_k"
     top_k: Annotated[int, Field(ge=0, description="layers kept by the top_k rule")] = 2

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import psutil
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
+from ray.experimental import tqdm_ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sylva_ray.base.config import ExperimentConfig
@@ -36,7 +37,7 @@ from sylva_ray.distributed.placement import (
     threads_for,
 )
 from sylva_ray.engine.federation import Federation
-from sylva_ray.engine.jobs import Job, Outcome, WorkerInfo
+from sylva_ray.engine.jobs import Job, OnDone, Outcome, WorkerInfo
 from sylva_ray.engine.runner import phase2_of
 from sylva_ray.method.data import Partition
 
@@ -152,15 +153,24 @@ class RayExecutor:
         payload_ref = ray.put(adapter_payload)
         return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None)
 
-    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         """Phase 2 coalition evaluations of every client at once; a client's jobs go to one actor
         (its game and fused model are built there once), another only if that actor is gone."""
         payload_ref = ray.put(adapter_payload)
-        return self._run(jobs, lambda actor, job: actor.coalition.remote(job, payload_ref), None, affinity=True)
+        submit = lambda actor, job: actor.coalition.remote(job, payload_ref)  # noqa: E731
+        return self._run(jobs, submit, None, affinity=True, on_done=on_done)
 
-    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         payload_ref = ray.put(adapter_payload)
-        return self._run(jobs, lambda actor, job: actor.tailor.remote(job, payload_ref), None, affinity=True)
+        submit = lambda actor, job: actor.tailor.remote(job, payload_ref)  # noqa: E731
+        return self._run(jobs, submit, None, affinity=True, on_done=on_done)
+
+    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
+        """The final-model protocol of every tailored model on whichever actor is free (no affinity):
+        its attacks are most of Phase 2's time, and the caller orders the jobs largest first."""
+        payload_ref = ray.put(adapter_payload)
+        submit = lambda actor, job: actor.protocol.remote(job, payload_ref)  # noqa: E731
+        return self._run(jobs, submit, None, on_done=on_done)
 
     def home_actor(self, client_id: int) -> int:
         """The actor a client's Phase 2 jobs go to: a fixed spread of clients over the pool."""
@@ -190,6 +200,7 @@ class RayExecutor:
         submit: Callable[[Any, Job], ray.ObjectRef],
         timeout_s: Optional[float],
         affinity: bool = False,
+        on_done: OnDone = None,
     ) -> list[Outcome]:
         """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the job."""
         pending: deque[int] = deque(range(len(jobs)))
@@ -224,6 +235,8 @@ class RayExecutor:
                     outcome.attempts = attempts[job_index]
                     outcomes[job_index] = outcome
                     idle.append(actor_index)
+                    if on_done is not None:
+                        on_done(outcome)
                 except RayError as exc:
                     oom = gpu_memory_cause(exc)
                     if oom is not None:
@@ -242,6 +255,8 @@ class RayExecutor:
                         outcomes[job_index] = Outcome(
                             job.client_id, attempts=tries, error=f"{type(exc).__name__}: {exc}"
                         )
+                        if on_done is not None:
+                            on_done(outcomes[job_index])
         return [outcomes[i] for i in range(len(jobs))]
 
     def _drop_stragglers(
@@ -323,13 +338,18 @@ class DriverActor:
         actors: list[Any],
         plan: PoolPlan,
         log_level: int = logging.INFO,
+        pretraining_seconds: float = 0.0,
     ) -> None:
         """``actors``: the client-actor handles (``start_client_actors``); ``log_level``: the main
-        process's, so ``--log-level`` reaches every actor."""
+        process's, so ``--log-level`` reaches every actor; ``pretraining_seconds``: the launcher's
+        time to get the pre-trained weights (``summary.json`` ``seconds_by_stage``)."""
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan
         self.federation = Federation(cfg, Path(run_dir), RayExecutor(cfg, actors, self.faults), resume=resume)
+        self.federation.pretraining_seconds = pretraining_seconds
+        # Phase 2's bars are drawn in the main process (Ray forwards tqdm_ray's updates to it).
+        self.federation.progress_bar = tqdm_ray.tqdm
 
     def status(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from sylva_ray.engine.jobs import (
     payload_key,
     run_coalition_job,
     run_eval_job,
+    run_protocol_job,
     run_tailor_job,
     run_train_job,
     worker_info,
@@ -167,7 +168,12 @@ class ClientActor:
         return outcome
 
     def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
-        # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
         with self._guard(job.client_id, "Phase 2 tailoring"):
             adapter = self._adapter(adapter_payload)
             return run_tailor_job(self.worker, job, adapter, self._decoded[0] or "")
+
+    def protocol(self, job: Job, adapter_payload: bytes) -> Outcome:
+        # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
+        with self._guard(job.client_id, "Phase 2 protocol"):
+            adapter = self._adapter(adapter_payload)
+            return run_protocol_job(self.worker, job, adapter, self._decoded[0] or "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -83,8 +84,11 @@ def run(
     if cfg.runtime.engine == "inprocess":
         check_local_device(cfg)
         source, partition = prepare_data(cfg, run_dir, resume)
-        session = LocalSession(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=resume))
-        return drive(session, cfg, run_dir, stop_after, progress)
+        executor = InProcessExecutor(cfg, source, partition)
+        log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
+        federation = Federation(cfg, run_dir, executor, resume=resume)
+        federation.pretraining_seconds = executor.worker.pretraining_seconds
+        return drive(LocalSession(federation), cfg, run_dir, stop_after, progress)
 
     with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
         if faults:
@@ -100,6 +104,7 @@ class StagedInputs:
 
     source: Any  # ray.ObjectRef of a DataSource
     backbone: Any  # ray.ObjectRef of the backbone's state dict (numpy arrays; bf16 stays a tensor)
+    pretraining_seconds: float = 0.0  # getting the weights: pre-training on the public slice, or reading them
 
 
 def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> StagedInputs:
@@ -107,8 +112,13 @@ def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> 
     import ray
 
     source = source if source is not None else load_source(cfg.data)
+    started = time.perf_counter()
     backbone = pretrained_backbone_state(cfg.model, cfg.data, source)
-    return StagedInputs(source=ray.put(source), backbone=ray.put(shareable_state(backbone)))
+    seconds = time.perf_counter() - started
+    log.info("pre-trained weights ready in %.1fs", seconds)
+    return StagedInputs(
+        source=ray.put(source), backbone=ray.put(shareable_state(backbone)), pretraining_seconds=seconds
+    )
 
 
 def shareable_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +194,7 @@ def remote_federation(
             cfg, plan, staged.source, partition, staged.backbone, group, main_process_log_level()
         )
         driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg, str(run_dir), resume, actors, plan, main_process_log_level()
+            cfg, str(run_dir), resume, actors, plan, main_process_log_level(), staged.pretraining_seconds
         )
         federation = DriverHandle(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
@@ -273,6 +283,7 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
         "selected_layers": result["selected"],
         "evaluations": result["evaluations"],
         "seconds": result["seconds"],
+        "seconds_by_stage": result["seconds_by_stage"],
         "per_client": result["per_client"],
     }
     write_json(out / "summary.json", summary)

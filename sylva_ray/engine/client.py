@@ -10,6 +10,7 @@ restarted worker pick up where the last one left off: the caller owns the state.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Optional
@@ -97,7 +98,11 @@ class ClientWorker:
         self.device = resolve_device(cfg.runtime.device)
         self.algorithm = algorithm_for(cfg)
         self.scope = self.algorithm.scope
+        started = time.perf_counter()
         base = build_pretrained_model(cfg.model, cfg.data, source, backbone_state)
+        #: Seconds to get the pre-trained model here (pre-training, or reading its weights): the run's
+        #: ``pretraining`` stage when this worker resolved the weights itself (the in-process engine).
+        self.pretraining_seconds = time.perf_counter() - started
         self.full_model_bytes = full_model_nbytes(base)
         self.backbone_digest = state_digest(base.backbone.state_dict())  # which pre-trained weights this run uses
         # Every worker draws the same initial LoRA A from the run seed, so all clients share one start.

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.base.seeding import derive_seed, numpy_rng
@@ -97,6 +98,7 @@ class FederationState:
     last_eval: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    protocol_seconds: float = 0.0  # of ``seconds``: the final-model protocol, when Phase 1's models are final
     global_eval: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the experiment this state belongs to
@@ -121,6 +123,7 @@ class FederationState:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "seconds": self.seconds,
+            "protocol_seconds": self.protocol_seconds,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
         }
         atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
@@ -164,6 +167,7 @@ class FederationState:
             bytes_up=int(payload["bytes_up"]),
             bytes_down=int(payload["bytes_down"]),
             seconds=float(payload["seconds"]),
+            protocol_seconds=float(payload.get("protocol_seconds", 0.0)),
             fingerprint=json.loads(payload.get("fingerprint", "{}")),
         )
 
@@ -233,6 +237,10 @@ class Federation:
         # same across aggregation rules and algorithms, and recorded where a reader looks for it.
         self.malicious = frozenset(malicious_clients(cfg.data.num_clients, cfg.adversary.fraction, cfg.runtime.seed))
         self.byzantine_f = tolerated_f(cfg)
+        #: Set by whoever resolved the pre-trained weights (the launcher, or the in-process worker).
+        self.pretraining_seconds = 0.0
+        #: Phase 2's progress bars (``engine.phase2.ProgressFactory``); the Ray driver actor sets Ray's.
+        self.progress_bar: Any = tqdm
         # Simulated seconds on the clients' devices (engine.clock): decided from the config, the
         # partition and one FLOP count, never from this machine's wall clock.
         self.clock = (
@@ -380,12 +388,16 @@ class Federation:
         if evaluate if evaluate is not None else is_eval_round(r, cfg):
             # Phase 1's models are the final ones unless Phase 2 follows: they get the full protocol.
             protocol = final and not cfg.layer_selection.enabled
+            eval_started = time.perf_counter()
             st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
             # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
             st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
             if protocol and self.algorithm.scope.global_form and cfg.evaluation.global_test:
                 st.global_eval = self._evaluate_global()
                 st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
+            if protocol:
+                st.protocol_seconds = time.perf_counter() - eval_started
+                log.info("final protocol done in %.1fs", st.protocol_seconds)
         for client, row in rows.items():
             row["malicious"] = client in self.malicious
             if self.clock is not None:
@@ -532,6 +544,19 @@ class Federation:
         write_table(self.run_dir / "metrics.csv", pd.DataFrame(self.state.rows))
         write_table(self.run_dir / "rounds.csv", pd.DataFrame(self.state.round_rows))
 
+    def seconds_by_stage(self, phase2: Mapping[str, Any]) -> dict[str, float]:
+        """Wall seconds of each stage of the main job (this session's pre-training; Phase 1 over all
+        its sessions, without the final protocol; Phase 2's stages; the protocol wherever it ran)."""
+        st = self.state
+        stages = dict(phase2.get("seconds_by_stage", {}))
+        return {
+            "pretraining": float(self.pretraining_seconds),
+            "phase1": float(st.seconds - st.protocol_seconds),
+            "phase2_game": float(stages.get("phase2_game", 0.0)),
+            "tailoring": float(stages.get("tailoring", 0.0)),
+            "protocol": float(stages.get("protocol", st.protocol_seconds)),
+        }
+
     def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Final models, plot and summary.json (client means of the final personalised models).
 
@@ -597,6 +622,7 @@ class Federation:
             "simulated": simulated,
             "seconds": st.seconds,
             "wall_seconds": st.seconds + float(phase2.get("seconds", 0.0)),
+            "seconds_by_stage": self.seconds_by_stage(phase2),
             "per_client": phase2["per_client"] if phase2 else st.last_eval,
         }
         if below:

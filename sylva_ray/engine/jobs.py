@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -35,6 +35,8 @@ class Job:
     players: Optional[list[int]] = None
     protocol: bool = False  # evaluation: the final-model protocol (AutoAttack + sanity attacks)
     malicious: bool = False  # training: the client attacks this round (adversary.behaviour)
+    tuned: Optional[bytes] = None  # Phase 2's protocol: the tailored tensors (layers + head), serialised
+    no_tuning: bool = False  # Phase 2's tailoring: leave the fused model as it is (selection ``none``)
 
 
 @dataclass
@@ -69,12 +71,17 @@ class WorkerInfo:
     train_memory_gb: Optional[float] = None  # one client's training peak, estimated (clock's memory check)
 
 
+#: Called with each outcome as soon as its job is final (progress bars); results still come back in job order.
+OnDone = Optional[Callable[[Outcome], None]]
+
+
 class ClientExecutor(Protocol):
     def info(self) -> WorkerInfo: ...
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
-    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
-    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
+    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
     def shutdown(self) -> None: ...
 
 
@@ -127,19 +134,34 @@ def payload_key(payload: bytes) -> str:
 
 
 def run_coalition_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
-    """Phase 2: v(S) of one coalition of one client's layer game."""
-    scored = worker.game(job.client_id, job.state, adapter, adapter_key).value(int(job.mask or 0))
-    return Outcome(
-        client_id=job.client_id,
-        metrics={"value": scored.value, "clean_acc": scored.clean_acc, "robust_acc": scored.robust_acc},
-    )
+    """Phase 2: v(S) of one coalition of one client's layer game (and the figures it was computed from)."""
+    game = worker.game(job.client_id, job.state, adapter, adapter_key)
+    scored = game.value(int(job.mask or 0))
+    return Outcome(client_id=job.client_id, metrics={**scored.as_dict(), "validation_samples": len(game.validation)})
 
 
 def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
     """Phase 2: fine-tune the selected layers + head; the tuned tensors come back as the upload."""
     game = worker.game(job.client_id, job.state, adapter, adapter_key)
-    result, tuned = game.tailor(list(job.players or []), worker.data(job.client_id).test)
-    return Outcome(client_id=job.client_id, upload=encode_state(tuned), metrics=result.as_dict())
+    tuned = game.tailor(None if job.no_tuning else list(job.players or []))
+    return Outcome(client_id=job.client_id, upload=encode_state(tuned))
+
+
+def run_protocol_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+    """Phase 2: the final-model protocol on the client's tailored model (any worker can run it: the
+    fused model is rebuilt from the global adapter where this worker has not played the game)."""
+    game = worker.game(job.client_id, job.state, adapter, adapter_key)
+    result = game.evaluate_tailored(decode_state(job.tuned or b""), worker.data(job.client_id).test)
+    return Outcome(client_id=job.client_id, metrics=result.as_dict())
+
+
+def _each(jobs: Sequence[Job], run: Callable[[Job], Outcome], on_done: OnDone) -> list[Outcome]:
+    outcomes = []
+    for job in jobs:
+        outcomes.append(run(job))
+        if on_done is not None:
+            on_done(outcomes[-1])
+    return outcomes
 
 
 class InProcessExecutor:
@@ -162,13 +184,17 @@ class InProcessExecutor:
         adapter = decode_state(adapter_payload)
         return [run_eval_job(self.worker, job, adapter) for job in jobs]
 
-    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
-        return [run_coalition_job(self.worker, job, adapter, key) for job in jobs]
+        return _each(jobs, lambda job: run_coalition_job(self.worker, job, adapter, key), on_done)
 
-    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def tailor(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
-        return [run_tailor_job(self.worker, job, adapter, key) for job in jobs]
+        return _each(jobs, lambda job: run_tailor_job(self.worker, job, adapter, key), on_done)
+
+    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        return _each(jobs, lambda job: run_protocol_job(self.worker, job, adapter, key), on_done)
 
     def shutdown(self) -> None:
         pass

@@ -5,8 +5,14 @@ the requests of *all* clients are handed to the executor as one batch (in parall
 worker), the answers are fed back, until every estimator is done. A coalition evaluation that
 fails twice takes its client out of Phase 2 (it keeps its Phase-1 model, and the row says so).
 
+Three stages, each with a progress bar and a log line with its seconds: the layer games (coalition
+evaluations done / planned, across clients), tailoring (the chosen layers + head, on the client's
+home actor), and the final-model protocol (PGD, AutoAttack, sanity attacks) on whichever actor is
+free, largest test split first.
+
 Writes into ``out_dir``: ``shapley.csv`` (client, layer, value, stderr, evaluations, selected),
-``shapley_heatmap.png`` (clients x layers), ``phase2_before_after.png`` and, per client,
+``shapley_games.csv`` (per client: how flat its game was, what one validation image resolves, ties
+at the selection cut), ``shapley_heatmap.png`` (clients x layers), ``phase2_before_after.png`` and, per client,
 ``models/phase2_client_NNNN.safetensors`` (its tuned layers + head, on top of the global adapter).
 """
 
@@ -14,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.plots import pyplot, save_figure
@@ -31,9 +39,27 @@ from sylva_ray.engine.rundir import write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.method.models import encode_state
 from sylva_ray.method.sanity import sanity_warnings
-from sylva_ray.method.shapley import ShapleyResult, make_estimator, select_players
+from sylva_ray.method.shapley import ShapleyResult, flatness, make_estimator, select_players, ties_at_cut
 
 log = logging.getLogger(__name__)
+
+
+#: A progress bar: ``factory(total=..., desc=...)`` gives an object with ``update(n)`` and ``close()``
+#: (tqdm's; the Ray driver actor passes Ray's ``tqdm_ray``, which draws in the main process).
+ProgressFactory = Callable[..., Any]
+
+
+def planned_evaluations(cfg: ExperimentConfig, num_players: int) -> int:
+    """Coalitions one client's game evaluates at most: 2^L exactly, else the approximation budget."""
+    sel = cfg.layer_selection
+    return 2**num_players if num_players <= sel.exact_max_players else sel.max_evaluations
+
+
+@dataclass
+class GameRecord:
+    """What the driver keeps of one client's game besides its Shapley values."""
+
+    validation_samples: int = 0
 
 
 def play_games(
@@ -43,48 +69,56 @@ def play_games(
     clients: Sequence[int],
     states: Mapping[int, ClientState],
     payload: bytes,
-) -> tuple[dict[int, ShapleyResult], dict[int, str]]:
-    """Run every client's estimator to the end; returns results and the clients that failed."""
+    progress: ProgressFactory = tqdm,
+) -> tuple[dict[int, ShapleyResult], dict[int, str], dict[int, GameRecord]]:
+    """Run every client's estimator to the end; returns results, the clients that failed, game records."""
     sel = cfg.layer_selection
     estimators = {
         c: make_estimator(
             num_players,
             sel.exact_max_players,
-            derive_seed(cfg.runtime.seed, "shapley", c),
+            sel.estimator,
             sel.max_evaluations,
+            sel.replicates,
             sel.stderr_tolerance,
-            sel.truncation_tolerance,
-            sel.permutations_per_batch,
+            derive_seed(cfg.runtime.seed, "shapley", c),
         )
         for c in clients
     }
+    records = {c: GameRecord() for c in clients}
     requests = {c: next(est) for c, est in estimators.items()}
     results: dict[int, ShapleyResult] = {}
     failed: dict[int, str] = {}
-    while requests:
-        jobs = [Job(c, states[c], mask=m) for c, masks in requests.items() for m in masks]
-        outcomes = executor.coalitions(jobs, payload)
-        answers: dict[int, dict[int, float]] = {c: {} for c in requests}
-        for job, outcome in zip(jobs, outcomes):
-            if outcome.ok:
-                answers[job.client_id][int(job.mask or 0)] = outcome.metrics["value"]
-            else:
-                failed[job.client_id] = outcome.error or "coalition evaluation failed"
-        nxt = {}
-        for client, values in answers.items():
-            if client in failed:
-                log.error("phase 2: client %d leaves the game: %s", client, failed[client])
-                continue
-            try:
-                nxt[client] = estimators[client].send(values)
-            except StopIteration as stop:
-                results[client] = stop.value
-        requests = nxt
-    return results, failed
+    bar = progress(total=len(clients) * planned_evaluations(cfg, num_players), desc="phase 2 layer games")
+    try:
+        while requests:
+            jobs = [Job(c, states[c], mask=m) for c, masks in requests.items() for m in masks]
+            outcomes = executor.coalitions(jobs, payload, on_done=lambda _: bar.update(1))
+            answers: dict[int, dict[int, float]] = {c: {} for c in requests}
+            for job, outcome in zip(jobs, outcomes):
+                if outcome.ok:
+                    answers[job.client_id][int(job.mask or 0)] = outcome.metrics["value"]
+                    records[job.client_id].validation_samples = int(outcome.metrics.get("validation_samples", 0))
+                else:
+                    failed[job.client_id] = outcome.error or "coalition evaluation failed"
+            nxt = {}
+            for client, values in answers.items():
+                if client in failed:
+                    log.error("phase 2: client %d leaves the game: %s", client, failed[client])
+                    estimators[client].close()
+                    continue
+                try:
+                    nxt[client] = estimators[client].send(values)
+                except StopIteration as stop:
+                    results[client] = stop.value
+            requests = nxt
+    finally:
+        bar.close()
+    return results, failed, records
 
 
-#: Selections that need no game: the two obvious alternatives the Shapley choice must beat.
-BASELINE_SELECTIONS = ("random", "all")
+#: Selections that need no game: the alternatives the Shapley choice must beat, and the references.
+BASELINE_SELECTIONS = ("random", "all", "last", "head", "none")
 
 
 def _no_game(num_players: int) -> ShapleyResult:
@@ -92,12 +126,57 @@ def _no_game(num_players: int) -> ShapleyResult:
 
 
 def baseline_selection(rule: str, num_players: int, top_k: int, seed: int) -> list[int]:
-    """``random``: ``top_k`` layers drawn at random (seeded per client); ``all``: every layer."""
+    """``random``: ``top_k`` layers drawn at random (seeded per client); ``last``: the last ``top_k``;
+    ``all``: every layer; ``head`` and ``none``: no layer (``none`` does not tune the head either)."""
+    k = min(top_k, num_players)
     if rule == "all":
         return list(range(num_players))
-    return sorted(
-        int(i) for i in np.random.default_rng(seed).choice(num_players, size=min(top_k, num_players), replace=False)
-    )
+    if rule == "last":
+        return list(range(num_players - k, num_players))
+    if rule in ("head", "none"):
+        return []
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(num_players, size=k, replace=False))
+
+
+def game_rows(
+    cfg: ExperimentConfig,
+    results: Mapping[int, ShapleyResult],
+    selected: Mapping[int, list[int]],
+    records: Mapping[int, GameRecord],
+    num_players: int,
+) -> pd.DataFrame:
+    """``shapley_games.csv``: per client, how flat its game was and whether the order broke a tie."""
+    sel = cfg.layer_selection
+    rows = []
+    for client, res in sorted(results.items()):
+        if res.method == "none":
+            continue
+        flat = flatness(res.coalition_values, num_players)
+        n_val = records[client].validation_samples if client in records else 0
+        ties = ties_at_cut(res.values, selected[client]) if sel.selection == "top_k" else 0
+        rows.append(
+            {
+                "client": client,
+                "value": sel.value,
+                "validation_samples": n_val,
+                # What one validation image moves an accuracy by, in points: an accuracy-valued game
+                # cannot resolve less. The ce value moves continuously.
+                "one_image_points": 100.0 / n_val if n_val else float("nan"),
+                "evaluations": res.evaluations,
+                "method": res.method,
+                "replicates": res.replicates,
+                "marginals_seen": flat.marginals,
+                "zero_marginal_share": flat.zero_share,
+                "distinct_values": flat.distinct_values,
+                "ties_at_cut": ties,
+                "tie_break": "earlier layer first" if ties else "no tie",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _log_stage(name: str, seconds: float, detail: str = "") -> None:
+    log.info("%s done in %.1fs%s", name, seconds, f" ({detail})" if detail else "")
 
 
 def run_phase2(
@@ -108,8 +187,10 @@ def run_phase2(
     states: Mapping[int, ClientState],
     phase1_eval: list[dict[str, Any]],
     out_dir: Path,
+    progress: ProgressFactory = tqdm,
 ) -> dict[str, Any]:
-    """Phase 2 for every client; returns ``means`` (client means after Phase 2), ``selected``, ``per_client``."""
+    """Phase 2 for every client; returns ``means`` (client means after Phase 2), ``selected``,
+    ``per_client`` and ``seconds_by_stage`` (``phase2_game``, ``tailoring``, ``protocol``)."""
     started = time.perf_counter()
     sel = cfg.layer_selection
     before = {row["client"]: row for row in phase1_eval}
@@ -119,6 +200,8 @@ def run_phase2(
             "phase 2: clients %s have no Phase-1 evaluation and are skipped", sorted(set(states) - set(clients))
         )
     payload = encode_state(global_adapter)
+    stage_started = time.perf_counter()
+    records: dict[int, GameRecord] = {}
     if sel.selection in BASELINE_SELECTIONS:
         results, failed = {c: _no_game(len(players)) for c in clients}, {}
         selected = {
@@ -128,19 +211,48 @@ def run_phase2(
             for c in clients
         }
     else:
-        results, failed = play_games(cfg, executor, len(players), clients, states, payload)
+        results, failed, records = play_games(cfg, executor, len(players), clients, states, payload, progress)
         selected = {c: select_players(results[c].values, sel.selection, sel.top_k, sel.threshold) for c in results}
-    tailored = executor.tailor([Job(c, states[c], players=selected[c]) for c in results], payload)
+    evaluations = int(sum(r.evaluations for r in results.values()))
+    seconds_by_stage = {"phase2_game": time.perf_counter() - stage_started}
+    _log_stage("phase 2 layer games", seconds_by_stage["phase2_game"], f"{evaluations} coalition evaluations")
+
+    stage_started = time.perf_counter()
+    tailor_jobs = [Job(c, states[c], players=selected[c], no_tuning=sel.selection == "none") for c in sorted(results)]
+    bar = progress(total=len(tailor_jobs), desc="phase 2 tailoring")
+    try:
+        tailored = {o.client_id: o for o in executor.tailor(tailor_jobs, payload, on_done=lambda _: bar.update(1))}
+    finally:
+        bar.close()
+    seconds_by_stage["tailoring"] = time.perf_counter() - stage_started
+    _log_stage("phase 2 tailoring", seconds_by_stage["tailoring"], f"{len(tailor_jobs)} clients")
+
+    stage_started = time.perf_counter()
+    # Largest test split first: the attacks' cost grows with it, and the last job decides the wall time.
+    ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -int(before[c].get("num_clean", 0)))
+    protocol_jobs = [Job(c, states[c], players=selected[c], tuned=tailored[c].upload) for c in ready]
+    bar = progress(total=len(protocol_jobs), desc=f"final protocol ({protocol_attacks(cfg)})")
+    try:
+        scored = {o.client_id: o for o in executor.protocol(protocol_jobs, payload, on_done=lambda _: bar.update(1))}
+    finally:
+        bar.close()
+    seconds_by_stage["protocol"] = time.perf_counter() - stage_started
+    _log_stage("final protocol", seconds_by_stage["protocol"], f"{len(protocol_jobs)} clients: {protocol_attacks(cfg)}")
 
     per_client, shapley_rows = [], []
     for client in clients:
         row = dict(before[client])
         row.update(phase1_clean_acc=row["clean_acc"], phase1_robust_acc=row["robust_acc"])
         if client in results:
-            outcome = next(o for o in tailored if o.client_id == client)
+            outcome = scored.get(client) or tailored[client]
             if outcome.ok:
                 row.update(outcome.metrics)
-                atomic_write_bytes(out_dir / "models" / f"phase2_client_{client:04d}.safetensors", outcome.upload)  # type: ignore[arg-type]
+                atomic_write_bytes(
+                    out_dir / "models" / f"phase2_client_{client:04d}.safetensors",
+                    tailored[client].upload,  # type: ignore[arg-type]
+                )
+            else:
+                row["phase2_error"] = outcome.error or "tailoring failed"
             row["selected_layers"] = [players[p] for p in selected[client]]
             res = results[client]
             for index, name in enumerate(players):
@@ -161,6 +273,18 @@ def run_phase2(
 
     frame = pd.DataFrame(shapley_rows)
     write_table(out_dir / "shapley.csv", frame)
+    games = game_rows(cfg, results, selected, records, len(players))
+    if not games.empty:
+        write_table(out_dir / "shapley_games.csv", games)
+        flat = games.loc[games["zero_marginal_share"] >= FLAT_WARNING_SHARE, "client"].tolist()
+        if flat:
+            log.warning(
+                "phase 2: the layer games of clients %s are flat (>= %.0f%% zero marginal contributions; see "
+                "shapley_games.csv): their Shapley values cannot tell layers apart%s",
+                flat,
+                100 * FLAT_WARNING_SHARE,
+                "; layer_selection.value=ce moves continuously" if sel.value != "ce" else "",
+            )
     plot_heatmap(out_dir, frame)
     per_client_frame = pd.DataFrame(per_client)
     plot_before_after(out_dir, per_client_frame)
@@ -174,7 +298,7 @@ def run_phase2(
         "phase 2: %d clients, %d layers, %d coalition evaluations, clean %.4f robust %.4f, %.1fs",
         len(results),
         len(players),
-        sum(r.evaluations for r in results.values()),
+        evaluations,
         means["clean_acc"],
         means["robust_acc"],
         seconds,
@@ -186,9 +310,24 @@ def run_phase2(
         "per_client": per_client,
         "failed": {str(c): e for c, e in failed.items()},
         "seconds": seconds,
-        "evaluations": int(sum(r.evaluations for r in results.values())),
+        "seconds_by_stage": seconds_by_stage,
+        "evaluations": evaluations,
         "sanity_warnings": warnings,
     }
+
+
+#: A game with at least this share of zero marginal contributions is reported as flat.
+FLAT_WARNING_SHARE = 0.5
+
+
+def protocol_attacks(cfg: ExperimentConfig) -> str:
+    """The attacks the final protocol runs, for its progress bar and log line."""
+    attacks = [f"{cfg.attack.eval_attack.upper()}-{cfg.attack.eval_steps}"]
+    if cfg.evaluation.autoattack:
+        attacks.append("AutoAttack")
+    if cfg.evaluation.sanity_checks:
+        attacks.append("sanity attacks")
+    return ", ".join(attacks)
 
 
 def plot_heatmap(out_dir: Path, frame: pd.DataFrame) -> None:

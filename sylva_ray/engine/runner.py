@@ -77,13 +77,19 @@ def phase2_of(federation: Federation, out_dir: Path) -> dict[str, Any]:
         st.client_states,
         st.last_eval,
         out_dir,
+        progress=federation.progress_bar,
     )
 
 
 def complete(session: Session, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """After the last round: Phase 2 (when enabled) on Phase 1's result, then the summary."""
     phase2 = session.phase2(run_dir) if cfg.layer_selection.enabled else None
-    return session.finish(phase2)
+    summary = session.finish(phase2)
+    log.info(
+        "seconds by stage: %s",
+        ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in summary["seconds_by_stage"].items()),
+    )
+    return summary
 
 
 def drive(

@@ -8,9 +8,11 @@
            thread per worker. Setup (model build, actor start) is timed apart from the rounds.
 ``scale``  1,000 virtual clients at 5% participation on the tiny model: seconds per round and the
            driver's / client actors' resident memory per round (flat = no growth with rounds).
-``phase2`` on one Phase-1 run: Phase 2 with 1 and with 2 client actors (speed-up), the Shapley
-           choice vs random layers of the same size vs all layers; and ``bench_estimator.csv``:
-           Monte Carlo with truncation vs exact Shapley on real 8-player client games.
+``phase2`` on one Phase-1 run: Phase 1 only, head only, Shapley top-k, random k, last k, all layers,
+           each scored by the final protocol; v = clean + robust and the game's cost.
+``estimator`` shapiq's approximators vs exact Shapley values on real 8-player client games at equal
+           budgets (rank correlation, top-k agreement, error, standard-error coverage), for the
+           ce and the accuracy value function, and how flat each game is.
 ``memory`` estimated accelerator memory of one client actor (``sylva_ray.method.cost``): activation
            bytes measured on the CPU, scaled to the batch; the given config and the ``paper`` preset.
 ``clock``  simulated round time (``engine.clock``) of Sylva vs FAT on device mixes, split into compute
@@ -29,21 +31,24 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
 from sylva_ray.distributed.launcher import phase2_only, remote_federation, run
 from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
-from sylva_ray.engine.rundir import new_unique_dir, prepare_data, read_json, resolve_result_path, utc_stamp, write_table
+from sylva_ray.engine.rundir import new_unique_dir, prepare_data, resolve_result_path, utc_stamp, write_table
 from sylva_ray.experiments.clock_bench import bench_clock
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
 from sylva_ray.method.data import load_source, make_partition
+from sylva_ray.method.layer_selection import coalition_value
 from sylva_ray.method.models import (
     _pixel_model,
     add_lora,
@@ -54,10 +59,14 @@ from sylva_ray.method.models import (
     shared_state,
 )
 from sylva_ray.method.shapley import (
+    ESTIMATORS,
+    approximate_shapley,
     exact_shapley,
-    permutation_shapley,
-    solve,
+    flatness,
+    replay,
+    select_players,
     spearman,
+    ties_at_cut,
 )
 
 log = logging.getLogger(__name__)
@@ -197,10 +206,14 @@ def bench_scale(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     return frame.round(2)
 
 
-#: Estimator-quality study (issue 4): 8 players = LoRA on qkv and fc1 of the 4 blocks, modules granularity.
-ESTIMATOR_TARGETS, ESTIMATOR_CLIENTS, ESTIMATOR_SEEDS = ["attn.qkv", "mlp.fc1"], (0, 1, 2), 5
-#: Stopping tolerances on the standard error swept in the estimator study (cost vs quality).
-ESTIMATOR_TOLERANCES = (0.01, 0.005, 0.0025)
+#: Estimator study: 8 players = LoRA on qkv and fc1 of the 4 blocks, modules granularity.
+ESTIMATOR_TARGETS, ESTIMATOR_CLIENTS, ESTIMATOR_SEEDS = ["attn.qkv", "mlp.fc1"], (0, 1, 2, 3), 5
+#: Budgets (distinct coalitions) at which every estimator is compared; the exact game has 256.
+ESTIMATOR_BUDGETS = (32, 64, 128)
+#: The value functions whose games are compared (same coalition evaluations, two readings).
+GAME_VALUES = ("ce", "linear")
+#: Layers kept in the estimator study's top-k agreement (the default ``top_k``).
+ESTIMATOR_TOP_K = 2
 
 
 def _with(cfg: ExperimentConfig, **sections: dict) -> ExperimentConfig:
@@ -210,92 +223,143 @@ def _with(cfg: ExperimentConfig, **sections: dict) -> ExperimentConfig:
     return build_config(raw)
 
 
-def bench_estimator(cfg: ExperimentConfig) -> pd.DataFrame:
-    """Monte Carlo (antithetic, truncated) vs exact Shapley on real 8-player client games.
+def exhaustive_games(cfg: ExperimentConfig, clients: Sequence[int]) -> tuple[int, dict[int, dict[int, dict]]]:
+    """Every coalition of each client's 8-player game, evaluated once: (players, client -> mask -> figures).
 
-    The exact game is evaluated once per client (all 256 coalitions); each Monte Carlo run then
-    replays those values (they are deterministic: same fused start, seed and adversarial start), so
-    its cost is the number of distinct coalitions it asked for.
+    The figures (validation accuracies and cross-entropies) are what every value function reads, so
+    one evaluation serves the ce and the accuracy game alike; the game is deterministic (same fused
+    start, seed and adversarial start), so any estimator can replay it at no cost.
     """
-    game_cfg = _with(cfg, lora={"target_modules": ESTIMATOR_TARGETS}, layer_selection={"players": "modules"})
-    source = load_source(game_cfg.data)
-    worker = ClientWorker(game_cfg, source, make_partition(source, game_cfg.data, game_cfg.runtime.seed))
-    sel = game_cfg.layer_selection
-    rows = []
-    for client in ESTIMATOR_CLIENTS:
+    source = load_source(cfg.data)
+    worker = ClientWorker(cfg, source, make_partition(source, cfg.data, cfg.runtime.seed))
+    tables = {}
+    players = 0
+    for client in clients:
         game = worker.game(client, worker.initial_state(), worker.initial_adapter, "initial")
-        started = time.perf_counter()
-        exact = solve(exact_shapley(len(game.players)), lambda mask, game=game: game.value(mask).value)
-        exact_s = time.perf_counter() - started
-        table = exact.coalition_values
-        for tolerance, seed in itertools.product(ESTIMATOR_TOLERANCES, range(ESTIMATOR_SEEDS)):
-            mc = solve(
-                permutation_shapley(
-                    len(game.players),
-                    np.random.default_rng(seed),
-                    sel.max_evaluations,
-                    tolerance,
-                    sel.truncation_tolerance,
-                    sel.permutations_per_batch,
-                ),
-                table.__getitem__,
-            )
-            rows.append(
+        players = len(game.players)
+        tables[client] = {
+            mask: game.value(mask).as_dict() for mask in tqdm(range(1 << players), desc=f"client {client} game")
+        }
+    return players, tables
+
+
+def _top(values: np.ndarray, k: int) -> set[int]:
+    return set(select_players(values, "top_k", k, 0.0))
+
+
+def bench_estimator(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    """shapiq's approximators vs the exact Shapley values of real 8-player client games, at equal
+    budgets, with one run and with the replicates that give standard errors; writes
+    ``bench_estimator_games.csv`` (how flat each value function's game is) beside it."""
+    game_cfg = _with(cfg, lora={"target_modules": ESTIMATOR_TARGETS}, layer_selection={"players": "modules"})
+    players, tables = exhaustive_games(game_cfg, ESTIMATOR_CLIENTS)
+    rows, games = [], []
+    for client, figures in tables.items():
+        for value in GAME_VALUES:
+            sel = dataclasses.replace(game_cfg.layer_selection, value=value)
+            table = {mask: coalition_value(sel, f, float("nan")) for mask, f in figures.items()}
+            exact = replay(exact_shapley(players), table)
+            flat = flatness(table, players)
+            games.append(
                 {
                     "client": client,
-                    "players": len(game.players),
-                    "stderr_tolerance": tolerance,
-                    "mc_seed": seed,
-                    "exact_evaluations": exact.evaluations,
-                    "mc_evaluations": mc.evaluations,
-                    "share_of_exact": mc.evaluations / exact.evaluations,
-                    "spearman": spearman(mc.values, exact.values),
-                    "max_abs_error": float(np.max(np.abs(mc.values - exact.values))),
-                    "mean_stderr": float(np.mean(mc.stderr)),
-                    "exact_seconds": exact_s,
+                    "value": value,
+                    "players": players,
+                    "zero_marginal_share": flat.zero_share,
+                    "distinct_values": flat.distinct_values,
+                    "ties_at_cut": ties_at_cut(exact.values, sorted(_top(exact.values, ESTIMATOR_TOP_K))),
                 }
             )
-    return pd.DataFrame(rows).round(4)
+            runs = itertools.product(ESTIMATORS, ESTIMATOR_BUDGETS, (1, sel.replicates), range(ESTIMATOR_SEEDS))
+            for name, budget, replicates, seed in runs:
+                # A tolerance no estimate reaches: every run spends its whole budget (equal budgets).
+                est = replay(approximate_shapley(players, name, budget, replicates, 1e-12, seed), table)
+                error = np.abs(est.values - exact.values)
+                rows.append(
+                    {
+                        "client": client,
+                        "value": value,
+                        "estimator": name,
+                        "budget": budget,
+                        "replicates": replicates,
+                        "seed": seed,
+                        "evaluations": est.evaluations,
+                        "spearman": spearman(est.values, exact.values),
+                        "top_k_agrees": _top(est.values, ESTIMATOR_TOP_K) == _top(exact.values, ESTIMATOR_TOP_K),
+                        "max_abs_error": float(error.max()),
+                        "relative_error": float(error.max() / max(np.abs(exact.values).max(), 1e-12)),
+                        # With replicates: the share of layers whose exact value lies within 2 stderr.
+                        "within_2_stderr": float(np.mean(error <= 2 * est.stderr)) if replicates > 1 else np.nan,
+                    }
+                )
+    write_table(out / "bench_estimator_games.csv", pd.DataFrame(games).round(4))
+    frame = pd.DataFrame(rows)
+    summary = (
+        frame.groupby(["value", "estimator", "budget", "replicates"])
+        .agg(
+            spearman=("spearman", "mean"),
+            top_k_agrees=("top_k_agrees", "mean"),
+            relative_error=("relative_error", "mean"),
+            within_2_stderr=("within_2_stderr", "mean"),
+            evaluations=("evaluations", "mean"),
+            runs=("seed", "size"),
+        )
+        .reset_index()
+    )
+    write_table(out / "bench_estimator_runs.csv", frame.round(4))
+    return summary.round(3)
+
+
+#: ``bench phase2``'s variants: (label, overrides on the finished Phase-1 run). Phase 1 only is
+#: the fused model untouched, scored by the same protocol as the others.
+PHASE2_VARIANTS = [
+    ("phase 1 only", ["layer_selection.selection=none"]),
+    ("head only", ["layer_selection.selection=head"]),
+    ("shapley top-k", ["layer_selection.selection=top_k"]),
+    ("shapley top-k, accuracy value", ["layer_selection.selection=top_k", "layer_selection.value=linear"]),
+    ("random k", ["layer_selection.selection=random"]),
+    ("last k", ["layer_selection.selection=last"]),
+    ("all layers", ["layer_selection.selection=all"]),
+]
+#: Per-client figures ``bench phase2`` reports (client means), when the protocol produced them.
+PHASE2_FIGURES = ("clean_acc", "robust_acc", "autoattack_acc", "strongest_attack_acc")
 
 
 def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
-    """Phase 2 figures on one Phase-1 run of ``cfg``: speed-up with 2 workers vs 1, and the Shapley
-    selection vs random layers of the same size vs all layers (same Phase-1 model, seeds, attack).
-    Also writes ``bench_estimator.csv`` (Monte Carlo vs exact on 8-player games)."""
+    """Does the layer game pay? On one Phase-1 run of ``cfg``: Phase 1 only, head only, Shapley
+    top-k, random k, last k and all layers, each tailored from the same fused model and scored by
+    the same final protocol on each client's test split; v = clean + robust (PGD), the game's cost
+    in seconds and coalition evaluations, and ``bench_phase2_clients.csv`` client by client."""
     phase1_dir = out / "phase1"
     phase1_dir.mkdir(parents=True, exist_ok=True)
-    # Timing Phase 2 itself: the final-model protocol (AutoAttack, sanity attacks) is left out here.
+    # Phase 1 without its own protocol: the "phase 1 only" variant scores the same model with it.
     run(
         _with(cfg, layer_selection={"enabled": False}, evaluation={"autoattack": False, "sanity_checks": False}),
         phase1_dir,
     )
-    rows = []
-    for label, overrides in [
-        ("shapley top-k, 1 actor", ["runtime.num_actors=1"]),
-        ("shapley top-k, 2 actors", ["runtime.num_actors=2"]),
-        ("random layers, same k", ["runtime.num_actors=2", "layer_selection.selection=random"]),
-        ("all layers", ["runtime.num_actors=2", "layer_selection.selection=all"]),
-    ]:
+    rows, clients = [], []
+    for label, overrides in PHASE2_VARIANTS:
         result_dir, summary = phase2_only(phase1_dir, overrides)
+        stages = summary["seconds_by_stage"]
+        means = summary["phase2"]
         rows.append(
             {
                 "variant": label,
-                "clean_acc": summary["phase2"]["clean_acc"],
-                "robust_acc": summary["phase2"]["robust_acc"],
+                **{k: means[k] for k in PHASE2_FIGURES if k in means},
+                "v": means["clean_acc"] + means["robust_acc"],
                 "evaluations": summary["evaluations"],
-                "seconds": summary["seconds"],
+                "game_seconds": stages["phase2_game"],
+                "tailoring_seconds": stages["tailoring"],
+                "protocol_seconds": stages["protocol"],
                 "result": result_dir.name,
             }
         )
-    phase1 = read_json(phase1_dir / "summary.json")["phase1"]
-    rows.insert(0, {"variant": "after Phase 1", "clean_acc": phase1["clean_acc"], "robust_acc": phase1["robust_acc"]})
+        for row in summary["per_client"]:
+            clients.append({"variant": label, "client": row["client"], **{k: row.get(k) for k in PHASE2_FIGURES}})
     frame = pd.DataFrame(rows)
-    frame["speedup_2_vs_1"] = np.nan
-    frame.loc[frame["variant"] == "shapley top-k, 2 actors", "speedup_2_vs_1"] = float(
-        frame.loc[frame["variant"] == "shapley top-k, 1 actor", "seconds"].iloc[0]
-        / frame.loc[frame["variant"] == "shapley top-k, 2 actors", "seconds"].iloc[0]
-    )
-    write_table(out / "bench_estimator.csv", bench_estimator(cfg))
+    reference = float(frame.loc[frame["variant"] == "phase 1 only", "v"].iloc[0])
+    frame["v_minus_phase1"] = frame["v"] - reference
+    write_table(out / "bench_phase2_clients.csv", pd.DataFrame(clients))
     return frame.round(4)
 
 
@@ -336,6 +400,7 @@ BENCHES = {
     "engine": bench_engine,
     "scale": bench_scale,
     "phase2": bench_phase2,
+    "estimator": bench_estimator,
     "memory": bench_memory,
     "clock": bench_clock,
 }

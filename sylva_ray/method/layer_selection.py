@@ -6,11 +6,15 @@
    the LoRA-adapted linear layers). The value of a coalition S is measured by fine-tuning only the
    layers in S plus the head on the client's benign *fit* split for ``coalition_steps`` steps,
    starting every time from the same fused weights with the same seed, then scoring on its held-out
-   *validation* split with the same fixed adversarial start (common random numbers):
-   ``clean + lambda * robust`` (or the tolerance form). v(empty) is the fused model with only its
-   head tuned.
+   *validation* split with the same fixed adversarial start (common random numbers). The default
+   value is continuous, ``-(CE_benign + lambda * CE_adversarial)``: accuracy on a validation share of
+   ~15 images moves in whole images, so most coalitions of an accuracy-valued game tie (README
+   'Phase 2'); ``clean + lambda * robust`` accuracy and the tolerance form remain. v(empty) is the
+   fused model with only its head tuned.
 3. *Tailoring*: the selected layers plus the head are fine-tuned on the client's whole benign train
-   split for ``finetune_steps`` and the result is scored on its test split, clean and robust.
+   split for ``finetune_steps``; the tuned tensors go back to the driver, and the final-model
+   protocol scores the result on the test split (``evaluate_tailored``), as a job of its own that
+   any worker can run.
 """
 
 from __future__ import annotations
@@ -66,6 +70,21 @@ class CoalitionValue:
     value: float
     clean_acc: float
     robust_acc: float
+    clean_loss: float
+    robust_loss: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def coalition_value(sel: LayerSelectionConfig, scored: Mapping[str, float], reference_robust: float) -> float:
+    """v(S) from a coalition's validation figures, by ``layer_selection.value`` (module docstring)."""
+    if sel.value == "ce":
+        return -(scored["clean_loss"] + sel.robust_weight * scored["robust_loss"])
+    if sel.value == "linear":
+        return scored["clean_acc"] + sel.robust_weight * scored["robust_acc"]
+    drop = reference_robust - scored["robust_acc"]
+    return scored["clean_acc"] - sel.robust_penalty * max(0.0, drop - sel.robust_tolerance)
 
 
 class LayerGame:
@@ -89,7 +108,15 @@ class LayerGame:
         )
         self.train = train
         self.seed = derive_seed(cfg.runtime.seed, "phase2-game", client_id)
-        self.reference = self._score()  # the fused model untouched: the robustness Phase 1 bought
+        self._reference: EvalResult | None = None
+
+    @property
+    def reference(self) -> EvalResult:
+        """The fused model untouched (the robustness Phase 1 bought): the tolerance value's baseline."""
+        if self._reference is None:
+            self.model.load_state_dict(self.fused_state)
+            self._reference = self._score()
+        return self._reference
 
     def _score(self) -> EvalResult:
         return evaluate(
@@ -100,12 +127,6 @@ class LayerGame:
             seed=self.seed,
             device=self.device,
         )
-
-    def _value(self, result: EvalResult) -> float:
-        if self.sel.value == "linear":
-            return result.clean_acc + self.sel.robust_weight * result.robust_acc
-        drop = self.reference.robust_acc - result.robust_acc
-        return result.clean_acc - self.sel.robust_penalty * max(0.0, drop - self.sel.robust_tolerance)
 
     def _tune(self, players: list[int], data: ArrayDataset, steps: int) -> None:
         self.model.load_state_dict(self.fused_state)
@@ -123,18 +144,40 @@ class LayerGame:
 
     def value(self, mask: int) -> CoalitionValue:
         """v(S): tune S + head on the fit split, score on the validation split."""
+        reference_robust = self.reference.robust_acc if self.sel.value == "tolerance" else float("nan")
         self._tune(mask_members(mask, len(self.players)), self.fit, self.sel.coalition_steps)
         result = self._score()
-        return CoalitionValue(self._value(result), result.clean_acc, result.robust_acc)
+        figures = {
+            "clean_acc": result.clean_acc,
+            "robust_acc": result.robust_acc,
+            "clean_loss": float(result.clean_loss or 0.0),
+            "robust_loss": float(result.robust_loss or 0.0),
+        }
+        return CoalitionValue(coalition_value(self.sel, figures, reference_robust), **figures)
 
-    def tailor(self, players: list[int], test: ArrayDataset) -> tuple[EvalResult, dict[str, torch.Tensor]]:
-        """Fine-tune the chosen layers + head on the whole train split; score on the test split.
+    def tailor(self, players: list[int] | None) -> dict[str, torch.Tensor]:
+        """Fine-tune the chosen layers + head on the whole train split (``None``: no tuning at all).
 
-        Returns the test result and the tuned tensors (chosen layers + head): with the global
-        adapter they reproduce the tailored model.
+        Returns the tuned tensors (chosen layers + head): with the global adapter they reproduce the
+        tailored model, and ``evaluate_tailored`` scores them on any worker.
         """
-        self._tune(players, self.train, self.sel.finetune_steps)
-        result = evaluate(
+        if players is None:
+            self.model.load_state_dict(self.fused_state)
+        else:
+            self._tune(players, self.train, self.sel.finetune_steps)
+        head = classifier_prefix(self.model)
+        chosen = [self.players[p] for p in players or []]
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in self.model.state_dict().items()
+            if k.startswith(head) or any(k.startswith(prefix) for prefix in chosen)
+        }
+
+    def evaluate_tailored(self, tuned: State, test: ArrayDataset) -> EvalResult:
+        """The final-model protocol on the test split for the fused model with ``tuned`` loaded."""
+        self.model.load_state_dict(self.fused_state)
+        self.model.load_state_dict(dict(tuned), strict=False)
+        return evaluate(
             self.model,
             test,
             self.cfg.attack,
@@ -142,14 +185,7 @@ class LayerGame:
             seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id),
             device=self.device,
             protocol=self.cfg.evaluation,
-        )  # the tailored model is the final one: full protocol
-        head = classifier_prefix(self.model)
-        tuned = {
-            k: v.detach().cpu().clone()
-            for k, v in self.model.state_dict().items()
-            if k.startswith(head) or any(k.startswith(self.players[p]) for p in players)
-        }
-        return result, tuned
+        )
 
 
 def classifier_prefix(model: nn.Module) -> str:

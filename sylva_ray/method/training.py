@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sylva_ray.base.config import AttackConfig, EvaluationConfig, TrainConfig
 from sylva_ray.base.precision import fp32_evaluation, training_precision
@@ -303,6 +304,8 @@ class EvalResult:
     num_sanity: Optional[int] = None
     strongest_attack_acc: Optional[float] = None
     num_strongest: Optional[int] = None
+    clean_loss: Optional[float] = None  # mean cross-entropy on all of the split (the layer game's ce value)
+    robust_loss: Optional[float] = None  # mean cross-entropy under the evaluation attack, on its subset
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
@@ -318,13 +321,31 @@ def _attack_hits(
     device: torch.device,
 ) -> torch.Tensor:
     """Per-sample correctness under ``attack``, batch by batch, each batch seeded by its index."""
-    hits = []
+    logits = _attacked_logits(model, attack, images, labels, batch_size, seed, device)
+    return logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)
+
+
+def _attacked_logits(
+    model: nn.Module,
+    attack: Attack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The model's logits (on the CPU) on the adversarial images, batch by batch, each seeded by its index."""
+    out = []
     for index, start in enumerate(range(0, len(labels), batch_size)):
         x, y = images[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
         adversarial = perturb(attack, x, y, derive_seed(seed, "eval-attack", index))
         with torch.no_grad():
-            hits.append((model(adversarial).argmax(1) == y).cpu())
-    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+            out.append(model(adversarial).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
+    return float(F.cross_entropy(logits, labels)) if len(labels) else None
 
 
 def evaluate(
@@ -360,22 +381,27 @@ def _evaluate(
     model.eval()
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     with torch.no_grad():
-        clean = (
+        logits = (
             torch.cat(
-                [
-                    (
-                        model(images[i : i + batch_size].to(device)).argmax(1) == labels[i : i + batch_size].to(device)
-                    ).cpu()
-                    for i in range(0, len(labels), batch_size)
-                ]
+                [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(labels), batch_size)]
             )
             if len(labels)
-            else torch.zeros(0, dtype=torch.bool)
+            else torch.zeros(0)
         )
+    clean = logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
     attack = build_attack(attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
-    robust = _attack_hits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
-    result = EvalResult(_rate(clean), _rate(robust), len(data), limit, clean_on_robust=_rate(clean[:limit]))
+    adversarial_logits = _attacked_logits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
+    robust = adversarial_logits.argmax(1) == labels[:limit] if limit else torch.zeros(0, dtype=torch.bool)
+    result = EvalResult(
+        _rate(clean),
+        _rate(robust),
+        len(data),
+        limit,
+        clean_on_robust=_rate(clean[:limit]),
+        clean_loss=_mean_ce(logits, labels),
+        robust_loss=_mean_ce(adversarial_logits, labels[:limit]),
+    )
     if protocol is None or not len(labels):
         return result
     survived = robust.clone()  # per image: robust to every attack at eps run on it so far

@@ -337,9 +337,13 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
         _with(cfg, layer_selection={"enabled": False}, evaluation={"autoattack": False, "sanity_checks": False}),
         phase1_dir,
     )
+    protocol = [
+        f"evaluation.autoattack={str(cfg.evaluation.autoattack).lower()}",
+        f"evaluation.sanity_checks={str(cfg.evaluation.sanity_checks).lower()}",
+    ]
     rows, clients = [], []
     for label, overrides in PHASE2_VARIANTS:
-        result_dir, summary = phase2_only(phase1_dir, overrides)
+        result_dir, summary = phase2_only(phase1_dir, overrides + protocol)
         stages = summary["seconds_by_stage"]
         means = summary["phase2"]
         rows.append(

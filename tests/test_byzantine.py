@@ -299,10 +299,10 @@ class HonestExecutor:
 
     malicious: frozenset[int] = frozenset()
 
-    def coalitions(self, jobs, adapter_payload):
+    def coalitions(self, jobs, adapter_payload, on_done=None):
         raise AssertionError("no layer game here")
 
-    tailor = coalitions
+    tailor = protocol = coalitions
 
     def shutdown(self) -> None:
         pass

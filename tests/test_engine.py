@@ -153,6 +153,13 @@ def test_phase2_outputs_and_phase2_only_command(two_actor_run):
     for name in ("shapley_heatmap.png", "phase2_before_after.png"):
         assert (run_dir / name).is_file()
     assert len(list((run_dir / "models").glob("phase2_client_*.safetensors"))) == 4
+    games = pd.read_csv(run_dir / "shapley_games.csv")  # how flat each client's game was
+    assert sorted(games["client"]) == [0, 1, 2, 3] and set(games["value"]) == {"ce"}
+    assert games["zero_marginal_share"].between(0, 1).all() and (games["validation_samples"] > 0).all()
+    assert (games["one_image_points"] == 100 / games["validation_samples"]).all()
+    stages = json.loads((run_dir / "summary.json").read_text())["seconds_by_stage"]
+    assert set(stages) == {"pretraining", "phase1", "phase2_game", "tailoring", "protocol"}
+    assert all(stages[k] > 0 for k in ("phase1", "phase2_game", "tailoring", "protocol")) and stages["pretraining"] >= 0
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     out, again = phase2_only(run_dir, ["layer_selection.top_k=1"])
@@ -160,6 +167,7 @@ def test_phase2_outputs_and_phase2_only_command(two_actor_run):
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing of the old result rewritten
     assert (pd.read_csv(out / "shapley.csv").groupby("client")["selected"].sum() == 1).all()
     assert again["phase1"] == summary["phase1"]
+    assert again["seconds_by_stage"]["protocol"] > 0
     row = again["per_client"][0]
     model = sylva_ray.load_client_model(out, row["client"])
     test = sylva_ray.load_client_split(out, row["client"], "test")

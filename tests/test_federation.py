@@ -103,10 +103,10 @@ class FakeExecutor:
             for job in reversed(jobs)
         ]
 
-    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done=None) -> list[Outcome]:
         raise AssertionError("Phase 1 plays no layer game")
 
-    tailor = coalitions
+    tailor = protocol = coalitions
 
     def shutdown(self) -> None:
         pass

@@ -188,7 +188,8 @@ def test_an_out_of_memory_error_stops_the_run_at_once_and_keeps_the_checkpoint(r
 
 def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path):
     """Client c's coalition jobs all run on actor c % 2 (its game is built once there, and its
-    tailoring goes there too); summary rows stay free of machine-dependent fields."""
+    tailoring goes there too); the protocol runs wherever an actor is free and reports each job as
+    it ends; summary rows stay free of machine-dependent fields."""
     import ray
 
     from sylva_ray.distributed.actors import RayExecutor, start_client_actors
@@ -213,12 +214,18 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
         payload = encode_state(info.initial_adapter)
         state = ClientState(personal=info.initial_personal)
         jobs = [Job(client, state, mask=mask) for mask in range(3) for client in range(4)]
-        outcomes = executor.coalitions(jobs, payload)
+        done = []
+        outcomes = executor.coalitions(jobs, payload, on_done=done.append)
         tailored = executor.tailor([Job(client, state, players=[0]) for client in range(4)], payload)
+        scored = executor.protocol(
+            [Job(o.client_id, state, players=[0], tuned=o.upload) for o in tailored], payload, on_done=done.append
+        )
     finally:
         executor.shutdown()
-    assert all(o.ok for o in outcomes + tailored)
-    assert all("actor_pid" not in o.metrics for o in tailored)  # these become summary.json's per-client rows
+    assert all(o.ok for o in outcomes + tailored + scored)
+    assert len(done) == len(jobs) + len(scored)  # every finished job was reported once (progress bars)
+    assert all("actor_pid" not in o.metrics for o in scored)  # these become summary.json's per-client rows
+    assert all(0 <= o.metrics["clean_acc"] <= 1 for o in scored)
     pids = {}
     for outcome in outcomes:
         pids.setdefault(outcome.client_id, set()).add(int(outcome.metrics["actor_pid"]))

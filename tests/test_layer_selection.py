@@ -1,5 +1,7 @@
 """The layer game on a real fused model (Ray-free)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from sylva_ray.engine.client import ClientWorker
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.method.data import load_source, make_partition
-from sylva_ray.method.layer_selection import player_prefixes, split_validation
+from sylva_ray.method.layer_selection import coalition_value, player_prefixes, split_validation
 from sylva_ray.method.shapley import exact_shapley, members_mask, solve
 
 
@@ -47,10 +49,39 @@ def test_coalition_value_is_reproducible_and_starts_from_the_fused_weights(game)
 
 
 def test_tailor_returns_only_the_chosen_layers_and_head(worker, game):
-    result, tuned = game.tailor([1], worker.data(0).test)
+    tuned = game.tailor([1])
     assert all(k.startswith(("backbone.blocks.1.", "backbone.head.")) for k in tuned)
     assert any(k.startswith("backbone.blocks.1.") for k in tuned)
+    assert any(not torch.equal(v, game.fused_state[k]) for k, v in tuned.items())
+    result = game.evaluate_tailored(tuned, worker.data(0).test)  # the final protocol, as its own job
     assert result.num_clean == len(worker.data(0).test) and 0 <= result.robust_acc <= 1
+    assert result.autoattack_acc is not None and result.strongest_attack_acc <= result.robust_acc
+
+
+def test_evaluating_tailored_tensors_elsewhere_gives_the_same_figures(worker, game):
+    """The protocol may run on another actor: a fresh game there reproduces the tailored model."""
+    tuned = game.tailor([2])
+    here = game.evaluate_tailored(tuned, worker.data(0).test)
+    fresh = worker.game(0, worker.initial_state(), worker.initial_adapter, "another-key")
+    assert fresh is not game
+    assert fresh.evaluate_tailored(tuned, worker.data(0).test) == here
+
+
+def test_selection_none_leaves_the_fused_model_untouched(game):
+    tuned = game.tailor(None)
+    assert tuned and all(k.startswith("backbone.head.") for k in tuned)
+    assert all(torch.equal(v, game.fused_state[k]) for k, v in tuned.items())
+
+
+def test_the_default_value_is_continuous_the_accuracy_value_remains(worker, game):
+    scored = game.value(members_mask([0]))
+    weight = game.sel.robust_weight
+    assert game.sel.value == "ce"
+    assert scored.value == pytest.approx(-(scored.clean_loss + weight * scored.robust_loss))
+    linear = dataclasses.replace(game.sel, value="linear")
+    assert coalition_value(linear, scored.as_dict(), float("nan")) == pytest.approx(
+        scored.clean_acc + weight * scored.robust_acc
+    )
 
 
 def test_a_real_game_satisfies_efficiency(game):

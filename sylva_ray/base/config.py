@@ -401,22 +401,33 @@ class LayerSelectionConfig:
         Field(ge=1, le=16, description="exact Shapley up to this many players (2^L evaluations), Monte Carlo beyond"),
     ] = 10
     estimator: Annotated[
-        Literal["permutation", "kernelshap", "unbiased_kernelshap", "svarm", "stratified", "owen"],
-        Field(description="shapiq's approximator beyond exact_max_players (README 'Phase 2', estimator table)"),
-    ] = "permutation"
+        Literal["antithetic", "permutation", "kernelshap", "unbiased_kernelshap", "svarm", "stratified", "owen"],
+        Field(
+            description="approximator beyond exact_max_players: antithetic (ours: antithetic, truncated permutation "
+            "sampling with standard errors) or one of shapiq's (README 'What it does (Phase 2)', estimator table)"
+        ),
+    ] = "antithetic"
     max_evaluations: Annotated[
         int, Field(ge=2, description="approximation budget: distinct coalitions evaluated per client")
     ] = 128
-    replicates: Annotated[
-        int,
-        Field(
-            ge=2,
-            description="independent approximator runs sharing the budget; their spread gives each layer's stderr",
-        ),
-    ] = 4
     stderr_tolerance: Annotated[
         float, Field(gt=0, description="approximation stops early once every layer's standard error is below this")
     ] = 0.01
+    truncation_tolerance: Annotated[
+        float,
+        Field(ge=0, description="antithetic: stop a permutation once |v(N) - v(prefix)| is below this (0: off)"),
+    ] = 0.005
+    permutations_per_batch: Annotated[
+        int, Field(ge=1, description="antithetic: permutation pairs walked in parallel per batch")
+    ] = 4
+    replicates: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="shapiq approximators: independent runs sharing the budget; with 2 or more their spread gives "
+            "each layer's stderr (1: no stderr)",
+        ),
+    ] = 1
     selection: Annotated[
         Literal["top_k", "threshold", "positive", "random", "all", "last", "head", "none"],
         Field(

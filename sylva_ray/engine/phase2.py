@@ -79,9 +79,11 @@ def play_games(
             sel.exact_max_players,
             sel.estimator,
             sel.max_evaluations,
-            sel.replicates,
             sel.stderr_tolerance,
             derive_seed(cfg.runtime.seed, "shapley", c),
+            replicates=sel.replicates,
+            truncation_tolerance=sel.truncation_tolerance,
+            permutations_per_batch=sel.permutations_per_batch,
         )
         for c in clients
     }

@@ -2,9 +2,12 @@
 
     phi_i = sum over S not containing i of |S|! (L - |S| - 1)! / L! * [v(S u {i}) - v(S)]
 
-The estimators are shapiq's: ``ExactComputer`` for small games (all 2^L coalitions), otherwise one
-of its approximators at a fixed budget of coalition evaluations (``ESTIMATORS``: permutation
-sampling, KernelSHAP, unbiased KernelSHAP, SVARM, stratified sampling, Owen sampling). shapiq calls
+Exact values come from shapiq's ``ExactComputer`` (all 2^L coalitions, one batch). Beyond
+``exact_max_players`` the default approximator is our own antithetic, truncated permutation sampler
+(``antithetic_shapley``): at equal budgets of distinct coalitions it ranked layers better than each
+of shapiq's approximators on real layer games (README, ``bench estimator``), so it stays; shapiq's
+(``ESTIMATORS``: permutation sampling, KernelSHAP, unbiased KernelSHAP, SVARM, stratified sampling,
+Owen sampling) are one setting away (``layer_selection.estimator``). shapiq calls
 its game with a *batch* of coalitions; here that call is turned into an ask/tell *generator*: the
 estimator ``yield``s the coalitions (bitmasks, bit i = player i) whose values it needs and receives
 a ``{mask: value}`` dict back, and finally returns a ``ShapleyResult``. That lets the driver
@@ -12,13 +15,12 @@ evaluate the coalitions of every client's game in one batch across all workers w
 its own code unchanged (it runs in a helper thread that blocks until the batch is answered).
 ``solve(estimator, value_fn)`` runs one synchronously.
 
-shapiq reports no uncertainty, and users of Phase 2 read one per layer; so an approximation is run
-as ``replicates`` independent runs (seeds ``seed, seed + 1, ...``) of ``budget / replicates``
-evaluations each, over one shared cache (a coalition is evaluated once however many runs ask for
-it): the value is their mean and the standard error their spread / sqrt(runs). Runs stop early once
-every layer's standard error is below a tolerance. For the unbiased estimators (permutation,
-stratified, SVARM, unbiased KernelSHAP) this is the usual batch-means error; ``bench phase2``'s
-estimator table measures what it costs the others.
+shapiq reports no uncertainty. With ``replicates`` > 1 a shapiq approximation is run as that many
+independent runs (seeds ``seed, seed + 1, ...``) of ``budget / replicates`` evaluations each, over
+one shared cache (a coalition is evaluated once however many runs ask for it): the value is their
+mean and the standard error their spread / sqrt(runs); runs stop early once every layer's standard
+error is below a tolerance. With one run (the default) the standard error is NaN. The estimator
+table measures what replicating costs each approximator (a lot, for the regression ones).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ ESTIMATORS = {
     "stratified": "StratifiedSamplingSV",
     "owen": "OwenSamplingSV",
 }
+#: Our own approximator's name (``antithetic_shapley``), the default beyond exact games.
+ANTITHETIC = "antithetic"
 #: Runs needed before the spread of the replicates is read as a standard error.
 MIN_REPLICATES_FOR_STDERR = 2
 #: Two coalition values closer than this are a tie (the game's values are means of a few hundred terms).
@@ -152,7 +156,7 @@ def approximate_shapley(
     """shapiq's ``estimator`` in ``replicates`` independent runs over one cache (module docstring)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"layer_selection.estimator={estimator!r}: use one of {sorted(ESTIMATORS)}")
-    per_run = max(2, budget // max(1, replicates))
+    per_run = max(num_players + 1, budget // max(1, replicates))  # one permutation's worth at least
 
     def body(ask: Callable[[list[int]], Values]) -> ShapleyResult:
         import shapiq
@@ -175,18 +179,99 @@ def approximate_shapley(
     return threaded(body)
 
 
+def antithetic_shapley(
+    num_players: int,
+    rng: np.random.Generator,
+    max_evaluations: int,
+    stderr_tolerance: float,
+    truncation_tolerance: float = 0.0,
+    permutations_per_batch: int = 4,
+    min_pairs: int = 3,
+) -> Estimator:
+    """Antithetic, truncated permutation sampling with a cache: our own approximator (the default).
+
+    Permutation sampling (Castro et al. 2009) with antithetic (reversed) permutations and TMC
+    truncation (Ghorbani & Zou 2019: once |v(N) - v(prefix)| is below a tolerance, the rest of that
+    permutation gets marginal 0 -- cheaper, slightly biased). It walks a batch of permutations in
+    lockstep and stops when every player's standard error is under a tolerance or the budget of
+    *distinct* coalitions is spent; the standard error is computed over antithetic *pairs* (a
+    pair's two marginals are correlated, so they count as one sample). It stays because, at equal
+    budgets of distinct coalitions, it ranked layers better than every shapiq approximator on the
+    estimator study's real games (README 'Benchmarks', ``bench estimator``).
+
+    ``permutations_per_batch`` antithetic *pairs* are walked in lockstep; each step asks for the
+    next prefix of every live permutation. ``max_evaluations`` counts distinct coalitions.
+    """
+    full = full_mask(num_players)
+    cache: Values = {}
+    cache.update((yield [0, full]))
+    pair_marginals: list[np.ndarray] = []  # one row per antithetic pair: mean of its two walks
+    while True:
+        batch = []
+        for _ in range(permutations_per_batch):
+            order = rng.permutation(num_players)
+            batch.append([order, order[::-1].copy()])
+        walks = [walk for pair in batch for walk in pair]
+        marginals = np.zeros((len(walks), num_players))
+        prefixes = [0] * len(walks)
+        live = [True] * len(walks)
+        for position in range(num_players):
+            wanted = []
+            for w, order in enumerate(walks):
+                if not live[w]:
+                    continue
+                if truncation_tolerance > 0 and abs(cache[full] - cache[prefixes[w]]) < truncation_tolerance:
+                    live[w] = False  # the rest of this walk's marginals stay 0
+                    continue
+                wanted.append(prefixes[w] | (1 << int(order[position])))
+            missing = sorted({m for m in wanted if m not in cache})
+            if missing:
+                cache.update((yield missing))
+            for w, order in enumerate(walks):
+                if not live[w]:
+                    continue
+                player = int(order[position])
+                grown = prefixes[w] | (1 << player)
+                marginals[w, player] = cache[grown] - cache[prefixes[w]]
+                prefixes[w] = grown
+        for p in range(len(batch)):
+            pair_marginals.append(marginals[2 * p : 2 * p + 2].mean(axis=0))
+        samples = np.asarray(pair_marginals)
+        stderr = (
+            samples.std(axis=0, ddof=1) / math.sqrt(len(samples)) if len(samples) > 1 else np.full(num_players, np.inf)
+        )
+        converged = len(samples) >= min_pairs and bool(np.all(stderr < stderr_tolerance))
+        if converged or len(cache) >= max_evaluations:
+            return ShapleyResult(
+                samples.mean(axis=0),
+                stderr,
+                evaluations=len(cache),
+                replicates=2 * len(samples),
+                method="antithetic",
+                coalition_values=dict(cache),
+            )
+
+
 def make_estimator(
     num_players: int,
     exact_max_players: int,
     estimator: str,
     budget: int,
-    replicates: int,
     stderr_tolerance: float,
     seed: int,
+    replicates: int = 1,
+    truncation_tolerance: float = 0.0,
+    permutations_per_batch: int = 4,
 ) -> Estimator:
-    """Exact for small games, shapiq's ``estimator`` beyond ``exact_max_players``."""
+    """Exact (shapiq) for small games; beyond ``exact_max_players`` our ``antithetic`` sampler or
+    one of shapiq's approximators (``ESTIMATORS``)."""
     if num_players <= exact_max_players:
         return exact_shapley(num_players)
+    if estimator == ANTITHETIC:
+        rng = np.random.default_rng(seed)
+        return antithetic_shapley(
+            num_players, rng, budget, stderr_tolerance, truncation_tolerance, permutations_per_batch
+        )
     return approximate_shapley(num_players, estimator, budget, replicates, stderr_tolerance, seed)
 
 

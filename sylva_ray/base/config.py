@@ -380,7 +380,7 @@ class LayerSelectionConfig:
         Literal["ce", "linear", "tolerance"],
         Field(
             description="ce: v = -(benign CE + robust_weight * adversarial CE) on the validation share (continuous; "
-            "README 'Phase 2'); linear: v = clean + robust_weight * robust accuracy; tolerance: v = clean - "
+            "README 'What it does (Phase 2)'); linear: v = clean + robust_weight * robust accuracy; tolerance: v = clean - "
             "robust_penalty * max(0, robust drop - robust_tolerance)"
         ),
     ] = "ce"

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import ray
 import torch
+from ray.experimental import tqdm_ray
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.precision import configure_runtime
@@ -176,4 +177,5 @@ class ClientActor:
         # Its metrics become the client's final row in summary.json: nothing machine-dependent here.
         with self._guard(job.client_id, "Phase 2 protocol"):
             adapter = self._adapter(adapter_payload)
-            return run_protocol_job(self.worker, job, adapter, self._decoded[0] or "")
+            # One bar per job, drawn in the main process: which attack this client is under.
+            return run_protocol_job(self.worker, job, adapter, self._decoded[0] or "", progress=tqdm_ray.tqdm)

@@ -9,11 +9,13 @@ here knows about Ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.engine.client import ClientState, ClientWorker
@@ -147,11 +149,34 @@ def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: 
     return Outcome(client_id=job.client_id, upload=encode_state(tuned))
 
 
-def run_protocol_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
+def protocol_stages(cfg: ExperimentConfig) -> int:
+    """Attack stages of the final protocol: PGD, then AutoAttack and the sanity attacks when on."""
+    return 1 + int(cfg.evaluation.autoattack) + int(cfg.evaluation.sanity_checks)
+
+
+def run_protocol_job(
+    worker: ClientWorker, job: Job, adapter: State, adapter_key: str, progress: Optional[Callable[..., Any]] = None
+) -> Outcome:
     """Phase 2: the final-model protocol on the client's tailored model (any worker can run it: the
-    fused model is rebuilt from the global adapter where this worker has not played the game)."""
+    fused model is rebuilt from the global adapter where this worker has not played the game).
+
+    ``progress``: a bar factory (tqdm's signature); one bar per job shows the attack in progress."""
     game = worker.game(job.client_id, job.state, adapter, adapter_key)
-    result = game.evaluate_tailored(decode_state(job.tuned or b""), worker.data(job.client_id).test)
+    bar = progress(total=protocol_stages(worker.cfg), desc=f"client {job.client_id}") if progress else None
+    started = [False]
+
+    def on_stage(name: str) -> None:
+        if bar is not None:
+            if started[0]:
+                bar.update(1)
+            started[0] = True
+            bar.set_description(f"client {job.client_id}: {name}")
+
+    try:
+        result = game.evaluate_tailored(decode_state(job.tuned or b""), worker.data(job.client_id).test, on_stage)
+    finally:
+        if bar is not None:
+            bar.close()
     return Outcome(client_id=job.client_id, metrics=result.as_dict())
 
 
@@ -194,7 +219,8 @@ class InProcessExecutor:
 
     def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
-        return _each(jobs, lambda job: run_protocol_job(self.worker, job, adapter, key), on_done)
+        bar = functools.partial(tqdm, leave=False)  # the attack in progress, under the protocol's bar
+        return _each(jobs, lambda job: run_protocol_job(self.worker, job, adapter, key, progress=bar), on_done)
 
     def shutdown(self) -> None:
         pass

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -173,8 +173,11 @@ class LayerGame:
             if k.startswith(head) or any(k.startswith(prefix) for prefix in chosen)
         }
 
-    def evaluate_tailored(self, tuned: State, test: ArrayDataset) -> EvalResult:
-        """The final-model protocol on the test split for the fused model with ``tuned`` loaded."""
+    def evaluate_tailored(
+        self, tuned: State, test: ArrayDataset, on_stage: Optional[Callable[[str], None]] = None
+    ) -> EvalResult:
+        """The final-model protocol on the test split for the fused model with ``tuned`` loaded
+        (``on_stage``: told which attack starts, for a progress bar)."""
         self.model.load_state_dict(self.fused_state)
         self.model.load_state_dict(dict(tuned), strict=False)
         return evaluate(
@@ -185,6 +188,7 @@ class LayerGame:
             seed=derive_seed(self.cfg.runtime.seed, "eval", self.client_id),
             device=self.device,
             protocol=self.cfg.evaluation,
+            on_stage=on_stage,
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
@@ -356,6 +356,7 @@ def evaluate(
     seed: int,
     device: torch.device,
     protocol: Optional[EvaluationConfig] = None,
+    on_stage: Optional[Callable[[str], None]] = None,
 ) -> EvalResult:
     """Clean accuracy on all of ``data``; robust accuracy under the evaluation attack.
 
@@ -364,9 +365,10 @@ def evaluate(
     With ``protocol`` (final models): AutoAttack on the first ``autoattack_max_samples`` and the
     gradient-masking attacks (long PGD, PGD at a large eps) on the first ``sanity_samples``.
     Always in full fp32 (``precision.fp32_evaluation``): a lower-precision attack overstates robustness.
+    ``on_stage(name)`` is called as each attack stage starts (a progress bar's "attack in progress").
     """
     with fp32_evaluation(device):
-        return _evaluate(model, data, attack_cfg, batch_size, seed, device, protocol)
+        return _evaluate(model, data, attack_cfg, batch_size, seed, device, protocol, on_stage or (lambda _: None))
 
 
 def _evaluate(
@@ -377,8 +379,10 @@ def _evaluate(
     seed: int,
     device: torch.device,
     protocol: Optional[EvaluationConfig],
+    on_stage: Callable[[str], None],
 ) -> EvalResult:
     model.eval()
+    on_stage(f"{attack_cfg.eval_attack.upper()}-{attack_cfg.eval_steps}")
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     with torch.no_grad():
         logits = (
@@ -406,6 +410,7 @@ def _evaluate(
         return result
     survived = robust.clone()  # per image: robust to every attack at eps run on it so far
     if protocol.autoattack:
+        on_stage("AutoAttack")
         n = min(len(labels), protocol.autoattack_max_samples)
         hits = reference_autoattack_hits(
             model, attack_cfg, images[:n], labels[:n], data.num_classes, derive_seed(seed, "autoattack"), batch_size
@@ -415,6 +420,7 @@ def _evaluate(
         result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
         survived = _combine(survived, hits)[:n]  # the images PGD and AutoAttack both attacked
     if protocol.sanity_checks:
+        on_stage("sanity attacks")
         n = min(len(labels), protocol.sanity_samples)
         long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
         long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)

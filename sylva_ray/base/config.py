@@ -379,9 +379,9 @@ class LayerSelectionConfig:
     value: Annotated[
         Literal["ce", "linear", "tolerance"],
         Field(
-            description="ce: v = -(benign CE + robust_weight * adversarial CE) on the validation share (continuous; "
-            "README 'What it does (Phase 2)'); linear: v = clean + robust_weight * robust accuracy; tolerance: v = clean - "
-            "robust_penalty * max(0, robust drop - robust_tolerance)"
+            description="ce: v = -(benign CE + robust_weight * adversarial CE) on the validation share "
+            "(continuous; README 'What it does (Phase 2)'); linear: v = clean + robust_weight * robust accuracy; "
+            "tolerance: v = clean - robust_penalty * max(0, robust drop - robust_tolerance)"
         ),
     ] = "ce"
     robust_weight: Annotated[float, Field(ge=0, description="lambda of the linear value")] = 1.0

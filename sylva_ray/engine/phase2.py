@@ -34,7 +34,7 @@ from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.seeding import derive_seed
 from sylva_ray.base.storage import atomic_write_bytes
 from sylva_ray.engine.client import ClientState
-from sylva_ray.engine.jobs import Job
+from sylva_ray.engine.jobs import Job, Outcome
 from sylva_ray.engine.rundir import write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.method.models import encode_state
@@ -177,6 +177,17 @@ def game_rows(
     return pd.DataFrame(rows)
 
 
+def _with_bar(
+    progress: ProgressFactory, desc: str, jobs: Sequence[Job], call: Callable[[Callable[[Any], None]], list[Outcome]]
+) -> dict[int, Outcome]:
+    """Run one stage's jobs (``call(on_done)``) under a bar counting finished jobs; outcomes by client."""
+    bar = progress(total=len(jobs), desc=desc)
+    try:
+        return {o.client_id: o for o in call(lambda _: bar.update(1))}
+    finally:
+        bar.close()
+
+
 def _log_stage(name: str, seconds: float, detail: str = "") -> None:
     log.info("%s done in %.1fs%s", name, seconds, f" ({detail})" if detail else "")
 
@@ -221,11 +232,9 @@ def run_phase2(
 
     stage_started = time.perf_counter()
     tailor_jobs = [Job(c, states[c], players=selected[c], no_tuning=sel.selection == "none") for c in sorted(results)]
-    bar = progress(total=len(tailor_jobs), desc="phase 2 tailoring")
-    try:
-        tailored = {o.client_id: o for o in executor.tailor(tailor_jobs, payload, on_done=lambda _: bar.update(1))}
-    finally:
-        bar.close()
+    tailored = _with_bar(
+        progress, "phase 2 tailoring", tailor_jobs, lambda on_done: executor.tailor(tailor_jobs, payload, on_done)
+    )
     seconds_by_stage["tailoring"] = time.perf_counter() - stage_started
     _log_stage("phase 2 tailoring", seconds_by_stage["tailoring"], f"{len(tailor_jobs)} clients")
 
@@ -233,11 +242,12 @@ def run_phase2(
     # Largest test split first: the attacks' cost grows with it, and the last job decides the wall time.
     ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -int(before[c].get("num_clean", 0)))
     protocol_jobs = [Job(c, states[c], players=selected[c], tuned=tailored[c].upload) for c in ready]
-    bar = progress(total=len(protocol_jobs), desc=f"final protocol ({protocol_attacks(cfg)})")
-    try:
-        scored = {o.client_id: o for o in executor.protocol(protocol_jobs, payload, on_done=lambda _: bar.update(1))}
-    finally:
-        bar.close()
+    scored = _with_bar(
+        progress,
+        f"final protocol ({protocol_attacks(cfg)})",
+        protocol_jobs,
+        lambda on_done: executor.protocol(protocol_jobs, payload, on_done),
+    )
     seconds_by_stage["protocol"] = time.perf_counter() - stage_started
     _log_stage("final protocol", seconds_by_stage["protocol"], f"{len(protocol_jobs)} clients: {protocol_attacks(cfg)}")
 

@@ -311,17 +311,8 @@ class EvalResult:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
 
 
-def _attack_hits(
-    model: nn.Module,
-    attack: Attack,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Per-sample correctness under ``attack``, batch by batch, each batch seeded by its index."""
-    logits = _attacked_logits(model, attack, images, labels, batch_size, seed, device)
+def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample correctness of ``logits`` (empty for no samples)."""
     return logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)
 
 
@@ -392,11 +383,11 @@ def _evaluate(
             if len(labels)
             else torch.zeros(0)
         )
-    clean = logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)
+    clean = _correct(logits, labels)
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
     attack = build_attack(attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
     adversarial_logits = _attacked_logits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
-    robust = adversarial_logits.argmax(1) == labels[:limit] if limit else torch.zeros(0, dtype=torch.bool)
+    robust = _correct(adversarial_logits, labels[:limit])
     result = EvalResult(
         _rate(clean),
         _rate(robust),
@@ -426,10 +417,14 @@ def _evaluate(
         long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)
         large_cfg = dataclasses.replace(attack_cfg, eps=protocol.sanity_large_eps, eval_step_size=None)
         large = build_attack("pgd", model, large_cfg, "eval", data.num_classes, seed)
-        long_hits = _attack_hits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device)
+        long_hits = _correct(
+            _attacked_logits(model, long_pgd, images[:n], labels[:n], batch_size, seed, device), labels[:n]
+        )
         result.long_pgd_acc = _rate(long_hits)
         survived = _combine(survived, long_hits)
-        result.large_eps_acc = _rate(_attack_hits(model, large, images[:n], labels[:n], batch_size, seed, device))
+        result.large_eps_acc = _rate(
+            _correct(_attacked_logits(model, large, images[:n], labels[:n], batch_size, seed, device), labels[:n])
+        )
         result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
         result.num_sanity = n
     if protocol.autoattack:  # without AutoAttack the figure would only restate PGD's

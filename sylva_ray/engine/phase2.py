@@ -239,8 +239,9 @@ def run_phase2(
     _log_stage("phase 2 tailoring", seconds_by_stage["tailoring"], f"{len(tailor_jobs)} clients")
 
     stage_started = time.perf_counter()
-    # Largest test split first: the attacks' cost grows with it, and the last job decides the wall time.
-    ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -int(before[c].get("num_clean", 0)))
+    # Costliest first (the last job decides the wall time): AutoAttack attacks the images a model
+    # gets right, and its later attacks (FAB, Square: most of its time) only those still robust.
+    ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -protocol_cost(before[c]))
     protocol_jobs = [Job(c, states[c], players=selected[c], tuned=tailored[c].upload) for c in ready]
     scored = _with_bar(
         progress,
@@ -330,6 +331,14 @@ def run_phase2(
 
 #: A game with at least this share of zero marginal contributions is reported as flat.
 FLAT_WARNING_SHARE = 0.5
+
+
+def protocol_cost(phase1_row: Mapping[str, Any]) -> float:
+    """A client's protocol cost, in images attacked, from its Phase-1 figures: the clean-correct
+    ones (AutoAttack's first stages) plus the robust ones (its later stages)."""
+    clean = float(phase1_row.get("clean_acc", 0.0)) * float(phase1_row.get("num_clean", 0))
+    robust = float(phase1_row.get("robust_acc", 0.0)) * float(phase1_row.get("num_robust", 0))
+    return clean + robust
 
 
 def protocol_attacks(cfg: ExperimentConfig) -> str:

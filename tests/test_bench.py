@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from sylva_ray.engine.resolve import load_config
-from sylva_ray.experiments.bench import run_bench
+from sylva_ray.engine.rundir import read_json
+from sylva_ray.experiments.bench import PHASE2_VARIANTS, run_bench
 
 
 def test_comm_bench_counts_real_bytes(tmp_path):
@@ -40,3 +41,60 @@ def test_clock_bench_costs_sylva_and_fat_on_every_mix(tmp_path):
     deadline = pd.read_csv(tmp_path / "bench_clock_deadline.csv")
     assert (deadline["straggler"] == (deadline["sim_total_s"] > deadline["deadline_s"])).all()
     assert deadline.groupby("deadline_quantile")["straggler"].sum().is_monotonic_decreasing
+
+
+def test_phase2_bench_sets_every_variant_beside_phase1(tmp_path):
+    """Seven Phase-2 variants on one Phase-1 run; "phase 1 only" is the fused model untouched, so its
+    figures are Phase 1's own (the merged model scores as the adapter-carrying one did)."""
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "runtime.engine=inprocess",
+            "federation.rounds=1",
+            "layer_selection.coalition_steps=1",
+            "layer_selection.finetune_steps=2",
+            "evaluation.autoattack=false",
+            "evaluation.sanity_checks=false",
+        ],
+    )
+    frame = run_bench("phase2", cfg, tmp_path)
+    assert list(frame["variant"]) == [label for label, _ in PHASE2_VARIANTS]
+    phase1 = read_json(tmp_path / "phase1" / "summary.json")["phase1"]
+    reference = frame.set_index("variant").loc["phase 1 only"]
+    assert reference["clean_acc"] == pytest.approx(phase1["clean_acc"], abs=1e-4)
+    assert reference["robust_acc"] == pytest.approx(phase1["robust_acc"], abs=1e-4)
+    assert reference["v_minus_phase1"] == 0 and reference["evaluations"] == 0
+    games = frame[frame["variant"].str.startswith("shapley")]
+    assert (games["evaluations"] == 4 * 16).all() and (games["game_seconds"] > 0).all()
+    clients = pd.read_csv(tmp_path / "bench_phase2_clients.csv")
+    assert len(clients) == 4 * len(PHASE2_VARIANTS)
+
+
+def test_estimator_bench_replays_exact_games(tmp_path, monkeypatch):
+    """The estimator table's arithmetic on two known 8-player games (the real games' exhaustive
+    evaluation is what ``exhaustive_games`` adds; it is the layer game tested elsewhere)."""
+    import sylva_ray.experiments.bench as bench
+
+    rng = np.random.default_rng(0)
+
+    def figures(mask):
+        bits = [(mask >> i) & 1 for i in range(8)]
+        score = float(np.dot(bits, np.linspace(0.1, 0.8, 8)))
+        return {
+            "clean_acc": round(0.5 + score / 10, 1),  # an accuracy moves in steps: ties
+            "robust_acc": 0.3,
+            "clean_loss": 1.0 - score / 5 + rng.normal(scale=1e-3),
+            "robust_loss": 2.0 - score / 5,
+        }
+
+    tables = {client: {mask: figures(mask) for mask in range(256)} for client in (0, 1)}
+    monkeypatch.setattr(bench, "exhaustive_games", lambda cfg, clients: (8, tables))
+    monkeypatch.setattr(bench, "ESTIMATOR_BUDGETS", (64,))
+    monkeypatch.setattr(bench, "ESTIMATOR_SEEDS", 2)
+    frame = run_bench("estimator", load_config("smoke"), tmp_path)
+    ours = frame[(frame["value"] == "ce") & (frame["estimator"] == "antithetic")].iloc[0]
+    assert ours["spearman"] > 0.9 and ours["within_2_stderr"] > 0
+    assert set(frame["estimator"]) == {"antithetic", *bench.ESTIMATORS}
+    games = pd.read_csv(tmp_path / "bench_estimator_games.csv").set_index(["client", "value"])
+    assert games.loc[(0, "ce"), "zero_marginal_share"] == 0.0
+    assert games.loc[(0, "linear"), "zero_marginal_share"] > 0.3  # the stepped accuracy game is flatter

@@ -195,6 +195,8 @@ def test_a_flat_game_is_reported_flat():
     assert values == pytest.approx(np.full(4, 0.0625))
     chosen = select_players(values, "top_k", 2, 0.0)
     assert chosen == [0, 1] and ties_at_cut(values, chosen) == 2  # the order, not the game, chose
+    noisy = values + np.array([0.0, 1e-17, 0.0, 3e-17])  # what exact arithmetic leaves of a tie
+    assert select_players(noisy, "top_k", 2, 0.0) == [0, 1]
 
 
 def test_a_graded_game_is_not_flat():

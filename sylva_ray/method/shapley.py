@@ -316,7 +316,9 @@ def select_players(values: np.ndarray, rule: str, top_k: int, threshold: float) 
     """Which players (layers) to fine-tune: ``top_k`` highest, all above ``threshold``, or all positive.
 
     Ties go to the earlier player (a stable order); ``ties_at_cut`` says how often that decided."""
-    order = [int(i) for i in np.argsort(-values, kind="stable")]
+    # Values within TIE_TOLERANCE are ties (a flat game's exact values differ only by rounding):
+    # ranked on the rounded values, ties keep model order.
+    order = [int(i) for i in np.argsort(-np.round(values / TIE_TOLERANCE), kind="stable")]
     if rule == "top_k":
         return sorted(order[:top_k])
     if rule == "threshold":

@@ -38,6 +38,7 @@ from sylva_ray.distributed.placement import (
 )
 from sylva_ray.engine.federation import Federation
 from sylva_ray.engine.jobs import Job, OnDone, Outcome, WorkerInfo
+from sylva_ray.engine.phase2 import SilentBar
 from sylva_ray.engine.runner import phase2_of
 from sylva_ray.method.data import Partition
 
@@ -339,17 +340,19 @@ class DriverActor:
         plan: PoolPlan,
         log_level: int = logging.INFO,
         pretraining_seconds: float = 0.0,
+        progress: bool = True,
     ) -> None:
         """``actors``: the client-actor handles (``start_client_actors``); ``log_level``: the main
         process's, so ``--log-level`` reaches every actor; ``pretraining_seconds``: the launcher's
-        time to get the pre-trained weights (``summary.json`` ``seconds_by_stage``)."""
+        time to get the pre-trained weights (``summary.json`` ``seconds_by_stage``); ``progress``:
+        Phase 2's bars on or off, as the launcher's."""
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan
         self.federation = Federation(cfg, Path(run_dir), RayExecutor(cfg, actors, self.faults), resume=resume)
         self.federation.pretraining_seconds = pretraining_seconds
         # Phase 2's bars are drawn in the main process (Ray forwards tqdm_ray's updates to it).
-        self.federation.progress_bar = tqdm_ray.tqdm
+        self.federation.progress_bar = tqdm_ray.tqdm if progress else SilentBar
 
     def status(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,7 @@ from sylva_ray.distributed.connect import (
 from sylva_ray.distributed.placement import plan_pool
 from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation
 from sylva_ray.engine.jobs import InProcessExecutor
+from sylva_ray.engine.phase2 import SilentBar
 from sylva_ray.engine.resolve import address_problem, build_config
 from sylva_ray.engine.rundir import (
     load_run_config,
@@ -88,6 +89,8 @@ def run(
         log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
         federation = Federation(cfg, run_dir, executor, resume=resume)
         federation.pretraining_seconds = executor.worker.pretraining_seconds
+        if not progress:
+            federation.progress_bar = SilentBar
         return drive(LocalSession(federation), cfg, run_dir, stop_after, progress)
 
     with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
@@ -194,7 +197,7 @@ def remote_federation(
             cfg, plan, staged.source, partition, staged.backbone, group, main_process_log_level()
         )
         driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg, str(run_dir), resume, actors, plan, main_process_log_level(), staged.pretraining_seconds
+            cfg, str(run_dir), resume, actors, plan, main_process_log_level(), staged.pretraining_seconds, progress
         )
         federation = DriverHandle(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here

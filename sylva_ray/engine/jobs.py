@@ -39,6 +39,7 @@ class Job:
     malicious: bool = False  # training: the client attacks this round (adversary.behaviour)
     tuned: Optional[bytes] = None  # Phase 2's protocol: the tailored tensors (layers + head), serialised
     no_tuning: bool = False  # Phase 2's tailoring: leave the fused model as it is (selection ``none``)
+    show_progress: bool = True  # Phase 2's protocol: a bar naming the attack in progress
 
 
 @dataclass
@@ -162,7 +163,8 @@ def run_protocol_job(
 
     ``progress``: a bar factory (tqdm's signature); one bar per job shows the attack in progress."""
     game = worker.game(job.client_id, job.state, adapter, adapter_key)
-    bar = progress(total=protocol_stages(worker.cfg), desc=f"client {job.client_id}") if progress else None
+    show = progress is not None and job.show_progress
+    bar = progress(total=protocol_stages(worker.cfg), desc=f"client {job.client_id}") if show else None
     started = [False]
 
     def on_stage(name: str) -> None:

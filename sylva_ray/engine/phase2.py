@@ -49,6 +49,22 @@ log = logging.getLogger(__name__)
 ProgressFactory = Callable[..., Any]
 
 
+class SilentBar:
+    """The progress bar of a run asked to show none (``progress=False``: compare, sweeps, tests)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def planned_evaluations(cfg: ExperimentConfig, num_players: int) -> int:
     """Coalitions one client's game evaluates at most: 2^L exactly, else the approximation budget."""
     sel = cfg.layer_selection
@@ -242,7 +258,10 @@ def run_phase2(
     # Costliest first (the last job decides the wall time): AutoAttack attacks the images a model
     # gets right, and its later attacks (FAB, Square: most of its time) only those still robust.
     ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -protocol_cost(before[c]))
-    protocol_jobs = [Job(c, states[c], players=selected[c], tuned=tailored[c].upload) for c in ready]
+    show = progress is not SilentBar  # the per-client bars (attack in progress) follow the stage bars
+    protocol_jobs = [
+        Job(c, states[c], players=selected[c], tuned=tailored[c].upload, show_progress=show) for c in ready
+    ]
     scored = _with_bar(
         progress,
         f"final protocol ({protocol_attacks(cfg)})",

@@ -199,6 +199,15 @@ def test_a_flat_game_is_reported_flat():
     assert select_players(noisy, "top_k", 2, 0.0) == [0, 1]
 
 
+def test_flatness_survives_a_diverged_coalition_and_threshold_rules_respect_ties():
+    table = {mask: float(bin(mask).count("1")) for mask in range(1 << 3)}
+    table[0b111] = float("nan")
+    assert flatness(table, 3).distinct_values == 4  # 0, 1, 2 and the non-finite one
+    noisy_zero = np.array([1e-17, -1e-17, 0.5])
+    assert select_players(noisy_zero, "positive", 0, 0.0) == [2]
+    assert select_players(noisy_zero + 0.2, "threshold", 0, 0.2) == [2]
+
+
 def test_a_graded_game_is_not_flat():
     table = {mask: additive([0.4, 0.3, 0.2, 0.1])(mask) for mask in range(1 << 4)}
     assert flatness(table, 4).zero_share == 0.0

@@ -8,7 +8,7 @@ fails twice takes its client out of Phase 2 (it keeps its Phase-1 model, and the
 Three stages, each with a progress bar and a log line with its seconds: the layer games (coalition
 evaluations done / planned, across clients), tailoring (the chosen layers + head, on the client's
 home actor), and the final-model protocol (PGD, AutoAttack, sanity attacks) on whichever actor is
-free, largest test split first.
+free, the most expected attack work first (clean-correct plus robust images in Phase 1).
 
 Writes into ``out_dir``: ``shapley.csv`` (client, layer, value, stderr, evaluations, selected),
 ``shapley_games.csv`` (per client: how flat its game was, what one validation image resolves, ties
@@ -284,7 +284,7 @@ def run_phase2(
                     tailored[client].upload,  # type: ignore[arg-type]
                 )
             else:
-                row["phase2_error"] = outcome.error or "tailoring failed"
+                row["phase2_error"] = short_error(outcome.error or "tailoring failed")
             row["selected_layers"] = [players[p] for p in selected[client]]
             res = results[client]
             for index, name in enumerate(players):
@@ -300,7 +300,7 @@ def run_phase2(
                     }
                 )
         else:
-            row["phase2_error"] = failed.get(client, "")
+            row["phase2_error"] = short_error(failed.get(client, ""))
         per_client.append(row)
 
     frame = pd.DataFrame(shapley_rows)
@@ -350,6 +350,16 @@ def run_phase2(
 
 #: A game with at least this share of zero marginal contributions is reported as flat.
 FLAT_WARNING_SHARE = 0.5
+
+
+#: Characters of an error message kept in a summary row.
+ERROR_CHARS = 200
+
+
+def short_error(text: str) -> str:
+    """An error's last line, cut short: a Ray traceback names hosts and PIDs, not the experiment."""
+    lines = text.strip().splitlines()
+    return lines[-1][:ERROR_CHARS] if lines else ""
 
 
 def protocol_cost(phase1_row: Mapping[str, Any]) -> float:

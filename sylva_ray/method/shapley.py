@@ -308,7 +308,11 @@ def flatness(coalition_values: Values, num_players: int) -> Flatness:
             if bigger != mask and bigger in coalition_values:
                 pairs += 1
                 zeros += abs(coalition_values[bigger] - value) <= TIE_TOLERANCE
-    rounded = {round(v / TIE_TOLERANCE) for v in coalition_values.values()}
+    # A diverged fine-tune can leave a NaN or infinite value: counted as one value of its own, not rounded.
+    finite = [v for v in coalition_values.values() if math.isfinite(v)]
+    rounded = {round(v / TIE_TOLERANCE) for v in finite} | (
+        {"non-finite"} if len(finite) < len(coalition_values) else set()
+    )
     return Flatness(pairs, zeros / pairs if pairs else float("nan"), len(rounded))
 
 
@@ -321,10 +325,10 @@ def select_players(values: np.ndarray, rule: str, top_k: int, threshold: float) 
     order = [int(i) for i in np.argsort(-np.round(values / TIE_TOLERANCE), kind="stable")]
     if rule == "top_k":
         return sorted(order[:top_k])
-    if rule == "threshold":
-        return sorted(i for i in order if values[i] > threshold)
+    if rule == "threshold":  # a value within TIE_TOLERANCE of the threshold ties it: not above
+        return sorted(i for i in order if values[i] > threshold + TIE_TOLERANCE)
     if rule == "positive":
-        return sorted(i for i in order if values[i] > 0)
+        return sorted(i for i in order if values[i] > TIE_TOLERANCE)
     raise ValueError(f"layer_selection.selection={rule!r}: use top_k, threshold or positive")
 
 

@@ -177,12 +177,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         frame = bench_startup(args.preset, args.config_file, args.overrides, args.out, args.repeats)
         sys.stdout.write(frame.to_string(index=False) + "\n")
         return 0
+    from sylva_ray.base.config import ConfigError
     from sylva_ray.experiments.bench import run_bench
 
+    options: dict[str, Any] = {}
+    if args.run is not None:
+        if args.which != "autoattack":
+            raise ConfigError(f"--run is read by `sylva-ray bench autoattack` only, not by `bench {args.which}`")
+        options["run_dir"] = _finished_run(Path(args.run))
     cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
-    frame = run_bench(args.which, cfg, args.out)
+    frame = run_bench(args.which, cfg, args.out, **options)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
+
+
+def _finished_run(run_dir: Path) -> Path:
+    """A run directory with its config and final client models (``bench autoattack --run``), checked
+    before any work starts."""
+    from sylva_ray.base.config import ConfigError
+    from sylva_ray.engine.rundir import load_run_config
+
+    cfg = load_run_config(run_dir)  # names the folder when it holds no readable config.yaml
+    missing = [
+        c for c in range(cfg.data.num_clients) if not (run_dir / "models" / f"client_{c:04d}.safetensors").is_file()
+    ]
+    if missing:
+        raise ConfigError(
+            f"--run {run_dir}: no final model of clients {missing[:5]} under models/; give a finished run "
+            "(output.save_models on), or leave --run out to attack the pre-trained model"
+        )
+    return run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,11 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="comm",
-        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup"],
+        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup", "autoattack"],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(
         "--repeats", type=int, default=2, help="startup: fresh processes per variant, run alternately (default 2)"
+    )
+    bench.add_argument(
+        "--run",
+        help="autoattack: a finished run whose final model of its costliest client is attacked (default: the "
+        "configured pre-trained model)",
     )
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)

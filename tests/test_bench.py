@@ -98,3 +98,47 @@ def test_estimator_bench_replays_exact_games(tmp_path, monkeypatch):
     games = pd.read_csv(tmp_path / "bench_estimator_games.csv").set_index(["client", "value"])
     assert games.loc[(0, "ce"), "zero_marginal_share"] == 0.0
     assert games.loc[(0, "linear"), "zero_marginal_share"] > 0.3  # the stepped accuracy game is flatter
+
+
+def test_autoattack_bench_records_every_pass_without_changing_the_attack(tmp_path):
+    """The recorder only watches: the reference AutoAttack it wraps gives the same accuracy as the
+    protocol's own call on the same model, images and seed; every pass lands in one stage row, and
+    the plain loop replays all of them."""
+    import torch
+
+    from sylva_ray.base.seeding import derive_seed
+    from sylva_ray.engine.client import ClientWorker
+    from sylva_ray.experiments.autoattack_bench import SUB_ATTACKS
+    from sylva_ray.method.data import load_source, make_partition
+    from sylva_ray.method.layer_selection import fuse
+    from sylva_ray.method.training import reference_autoattack_hits
+
+    cfg = load_config("smoke")
+    frame = run_bench("autoattack", cfg, tmp_path).set_index("stage")
+    assert (tmp_path / "bench_autoattack.csv").is_file()
+    whole = frame.loc["all of AutoAttack"]
+    parts = frame.drop(index="all of AutoAttack")
+    assert set(parts.index) <= {*SUB_ATTACKS.values(), "accuracy checks"} and "APGD-CE" in parts.index
+    assert parts["passes"].sum() == whole["passes"] and parts["images_forward"].sum() == whole["images_forward"]
+    assert (frame["images_gradient"] <= frame["images_forward"]).all() and whole["images_gradient"] > 0
+    assert (frame["plain_loop_seconds"] > 0).all() and (frame["gemm_gflop_per_s"] > 0).all()
+    assert not bool(whole["reference_strength"])  # smoke's AutoAttack is the quick one, and the table says so
+
+    source = load_source(cfg.data)
+    worker = ClientWorker(cfg, source, make_partition(source, cfg.data, cfg.runtime.seed))
+    client = int(whole["client"])
+    test = worker.data(client).test
+    n = int(whole["images"])
+    assert n == min(cfg.evaluation.autoattack_max_samples, max(len(worker.data(c).test) for c in range(4)))
+    model = fuse(worker.model, worker.initial_adapter, worker.initial_personal)
+    torch.set_num_threads(1)
+    hits = reference_autoattack_hits(
+        model,
+        cfg.attack,
+        torch.from_numpy(test.images[:n]),
+        torch.from_numpy(test.labels[:n]),
+        test.num_classes,
+        derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack"),
+        cfg.train.eval_batch_size,
+    )
+    assert whole["autoattack_acc"] == pytest.approx(float(hits.float().mean()), abs=1e-4)

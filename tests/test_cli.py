@@ -62,3 +62,24 @@ def test_the_entry_point_loads_no_heavy_library_until_a_command_needs_it():
     probe = "import sys, sylva_ray.cli; print(sorted(m for m in ('torch', 'timm', 'peft', 'ray') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_autoattack_bench_on_a_finished_run_repeats_the_protocols_figure(smoke_run, tmp_path):
+    """``bench autoattack --run`` attacks the run's final model of its costliest client with the
+    protocol's seed: its AutoAttack accuracy is that client's figure in summary.json."""
+    out = tmp_path / "bench"
+    assert main(["bench", "autoattack", "--run", str(smoke_run), "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "bench_autoattack.csv").set_index("stage")
+    whole = frame.loc["all of AutoAttack"]
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    row = next(r for r in summary["per_client"] if r["client"] == int(whole["client"]))
+    assert int(whole["images"]) == row["num_autoattack"] == max(r["num_autoattack"] for r in summary["per_client"])
+    assert whole["autoattack_acc"] == pytest.approx(row["autoattack_acc"], abs=1e-4)
+
+
+def test_autoattack_bench_refuses_a_folder_that_is_no_finished_run(tmp_path, caplog):
+    out = tmp_path / "bench"
+    assert main(["bench", "autoattack", "--run", str(tmp_path), "--out", str(out)]) == 2
+    assert "no config.yaml" in caplog.text and not out.exists()
+    assert main(["bench", "comm", "--run", str(tmp_path), "--out", str(out)]) == 2
+    assert "bench autoattack" in caplog.text and not out.exists()

@@ -89,3 +89,39 @@ def test_a_real_game_satisfies_efficiency(game):
     result = solve(exact_shapley(len(game.players)), lambda mask: values.setdefault(mask, game.value(mask).value))
     full = (1 << len(game.players)) - 1
     assert result.values.sum() == pytest.approx(values[full] - values[0])
+
+
+def test_a_failing_estimator_ends_only_its_own_clients_game(monkeypatch):
+    """One client's estimator raising (not a failed evaluation: the estimator itself) takes that
+    client out of Phase 2 with the reason; every other client's game still ends with its values."""
+    from sylva_ray.engine import phase2
+    from sylva_ray.engine.jobs import InProcessExecutor
+    from sylva_ray.method.models import encode_state
+
+    cfg = load_config("smoke", overrides=["model.pretrained=none"])
+    source = load_source(cfg.data)
+    executor = InProcessExecutor(cfg, source, make_partition(source, cfg.data, 0))
+    broken_seed = phase2.derive_seed(cfg.runtime.seed, "shapley", 1)
+    real = phase2.make_estimator
+
+    def estimator_breaking_for_client_1(*args, **kwargs):
+        estimator = real(*args, **kwargs)
+        if args[5] != broken_seed:  # the sixth argument is the client's seed
+            return estimator
+
+        def broken():
+            yield next(estimator)
+            raise ValueError("injected estimator fault")
+
+        return broken()
+
+    monkeypatch.setattr(phase2, "make_estimator", estimator_breaking_for_client_1)
+    worker = executor.worker
+    states = {c: worker.initial_state() for c in (0, 1, 2)}
+    players = len(worker.player_names())
+    results, failed, _ = phase2.play_games(
+        cfg, executor, players, [0, 1, 2], states, encode_state(worker.initial_adapter), progress=phase2.SilentBar
+    )
+    assert set(results) == {0, 2} and set(failed) == {1}
+    assert "injected estimator fault" in failed[1]
+    assert all(np.isfinite(results[c].values).all() and len(results[c].values) == players for c in (0, 2))

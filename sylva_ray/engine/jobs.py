@@ -22,6 +22,7 @@ from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
 from sylva_ray.method.models import decode_state, encode_state
+from sylva_ray.method.training import protocol_stages
 
 State = dict[str, torch.Tensor]
 
@@ -150,11 +151,6 @@ def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: 
     return Outcome(client_id=job.client_id, upload=encode_state(tuned))
 
 
-def protocol_stages(cfg: ExperimentConfig) -> int:
-    """Attack stages of the final protocol: PGD, then AutoAttack and the sanity attacks when on."""
-    return 1 + int(cfg.evaluation.autoattack) + int(cfg.evaluation.sanity_checks)
-
-
 def run_protocol_job(
     worker: ClientWorker, job: Job, adapter: State, adapter_key: str, progress: Optional[Callable[..., Any]] = None
 ) -> Outcome:
@@ -164,7 +160,8 @@ def run_protocol_job(
     ``progress``: a bar factory (tqdm's signature); one bar per job shows the attack in progress."""
     game = worker.game(job.client_id, job.state, adapter, adapter_key)
     show = progress is not None and job.show_progress
-    bar = progress(total=protocol_stages(worker.cfg), desc=f"client {job.client_id}") if show else None
+    stages = len(protocol_stages(worker.cfg.attack, worker.cfg.evaluation))
+    bar = progress(total=stages, desc=f"client {job.client_id}") if show else None
     started = [False]
 
     def on_stage(name: str) -> None:

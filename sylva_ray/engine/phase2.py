@@ -40,6 +40,7 @@ from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.method.models import encode_state
 from sylva_ray.method.sanity import sanity_warnings
 from sylva_ray.method.shapley import ShapleyResult, flatness, make_estimator, select_players, ties_at_cut
+from sylva_ray.method.training import protocol_stages
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,9 @@ def play_games(
                     nxt[client] = estimators[client].send(values)
                 except StopIteration as stop:
                     results[client] = stop.value
+                except Exception as exc:  # one client's estimator failing ends its game, not everyone's
+                    failed[client] = f"layer game estimator failed: {type(exc).__name__}: {exc}"
+                    log.error("phase 2: client %d leaves the game: %s", client, failed[client])
             requests = nxt
     finally:
         bar.close()
@@ -259,17 +263,18 @@ def run_phase2(
     # gets right, and its later attacks (FAB, Square: most of its time) only those still robust.
     ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -protocol_cost(before[c]))
     show = progress is not SilentBar  # the per-client bars (attack in progress) follow the stage bars
+    attacks = ", ".join(protocol_stages(cfg.attack, cfg.evaluation))
     protocol_jobs = [
         Job(c, states[c], players=selected[c], tuned=tailored[c].upload, show_progress=show) for c in ready
     ]
     scored = _with_bar(
         progress,
-        f"final protocol ({protocol_attacks(cfg)})",
+        f"final protocol ({attacks})",
         protocol_jobs,
         lambda on_done: executor.protocol(protocol_jobs, payload, on_done),
     )
     seconds_by_stage["protocol"] = time.perf_counter() - stage_started
-    _log_stage("final protocol", seconds_by_stage["protocol"], f"{len(protocol_jobs)} clients: {protocol_attacks(cfg)}")
+    _log_stage("final protocol", seconds_by_stage["protocol"], f"{len(protocol_jobs)} clients: {attacks}")
 
     per_client, shapley_rows = [], []
     for client in clients:
@@ -368,16 +373,6 @@ def protocol_cost(phase1_row: Mapping[str, Any]) -> float:
     clean = float(phase1_row.get("clean_acc", 0.0)) * float(phase1_row.get("num_clean", 0))
     robust = float(phase1_row.get("robust_acc", 0.0)) * float(phase1_row.get("num_robust", 0))
     return clean + robust
-
-
-def protocol_attacks(cfg: ExperimentConfig) -> str:
-    """The attacks the final protocol runs, for its progress bar and log line."""
-    attacks = [f"{cfg.attack.eval_attack.upper()}-{cfg.attack.eval_steps}"]
-    if cfg.evaluation.autoattack:
-        attacks.append("AutoAttack")
-    if cfg.evaluation.sanity_checks:
-        attacks.append("sanity attacks")
-    return ", ".join(attacks)
 
 
 def plot_heatmap(out_dir: Path, frame: pd.DataFrame) -> None:

@@ -18,6 +18,9 @@
 ``clock``  simulated round time (``engine.clock``) of Sylva vs FAT on device mixes, split into compute
            and network, from counted FLOPs and exact bytes, without training
            (``sylva_ray.experiments.clock_bench``); and who makes a deadline.
+``autoattack`` the reference AutoAttack on the costliest client's subset, every model pass recorded, against a
+           plain loop replaying the same passes and against this core's GEMM rate: how much of the final
+           protocol's time is the model's own compute (``sylva_ray.experiments.autoattack_bench``).
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -44,6 +47,7 @@ from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
 from sylva_ray.engine.rundir import new_unique_dir, prepare_data, resolve_result_path, utc_stamp, write_table
+from sylva_ray.experiments.autoattack_bench import bench_autoattack
 from sylva_ray.experiments.clock_bench import bench_clock
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
@@ -427,16 +431,19 @@ BENCHES = {
     "estimator": bench_estimator,
     "memory": bench_memory,
     "clock": bench_clock,
+    "autoattack": bench_autoattack,
 }
 
 
-def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None) -> pd.DataFrame:
+def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None, **options: object) -> pd.DataFrame:
+    """Run one bench into ``out`` (a new folder by default); ``options`` go to the bench (``run_dir``
+    for ``autoattack``)."""
     if out is None:
         out = new_unique_dir(resolve_result_path(cfg.output.root), f"bench-{which}-{utc_stamp()}")
     else:
         out = resolve_result_path(out)
         out.mkdir(parents=True, exist_ok=True)
-    frame = BENCHES[which](cfg, out)
+    frame = BENCHES[which](cfg, out, **options)
     write_table(out / f"bench_{which}.csv", frame)
     log.info("bench %s written to %s", which, out / f"bench_{which}.csv")
     return frame

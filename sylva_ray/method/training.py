@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from sylva_ray.base.config import AttackConfig, EvaluationConfig, TrainConfig
 from sylva_ray.base.precision import fp32_evaluation, training_precision
 from sylva_ray.base.seeding import derive_seed, torch_generator, torch_seeded
-from sylva_ray.method.attacks import build_attack, perturb
+from sylva_ray.method.attacks import ReferenceAutoAttack, build_attack, perturb
 from sylva_ray.method.data import ArrayDataset
 from sylva_ray.method.losses import LossTerms
 from sylva_ray.method.models import Role, classifier_name, parameter_role
@@ -339,6 +339,21 @@ def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
     return float(F.cross_entropy(logits, labels)) if len(labels) else None
 
 
+def protocol_stages(attack_cfg: AttackConfig, protocol: Optional[EvaluationConfig]) -> list[str]:
+    """The attack stages an evaluation runs, by the names its ``on_stage`` reports (progress bars,
+    log lines): the evaluation attack, then, for final models, AutoAttack and the sanity attacks."""
+    stages = [f"{attack_cfg.eval_attack.upper()}-{attack_cfg.eval_steps}"]
+    if protocol is not None and protocol.autoattack:
+        stages.append(AUTOATTACK_STAGE)
+    if protocol is not None and protocol.sanity_checks:
+        stages.append(SANITY_STAGE)
+    return stages
+
+
+#: Stage names of the final protocol (``protocol_stages``).
+AUTOATTACK_STAGE, SANITY_STAGE = "AutoAttack", "sanity attacks"
+
+
 def evaluate(
     model: nn.Module,
     data: ArrayDataset,
@@ -373,7 +388,7 @@ def _evaluate(
     on_stage: Callable[[str], None],
 ) -> EvalResult:
     model.eval()
-    on_stage(f"{attack_cfg.eval_attack.upper()}-{attack_cfg.eval_steps}")
+    on_stage(protocol_stages(attack_cfg, None)[0])
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     with torch.no_grad():
         logits = (
@@ -401,7 +416,7 @@ def _evaluate(
         return result
     survived = robust.clone()  # per image: robust to every attack at eps run on it so far
     if protocol.autoattack:
-        on_stage("AutoAttack")
+        on_stage(AUTOATTACK_STAGE)
         n = min(len(labels), protocol.autoattack_max_samples)
         hits = reference_autoattack_hits(
             model, attack_cfg, images[:n], labels[:n], data.num_classes, derive_seed(seed, "autoattack"), batch_size
@@ -411,7 +426,7 @@ def _evaluate(
         result.pgd_on_autoattack = _rate(robust[:n]) if n <= limit else None
         survived = _combine(survived, hits)[:n]  # the images PGD and AutoAttack both attacked
     if protocol.sanity_checks:
-        on_stage("sanity attacks")
+        on_stage(SANITY_STAGE)
         n = min(len(labels), protocol.sanity_samples)
         long_cfg = dataclasses.replace(attack_cfg, eval_steps=protocol.sanity_long_steps)
         long_pgd = build_attack("pgd", model, long_cfg, "eval", data.num_classes, seed)
@@ -454,7 +469,16 @@ def reference_autoattack_hits(
     reference re-seeds torch's generators itself; ``torch_seeded`` keeps that from leaking out."""
     if not len(labels):
         return torch.zeros(0, dtype=torch.bool)
-    auto = build_attack("autoattack", model, attack_cfg, "eval", num_classes, seed)
+    return autoattack_hits(
+        build_attack("autoattack", model, attack_cfg, "eval", num_classes, seed), images, labels, seed, batch_size
+    )
+
+
+def autoattack_hits(
+    auto: ReferenceAutoAttack, images: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int
+) -> torch.Tensor:
+    """Per-image correctness under an already built reference AutoAttack (``bench autoattack``
+    records the passes of the one it builds), seeded and with gradients on as the protocol runs it."""
     with torch_seeded(seed), torch.enable_grad():
         _, predicted = auto.run(images, labels, batch_size=batch_size)
     return (predicted.cpu() == labels.cpu()).cpu()

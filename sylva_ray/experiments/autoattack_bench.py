@@ -19,12 +19,11 @@ attack, more cores or a faster device make it shorter (README "Where the time go
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -38,6 +37,7 @@ from sylva_ray.base.seeding import derive_seed
 from sylva_ray.engine.rundir import load_run_config
 from sylva_ray.method.attacks import ReferenceAutoAttack
 from sylva_ray.method.data import ArrayDataset, load_source, make_partition
+from sylva_ray.method.models import torch_threads
 from sylva_ray.method.training import autoattack_hits
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 SUB_ATTACKS = {"apgd": "APGD-CE", "apgd_targeted": "APGD-T", "fab": "FAB-T", "square": "Square"}
 #: Passes outside any sub-attack: the reference's own accuracy checks before and between attacks.
 CHECKS = "accuracy checks"
+#: The row of the whole run.
+WHOLE = "all of AutoAttack"
 #: Rows of the GEMM that measures this core's rate, and how many times it is timed.
 GEMM_ROWS, GEMM_REPEATS = 1024, 200
 #: One torch thread, as each client actor has.
@@ -135,16 +137,6 @@ def gemm_rate(model: nn.Module) -> float:
     return 2.0 * GEMM_ROWS * weight.numel() * GEMM_REPEATS / (time.perf_counter() - started)
 
 
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _most_images(sizes: dict[int, int]) -> int:
     """The client with the most AutoAttack images (the lowest id among equals)."""
     return min(sizes, key=lambda c: (-sizes[c], c))
@@ -153,7 +145,6 @@ def _most_images(sizes: dict[int, int]) -> int:
 def _subject(cfg: ExperimentConfig, run_dir: Optional[Path]) -> tuple[ExperimentConfig, int, nn.Module, ArrayDataset]:
     """(config, client, model, test split): a finished run's final model of its costliest client,
     or, without a run, the configured pre-trained model with the initial adapter and head."""
-    limit = cfg.evaluation.autoattack_max_samples
     if run_dir is not None:
         from sylva_ray.experiments.api import load_client_model, load_client_split
 
@@ -165,6 +156,7 @@ def _subject(cfg: ExperimentConfig, run_dir: Optional[Path]) -> tuple[Experiment
     from sylva_ray.engine.client import ClientWorker
     from sylva_ray.method.layer_selection import fuse
 
+    limit = cfg.evaluation.autoattack_max_samples
     source = load_source(cfg.data)
     worker = ClientWorker(cfg, source, make_partition(source, cfg.data, cfg.runtime.seed))
     client = _most_images({c: min(len(worker.data(c).test), limit) for c in range(cfg.data.num_clients)})
@@ -182,7 +174,7 @@ def bench_autoattack(cfg: ExperimentConfig, out: Path, run_dir: Optional[Path] =
     image_shape = tuple(images.shape[1:])
     seed = derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack")  # as the protocol seeds it
     log.info("bench autoattack: client %d, %d images, %d torch thread(s)", client, n, BENCH_THREADS)
-    with _threads(BENCH_THREADS), fp32_evaluation(torch.device("cpu")):
+    with torch_threads(BENCH_THREADS), fp32_evaluation(torch.device("cpu")):
         auto = ReferenceAutoAttack(model, cfg.attack, test.num_classes, seed)
         recorder = PassRecorder(model, auto)
         started = time.perf_counter()
@@ -196,15 +188,15 @@ def bench_autoattack(cfg: ExperimentConfig, out: Path, run_dir: Optional[Path] =
         forward_flops, gradient_flops = flops_per_image(model, image_shape)
         gemm = gemm_rate(model)
     rows = []
-    for stage in [*SUB_ATTACKS.values(), CHECKS, "all of AutoAttack"]:
-        passes = [p for p in recorder.passes if stage in (p.stage, "all of AutoAttack")]
+    for stage in [*SUB_ATTACKS.values(), CHECKS, WHOLE]:
+        passes = [p for p in recorder.passes if stage in (p.stage, WHOLE)]
         if not passes:
             continue
         forward_images = sum(p.images for p in passes)
         gradient_images = sum(p.images for p in passes if p.gradient)
         flops = forward_images * forward_flops + gradient_images * gradient_flops
-        seconds = total if stage == "all of AutoAttack" else recorder.seconds.get(stage, 0.0)
-        plain = sum(replayed.values()) if stage == "all of AutoAttack" else replayed.get(stage, 0.0)
+        seconds = total if stage == WHOLE else recorder.seconds.get(stage, 0.0)
+        plain = sum(replayed.values()) if stage == WHOLE else replayed.get(stage, 0.0)
         rate = flops / seconds if seconds > 0 else float("nan")
         rows.append(
             {

@@ -171,42 +171,49 @@ def _threat_grid(args: argparse.Namespace, raw: dict[str, Any]) -> Optional["Thr
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from sylva_ray.base.config import ConfigError
+
+    if args.run is not None and args.which != "autoattack":
+        raise ConfigError(f"--run is read by `sylva-ray bench autoattack` only, not by `bench {args.which}`")
     if args.which == "startup":  # measures fresh processes from a parent that imports no torch
         from sylva_ray.experiments.startup import bench_startup
 
         frame = bench_startup(args.preset, args.config_file, args.overrides, args.out, args.repeats)
         sys.stdout.write(frame.to_string(index=False) + "\n")
         return 0
-    from sylva_ray.base.config import ConfigError
     from sylva_ray.experiments.bench import run_bench
 
-    options: dict[str, Any] = {}
     if args.run is not None:
-        if args.which != "autoattack":
-            raise ConfigError(f"--run is read by `sylva-ray bench autoattack` only, not by `bench {args.which}`")
-        options["run_dir"] = _finished_run(Path(args.run))
-    cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
-    frame = run_bench(args.which, cfg, args.out, **options)
+        if args.preset != "default" or args.config_file or args.overrides:
+            raise ConfigError(
+                "--run attacks the run's models with the run's own configuration: leave out --preset, --config "
+                "and --set (or leave out --run to bench a configuration's pre-trained model)"
+            )
+        run_dir, cfg = _finished_run(Path(args.run))
+        frame = run_bench(args.which, cfg, args.out, run_dir=run_dir)
+    else:
+        cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
+        frame = run_bench(args.which, cfg, args.out)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
 
 
-def _finished_run(run_dir: Path) -> Path:
-    """A run directory with its config and final client models (``bench autoattack --run``), checked
-    before any work starts."""
+def _finished_run(run_dir: Path) -> tuple[Path, ExperimentConfig]:
+    """A run directory (or a ``sylva-ray phase2`` result folder) with its config and every client's
+    final model, and its config: checked before any work starts (``bench autoattack --run``)."""
     from sylva_ray.base.config import ConfigError
     from sylva_ray.engine.rundir import load_run_config
+    from sylva_ray.experiments.api import phase1_dir
 
     cfg = load_run_config(run_dir)  # names the folder when it holds no readable config.yaml
-    missing = [
-        c for c in range(cfg.data.num_clients) if not (run_dir / "models" / f"client_{c:04d}.safetensors").is_file()
-    ]
+    models = phase1_dir(run_dir) / "models"
+    missing = [c for c in range(cfg.data.num_clients) if not (models / f"client_{c:04d}.safetensors").is_file()]
     if missing:
         raise ConfigError(
-            f"--run {run_dir}: no final model of clients {missing[:5]} under models/; give a finished run "
-            "(output.save_models on), or leave --run out to attack the pre-trained model"
+            f"--run {run_dir}: no final model of clients {missing[:5]} under {models}; give a finished run "
+            "(output.save_models on), or leave --run out to bench the configuration's pre-trained model"
         )
-    return run_dir
+    return run_dir, cfg
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,8 +109,10 @@ def test_autoattack_bench_records_every_pass_without_changing_the_attack(tmp_pat
     from sylva_ray.base.seeding import derive_seed
     from sylva_ray.engine.client import ClientWorker
     from sylva_ray.experiments.autoattack_bench import SUB_ATTACKS
+    from sylva_ray.method.attacks import REFERENCE_TARGETS
     from sylva_ray.method.data import load_source, make_partition
     from sylva_ray.method.layer_selection import fuse
+    from sylva_ray.method.models import torch_threads
     from sylva_ray.method.training import reference_autoattack_hits
 
     cfg = load_config("smoke")
@@ -120,7 +122,13 @@ def test_autoattack_bench_records_every_pass_without_changing_the_attack(tmp_pat
     parts = frame.drop(index="all of AutoAttack")
     assert set(parts.index) <= {*SUB_ATTACKS.values(), "accuracy checks"} and "APGD-CE" in parts.index
     assert parts["passes"].sum() == whole["passes"] and parts["images_forward"].sum() == whole["images_forward"]
-    assert (frame["images_gradient"] <= frame["images_forward"]).all() and whole["images_gradient"] > 0
+    assert (frame["images_gradient"] <= frame["images_forward"]).all()
+    # Counts the hook must have seen, from the attacks' own loops: APGD takes an input gradient at
+    # every one of its iterations, APGD-T once per iteration and target class.
+    steps = cfg.attack.autoattack_steps
+    assert parts.loc["APGD-CE", "images_gradient"] >= steps and parts.loc["APGD-CE", "passes"] > steps
+    if "APGD-T" in parts.index:
+        assert parts.loc["APGD-T", "images_gradient"] >= steps * REFERENCE_TARGETS  # digits: 10 classes, 9 targets
     assert (frame["plain_loop_seconds"] > 0).all() and (frame["gemm_gflop_per_s"] > 0).all()
     assert not bool(whole["reference_strength"])  # smoke's AutoAttack is the quick one, and the table says so
 
@@ -131,14 +139,14 @@ def test_autoattack_bench_records_every_pass_without_changing_the_attack(tmp_pat
     n = int(whole["images"])
     assert n == min(cfg.evaluation.autoattack_max_samples, max(len(worker.data(c).test) for c in range(4)))
     model = fuse(worker.model, worker.initial_adapter, worker.initial_personal)
-    torch.set_num_threads(1)
-    hits = reference_autoattack_hits(
-        model,
-        cfg.attack,
-        torch.from_numpy(test.images[:n]),
-        torch.from_numpy(test.labels[:n]),
-        test.num_classes,
-        derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack"),
-        cfg.train.eval_batch_size,
-    )
+    with torch_threads(1):  # as the bench runs it
+        hits = reference_autoattack_hits(
+            model,
+            cfg.attack,
+            torch.from_numpy(test.images[:n]),
+            torch.from_numpy(test.labels[:n]),
+            test.num_classes,
+            derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack"),
+            cfg.train.eval_batch_size,
+        )
     assert whole["autoattack_acc"] == pytest.approx(float(hits.float().mean()), abs=1e-4)

@@ -83,3 +83,21 @@ def test_autoattack_bench_refuses_a_folder_that_is_no_finished_run(tmp_path, cap
     assert "no config.yaml" in caplog.text and not out.exists()
     assert main(["bench", "comm", "--run", str(tmp_path), "--out", str(out)]) == 2
     assert "bench autoattack" in caplog.text and not out.exists()
+
+
+def test_autoattack_bench_takes_a_phase2_folder_and_refuses_settings_beside_a_run(smoke_run, tmp_path, caplog):
+    """A ``sylva-ray phase2`` result folder (its config, and a pointer to the Phase-1 run holding the
+    client models) passes the check ``load_client_model`` relies on; ``--set`` beside ``--run`` is refused."""
+    from sylva_ray.cli import _finished_run
+
+    phase2_folder = tmp_path / "phase2-x"
+    phase2_folder.mkdir()
+    (phase2_folder / "config.yaml").write_text((smoke_run / "config.yaml").read_text())
+    (phase2_folder / "phase1_run.txt").write_text(str(smoke_run) + "\n")
+    assert _finished_run(phase2_folder)[0] == phase2_folder
+    (phase2_folder / "phase1_run.txt").write_text(str(tmp_path) + "\n")  # points at no models
+    out = tmp_path / "bench"
+    assert main(["bench", "autoattack", "--run", str(phase2_folder), "--out", str(out)]) == 2
+    assert "no final model of clients [0, 1, 2, 3]" in caplog.text and not out.exists()
+    assert main(["bench", "autoattack", "--run", str(smoke_run), "--set", "attack.eps=0.1", "--out", str(out)]) == 2
+    assert "leave out --preset, --config and --set" in caplog.text and not out.exists()

@@ -91,37 +91,55 @@ def test_a_real_game_satisfies_efficiency(game):
     assert result.values.sum() == pytest.approx(values[full] - values[0])
 
 
-def test_a_failing_estimator_ends_only_its_own_clients_game(monkeypatch):
-    """One client's estimator raising (not a failed evaluation: the estimator itself) takes that
-    client out of Phase 2 with the reason; every other client's game still ends with its values."""
-    from sylva_ray.engine import phase2
+@pytest.fixture(scope="module")
+def executor():
     from sylva_ray.engine.jobs import InProcessExecutor
-    from sylva_ray.method.models import encode_state
 
     cfg = load_config("smoke", overrides=["model.pretrained=none"])
     source = load_source(cfg.data)
-    executor = InProcessExecutor(cfg, source, make_partition(source, cfg.data, 0))
-    broken_seed = phase2.derive_seed(cfg.runtime.seed, "shapley", 1)
+    return InProcessExecutor(cfg, source, make_partition(source, cfg.data, 0))
+
+
+def _play_with_broken_estimators(monkeypatch, executor, broken_clients, after_answers):
+    """Play clients 0-2's games with the estimators of ``broken_clients`` raising: at their first
+    request (``after_answers=0``) or once they have had one batch of answers."""
+    from sylva_ray.engine import phase2
+    from sylva_ray.method.models import encode_state
+
+    cfg, worker = executor.worker.cfg, executor.worker
+    broken_seeds = {phase2.derive_seed(cfg.runtime.seed, "shapley", c) for c in broken_clients}
     real = phase2.make_estimator
 
-    def estimator_breaking_for_client_1(*args, **kwargs):
-        estimator = real(*args, **kwargs)
-        if args[5] != broken_seed:  # the sixth argument is the client's seed
-            return estimator
+    def estimator(*args, **kwargs):
+        inner = real(*args, **kwargs)
+        if args[5] not in broken_seeds:  # the sixth argument is the client's seed
+            return inner
 
         def broken():
-            yield next(estimator)
+            if after_answers:
+                yield next(inner)
             raise ValueError("injected estimator fault")
 
         return broken()
 
-    monkeypatch.setattr(phase2, "make_estimator", estimator_breaking_for_client_1)
-    worker = executor.worker
+    monkeypatch.setattr(phase2, "make_estimator", estimator)
     states = {c: worker.initial_state() for c in (0, 1, 2)}
     players = len(worker.player_names())
-    results, failed, _ = phase2.play_games(
-        cfg, executor, players, [0, 1, 2], states, encode_state(worker.initial_adapter), progress=phase2.SilentBar
-    )
+    payload = encode_state(worker.initial_adapter)
+    return players, phase2.play_games(cfg, executor, players, [0, 1, 2], states, payload, progress=phase2.SilentBar)
+
+
+@pytest.mark.parametrize("after_answers", [0, 1])
+def test_a_failing_estimator_ends_only_its_own_clients_game(monkeypatch, executor, after_answers):
+    """One client's estimator raising (not a failed evaluation: the estimator itself), at its first
+    request or later, takes that client out of Phase 2 with the reason; the others' games end with values."""
+    players, (results, failed, _) = _play_with_broken_estimators(monkeypatch, executor, {1}, after_answers)
     assert set(results) == {0, 2} and set(failed) == {1}
     assert "injected estimator fault" in failed[1]
     assert all(np.isfinite(results[c].values).all() and len(results[c].values) == players for c in (0, 2))
+
+
+def test_every_estimator_failing_is_an_error_not_a_quiet_phase1_run(monkeypatch, executor):
+    with pytest.raises(RuntimeError, match="every client's layer-game estimator failed") as info:
+        _play_with_broken_estimators(monkeypatch, executor, {0, 1, 2}, after_answers=1)
+    assert "injected estimator fault" in str(info.value.__cause__)

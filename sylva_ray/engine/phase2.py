@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -105,9 +105,24 @@ def play_games(
         for c in clients
     }
     records = {c: GameRecord() for c in clients}
-    requests = {c: next(est) for c, est in estimators.items()}
     results: dict[int, ShapleyResult] = {}
     failed: dict[int, str] = {}
+    estimator_errors: list[Exception] = []
+
+    def advance(client: int, answers: Optional[dict[int, float]]) -> Optional[list[int]]:
+        """The client's next request, or None once its game is over (a result, or its estimator failed:
+        one client's estimator failing ends its own game, not everyone's)."""
+        try:
+            return next(estimators[client]) if answers is None else estimators[client].send(answers)
+        except StopIteration as stop:
+            results[client] = stop.value
+        except Exception as exc:
+            failed[client] = f"layer game estimator failed: {type(exc).__name__}: {exc}"
+            log.error("phase 2: client %d leaves the game: %s", client, failed[client], exc_info=True)
+            estimator_errors.append(exc)
+        return None
+
+    requests = {c: r for c in clients if (r := advance(c, None)) is not None}
     bar = progress(total=len(clients) * planned_evaluations(cfg, num_players), desc="phase 2 layer games")
     try:
         while requests:
@@ -120,22 +135,19 @@ def play_games(
                     records[job.client_id].validation_samples = int(outcome.metrics.get("validation_samples", 0))
                 else:
                     failed[job.client_id] = outcome.error or "coalition evaluation failed"
-            nxt = {}
-            for client, values in answers.items():
+            for client in answers:
                 if client in failed:
                     log.error("phase 2: client %d leaves the game: %s", client, failed[client])
                     estimators[client].close()
-                    continue
-                try:
-                    nxt[client] = estimators[client].send(values)
-                except StopIteration as stop:
-                    results[client] = stop.value
-                except Exception as exc:  # one client's estimator failing ends its game, not everyone's
-                    failed[client] = f"layer game estimator failed: {type(exc).__name__}: {exc}"
-                    log.error("phase 2: client %d leaves the game: %s", client, failed[client])
-            requests = nxt
+            requests = {
+                c: r for c, values in answers.items() if c not in failed and (r := advance(c, values)) is not None
+            }
     finally:
         bar.close()
+    if clients and len(estimator_errors) == len(clients):  # not one client's trouble: a bug to see, not to hide
+        raise RuntimeError("every client's layer-game estimator failed; the first error is attached") from (
+            estimator_errors[0]
+        )
     return results, failed, records
 
 

@@ -32,7 +32,7 @@ def _model_file(run_dir: Path, client_id: int) -> Path:
     return path
 
 
-def _phase1_dir(run_dir: Path) -> Path:
+def phase1_dir(run_dir: Path) -> Path:
     """A ``phase2-*`` result folder points at the Phase-1 run it tailored."""
     pointer = run_dir / "phase1_run.txt"
     return Path(pointer.read_text().strip()) if pointer.is_file() else run_dir
@@ -45,7 +45,7 @@ def load_client_model(run_dir: str | Path, client_id: int) -> nn.Module:
     the merged global adapter with the client's tuned layers and head on top.
     """
     run_dir = Path(run_dir)
-    base_dir = _phase1_dir(run_dir)
+    base_dir = phase1_dir(run_dir)
     cfg = load_run_config(base_dir)
     if not 0 <= client_id < cfg.data.num_clients:
         raise IndexError(f"client_id={client_id}: the run has clients 0..{cfg.data.num_clients - 1}")
@@ -69,7 +69,7 @@ def load_client_split(run_dir: str | Path, client_id: int, split: str = "test") 
     """Client ``client_id``'s own ``train`` or ``test`` split, exactly as the run used it."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
-    run_dir = _phase1_dir(Path(run_dir))
+    run_dir = phase1_dir(Path(run_dir))
     cfg = load_run_config(run_dir)
     source = load_source(cfg.data)
     partition = Partition.load(run_dir / "partition.json", expected_fingerprint=source.fingerprint())

@@ -1,15 +1,16 @@
 """``sylva-ray bench autoattack``: where the reference AutoAttack's time goes, as ratios from one run.
 
 The final protocol's AutoAttack is most of a default run's time. This bench asks whether any of
-that is ours to save. On one client's AutoAttack subset (the client with the most images: its job
-is the protocol's longest) it runs the reference AutoAttack once, recording every pass through
+that is ours to save. On one client's AutoAttack subset (the client with the most images, usually
+the protocol's longest job) it runs the reference AutoAttack once, on the CPU, recording every pass through
 the model (batch size; whether an input gradient was taken) and the seconds of each sub-attack.
 Then, side by side in the same process and thread:
 
 * a plain PyTorch loop replays exactly those passes on the same model (random inputs of the same
   shapes; forward only, or forward plus the gradient to the input): AutoAttack's seconds over the
   replay's say how much of its time is the model's own work, and how much is the attack around it;
-* the model's matmul/attention FLOPs of those passes (counted by ``FlopCounterMode``) over the
+* the model's FLOPs in those passes (counted by ``FlopCounterMode``: matmuls and convolutions; it
+  has no formula for the CPU's fused attention kernel, ~3% of the pico ViT's FLOPs) over the
   seconds, against a plain ``F.linear`` at the model's largest layer shape: how close the passes
   run to this core's GEMM rate.
 
@@ -34,7 +35,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.precision import fp32_evaluation
 from sylva_ray.base.seeding import derive_seed
-from sylva_ray.engine.rundir import load_run_config
 from sylva_ray.method.attacks import ReferenceAutoAttack
 from sylva_ray.method.data import ArrayDataset, load_source, make_partition
 from sylva_ray.method.models import torch_threads
@@ -113,7 +113,7 @@ def replay(model: nn.Module, passes: list[Pass], image_shape: tuple[int, ...]) -
 
 def flops_per_image(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, int]:
     """Counted FLOPs of one image's forward, and of its gradient to the input (``FlopCounterMode``:
-    matmuls, convolutions and attention; elementwise work is not counted)."""
+    matmuls and convolutions; neither elementwise work nor the CPU's fused attention is counted)."""
     x = torch.rand((1, *image_shape))
     with FlopCounterMode(display=False) as forward, torch.no_grad():
         model(x)
@@ -142,32 +142,31 @@ def _most_images(sizes: dict[int, int]) -> int:
     return min(sizes, key=lambda c: (-sizes[c], c))
 
 
-def _subject(cfg: ExperimentConfig, run_dir: Optional[Path]) -> tuple[ExperimentConfig, int, nn.Module, ArrayDataset]:
-    """(config, client, model, test split): a finished run's final model of its costliest client,
-    or, without a run, the configured pre-trained model with the initial adapter and head."""
+def _subject(cfg: ExperimentConfig, run_dir: Optional[Path]) -> tuple[int, nn.Module, ArrayDataset]:
+    """(client, model on the CPU, test split): with ``run_dir`` (whose config ``cfg`` is) the run's
+    final model of the client with the most AutoAttack images; without, the configured pre-trained
+    model with the initial adapter and head."""
+    limit = cfg.evaluation.autoattack_max_samples
     if run_dir is not None:
         from sylva_ray.experiments.api import load_client_model, load_client_split
 
-        cfg = load_run_config(run_dir)
-        limit = cfg.evaluation.autoattack_max_samples
         tests = {c: load_client_split(run_dir, c, "test") for c in range(cfg.data.num_clients)}
         client = _most_images({c: min(len(t), limit) for c, t in tests.items()})
-        return cfg, client, load_client_model(run_dir, client), tests[client]
+        return client, load_client_model(run_dir, client), tests[client]
     from sylva_ray.engine.client import ClientWorker
     from sylva_ray.method.layer_selection import fuse
 
-    limit = cfg.evaluation.autoattack_max_samples
     source = load_source(cfg.data)
     worker = ClientWorker(cfg, source, make_partition(source, cfg.data, cfg.runtime.seed))
     client = _most_images({c: min(len(worker.data(c).test), limit) for c in range(cfg.data.num_clients)})
-    model = fuse(worker.model, worker.initial_adapter, worker.initial_personal)
-    return cfg, client, model, worker.data(client).test
+    model = fuse(worker.model, worker.initial_adapter, worker.initial_personal).to("cpu")  # a GPU host's too
+    return client, model, worker.data(client).test
 
 
 def bench_autoattack(cfg: ExperimentConfig, out: Path, run_dir: Optional[Path] = None) -> pd.DataFrame:
     """One row per sub-attack and one for all of AutoAttack: passes, images, FLOPs, seconds in the
     reference, seconds of the plain replay, and the two ratios (module docstring)."""
-    cfg, client, model, test = _subject(cfg, run_dir)
+    client, model, test = _subject(cfg, run_dir)
     model.eval()
     n = min(len(test), cfg.evaluation.autoattack_max_samples)
     images, labels = torch.from_numpy(test.images[:n]), torch.from_numpy(test.labels[:n])

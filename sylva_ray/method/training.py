@@ -467,8 +467,6 @@ def reference_autoattack_hits(
     """Per-image correctness under the reference AutoAttack, run once over the subset (as its authors
     run it: each attack on the images the previous ones failed on, ``batch_size`` at a time). The
     reference re-seeds torch's generators itself; ``torch_seeded`` keeps that from leaking out."""
-    if not len(labels):
-        return torch.zeros(0, dtype=torch.bool)
     return autoattack_hits(
         build_attack("autoattack", model, attack_cfg, "eval", num_classes, seed), images, labels, seed, batch_size
     )
@@ -479,6 +477,8 @@ def autoattack_hits(
 ) -> torch.Tensor:
     """Per-image correctness under an already built reference AutoAttack (``bench autoattack``
     records the passes of the one it builds), seeded and with gradients on as the protocol runs it."""
+    if not len(labels):
+        return torch.zeros(0, dtype=torch.bool)
     with torch_seeded(seed), torch.enable_grad():
         _, predicted = auto.run(images, labels, batch_size=batch_size)
     return (predicted.cpu() == labels.cpu()).cpu()

@@ -305,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--run",
-        help="autoattack: a finished run whose final model of its costliest client is attacked (default: the "
-        "configured pre-trained model)",
+        help="autoattack: a finished run (or phase2 folder) whose final model of the client with the most "
+        "AutoAttack images is attacked (default: the configured pre-trained model)",
     )
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)

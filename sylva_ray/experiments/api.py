@@ -19,7 +19,7 @@ from torch import nn
 
 from sylva_ray.engine.rundir import load_run_config
 from sylva_ray.method.algorithms import algorithm_for
-from sylva_ray.method.data import ArrayDataset, Partition, client_data, load_source
+from sylva_ray.method.data import ArrayDataset, DataSource, Partition, client_data, load_source
 from sylva_ray.method.models import build_pretrained_model
 
 SPLITS = ("train", "test")
@@ -65,14 +65,18 @@ def load_client_model(run_dir: str | Path, client_id: int) -> nn.Module:
     return merged
 
 
+def load_run_partition(run_dir: str | Path) -> tuple[DataSource, Partition]:
+    """The run's data source and its partition (every client's sample indices), read once."""
+    run_dir = phase1_dir(Path(run_dir))
+    source = load_source(load_run_config(run_dir).data)
+    return source, Partition.load(run_dir / "partition.json", expected_fingerprint=source.fingerprint())
+
+
 def load_client_split(run_dir: str | Path, client_id: int, split: str = "test") -> ArrayDataset:
     """Client ``client_id``'s own ``train`` or ``test`` split, exactly as the run used it."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
-    run_dir = phase1_dir(Path(run_dir))
-    cfg = load_run_config(run_dir)
-    source = load_source(cfg.data)
-    partition = Partition.load(run_dir / "partition.json", expected_fingerprint=source.fingerprint())
+    source, partition = load_run_partition(run_dir)
     if not 0 <= client_id < partition.num_clients:
         raise IndexError(f"client_id={client_id}: the run has clients 0..{partition.num_clients - 1}")
     return getattr(client_data(source, partition, client_id), split)

@@ -148,11 +148,11 @@ def _subject(cfg: ExperimentConfig, run_dir: Optional[Path]) -> tuple[int, nn.Mo
     model with the initial adapter and head."""
     limit = cfg.evaluation.autoattack_max_samples
     if run_dir is not None:
-        from sylva_ray.experiments.api import load_client_model, load_client_split
+        from sylva_ray.experiments.api import load_client_model, load_client_split, load_run_partition
 
-        tests = {c: load_client_split(run_dir, c, "test") for c in range(cfg.data.num_clients)}
-        client = _most_images({c: min(len(t), limit) for c, t in tests.items()})
-        return client, load_client_model(run_dir, client), tests[client]
+        _, partition = load_run_partition(run_dir)  # test sizes from the indices: no client's images loaded
+        client = _most_images({c: min(len(t), limit) for c, t in enumerate(partition.test)})
+        return client, load_client_model(run_dir, client), load_client_split(run_dir, client, "test")
     from sylva_ray.engine.client import ClientWorker
     from sylva_ray.method.layer_selection import fuse
 

@@ -18,9 +18,10 @@
 ``clock``  simulated round time (``engine.clock``) of Sylva vs FAT on device mixes, split into compute
            and network, from counted FLOPs and exact bytes, without training
            (``sylva_ray.experiments.clock_bench``); and who makes a deadline.
-``autoattack`` the reference AutoAttack on the costliest client's subset, every model pass recorded, against a
-           plain loop replaying the same passes and against this core's GEMM rate: how much of the final
-           protocol's time is the model's own compute (``sylva_ray.experiments.autoattack_bench``).
+``autoattack`` the reference AutoAttack on the subset of the client with the most AutoAttack images, every
+           model pass recorded, against a plain loop replaying the same passes and against this core's
+           GEMM rate: how much of the final protocol's time is the model's own compute
+           (``sylva_ray.experiments.autoattack_bench``).
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from sylva_ray.base.config import PRESETS, ExperimentConfig
+from sylva_ray.base.errors import USER_ERRORS, named_user_error
 
 if TYPE_CHECKING:
     from sylva_ray.experiments.compare import ThreatGrid
@@ -313,18 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Errors that are the user's to fix: reported as one clear message, exit code 2, no traceback.
-USER_ERRORS = (
-    "ConfigError",
-    "PlacementError",
-    "GPUMemoryError",
-    "ModelSourceError",
-    "PartitionError",
-    "RunDirectoryError",
-)
-_NAMED_ERROR = re.compile(r"(?:^|\s|\.)(" + "|".join(USER_ERRORS) + r"): (.+)$", re.MULTILINE)
-
-
 def explain(exc: BaseException) -> Optional[str]:
     """The user-facing message inside ``exc``, also when Ray wrapped it (a task's error arrives as
     ``RayTaskError`` with the original as ``cause``; an actor's failed constructor only as the text
@@ -335,8 +323,8 @@ def explain(exc: BaseException) -> Optional[str]:
         names = {cls.__name__ for cls in type(candidate).__mro__}
         if names & set(USER_ERRORS) or isinstance(candidate, (FileExistsError, ConnectionError)):
             return str(candidate.args[0]) if candidate.args else str(candidate)
-    matches = _NAMED_ERROR.findall(str(exc))
-    return matches[-1][1].strip() if matches else None
+    named = named_user_error(str(exc))
+    return named[1] if named else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,9 +32,11 @@ from cli_capture import run_captured
 from ray.cluster_utils import Cluster
 
 from sylva_ray.cli import main as cli_main
-from sylva_ray.distributed.launcher import run
-from sylva_ray.distributed.placement import capacity
+from sylva_ray.distributed.actors import start_client_actors
+from sylva_ray.distributed.launcher import run, stage_inputs
+from sylva_ray.distributed.placement import PoolPlan, capacity
 from sylva_ray.engine.resolve import load_config
+from sylva_ray.engine.rundir import prepare_data
 
 #: The worker node type the stand-in autoscaler launches: a g5.xlarge in miniature (logical GPU).
 WORKER_NODE = {"num_cpus": 2, "num_gpus": 1}
@@ -42,6 +45,9 @@ WORKER_NODE_RESOURCES = {"CPU": 2.0, "GPU": 1.0}
 BOOT_DELAY_S = 3.0
 #: What the runs ask for: half a (logical) GPU and a CPU per client actor, two actors per worker.
 GPU_SHARES = "runtime.client_resources={num_cpus: 1, num_gpus: 0.5}"
+#: The scenarios check scheduling: the clients compute on the CPU even where Ray hands them a real
+#: GPU's id (a logical GPU "0" is the host's GPU 0 on a GPU machine), so figures match the reference.
+CPU_COMPUTE = "runtime.device=cpu"
 #: Short fault budgets so a lost node costs seconds, not minutes, here.
 FAST_FAULTS = ["runtime.actor_restart_timeout_s=10", "runtime.resource_timeout_s=60", "runtime.resource_settle_s=5"]
 #: The final-model protocol (AutoAttack, sanity attacks) tests nothing about placement: off here.
@@ -63,6 +69,8 @@ def smoke_args(out: Path, address: str, *extra: str) -> list[str]:
         str(out),
         "--set",
         GPU_SHARES,
+        "--set",
+        CPU_COMPUTE,
         *(flag for item in extra for flag in ("--set", item)),
     ]
 
@@ -145,6 +153,27 @@ def node_of_actor_pids(run_dir: Path) -> dict[str, list[int]]:
     }
 
 
+def gpu_visibility(address: str) -> dict[str, dict[str, Any]]:
+    """What a real client actor sees on these (logical-)GPU nodes, with and without a GPU share:
+    one without must see no GPU at all (Ray 2.60 no longer hides them from it)."""
+    cfg = load_config("smoke", overrides=[f"runtime.address={address}", CPU_COMPUTE])
+    with tempfile.TemporaryDirectory() as tmp:
+        source, partition = prepare_data(cfg, Path(tmp), resume=False)
+    staged = stage_inputs(cfg, source)
+    plans = {
+        "no_share": PoolPlan(size=1, actor_options={"num_cpus": 1}, gpu_fraction=0.0, wanted=1),
+        "half_gpu": PoolPlan(size=1, actor_options={"num_cpus": 1, "num_gpus": 0.5}, gpu_fraction=0.5, wanted=1),
+    }
+    seen = {}
+    for name, plan in plans.items():
+        [actor] = start_client_actors(cfg, plan, staged.source, partition, staged.backbone)
+        try:
+            seen[name] = ray.get(actor.runtime.remote())
+        finally:
+            ray.kill(actor, no_restart=True)
+    return seen
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -216,12 +245,16 @@ def main(out: Path) -> None:
             "nodes": node_of_actor_pids(run_dir) if code == 0 else {},
         }
 
+        # 3b. gpu_visibility: on these GPU nodes, an actor without a GPU share sees none.
+        results["gpu_visibility"] = gpu_visibility(address)
+
         # 4. node_loss: remove the second worker while round 2 runs; interrupted after round 3; resumed.
         run_dir, record = out / "node_loss", {}
         cfg = load_config(
             "smoke",
             overrides=[
                 GPU_SHARES,
+                CPU_COMPUTE,
                 f"runtime.address={address}",
                 "runtime.num_actors=4",
                 "federation.rounds=4",

@@ -2,6 +2,13 @@
 
 Ray (when a test needs it) is started once per session by the ``ray_cluster`` fixture with
 ``ray.init(num_cpus=..., include_dashboard=False)``; token authentication stays at Ray's default.
+
+CPU tests are CPU tests wherever they run. A session is a *GPU session* when it runs the ``gpu``
+tests alone (``pytest -m gpu``); every other session hides the GPUs from itself and from every
+process it starts (``CUDA_VISIBLE_DEVICES=""``, set before CUDA can start here) and gives its Ray
+cluster ``num_gpus=0``. On a GPU host, ``pytest -q`` therefore gives what it gives on a laptop, and
+``pytest -q -m gpu`` then runs the ``gpu`` tests in a process of their own, with a Ray cluster
+that sees the GPUs (the acceptance run: ``pytest -q && pytest -q -m gpu``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,19 @@ import torch
 from sylva_ray.base.config import ExperimentConfig, LoRAConfig, ModelConfig
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.method.data import ArrayDataset
+
+#: The marker expression that makes a session a GPU session.
+GPU_SESSION_MARKERS = "gpu"
+
+
+def is_gpu_session(config: pytest.Config) -> bool:
+    return (config.getoption("markexpr") or "").strip() == GPU_SESSION_MARKERS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Outside a GPU session, hide the GPUs before anything here can start CUDA."""
+    if not is_gpu_session(config):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,11 +71,13 @@ def tiny_dataset() -> ArrayDataset:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One real local Ray cluster for the whole session (token authentication at Ray's default)."""
+def ray_cluster(pytestconfig: pytest.Config):
+    """One real local Ray cluster for the whole session (token authentication at Ray's default):
+    without GPUs, except in a GPU session, where Ray finds the host's own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    gpus = {} if is_gpu_session(pytestconfig) else {"num_gpus": 0}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **gpus)
     yield ray
     ray.shutdown()
 
@@ -66,8 +88,13 @@ EXPERIMENT_FIXTURES = frozenset({"runs", "smoke_run", "two_actor_run", "interrup
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests on an experiment fixture are ``slow`` (``pytest -m "not slow"`` for a quick pass);
-    ``gpu`` tests run only where CUDA exists (written now, so the first GPU machine runs them)."""
-    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
+    ``gpu`` tests run only in a GPU session on a host with CUDA."""
+    if not is_gpu_session(config):
+        skip = pytest.mark.skip(reason="a gpu test: run `pytest -m gpu` (a session of its own, where CUDA is seen)")
+    elif not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+    else:
+        skip = None
     for item in items:
         if EXPERIMENT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

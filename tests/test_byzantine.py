@@ -298,6 +298,7 @@ class HonestExecutor:
         ]
 
     malicious: frozenset[int] = frozenset()
+    gpu_peak_mb: dict = {}
 
     def coalitions(self, jobs, adapter_payload, on_done=None):
         raise AssertionError("no layer game here")

@@ -143,3 +143,24 @@ def test_every_estimator_failing_is_an_error_not_a_quiet_phase1_run(monkeypatch,
     with pytest.raises(RuntimeError, match="every client's layer-game estimator failed") as info:
         _play_with_broken_estimators(monkeypatch, executor, {0, 1, 2}, after_answers=1)
     assert "injected estimator fault" in str(info.value.__cause__)
+
+
+def test_the_game_cache_counts_each_games_host_copy_too(worker, monkeypatch):
+    """A game holds its fused model and, in host memory, the reference weights every coalition
+    restarts from: both count against layer_selection.game_cache_mb."""
+    first = worker.game(0, worker.initial_state(), worker.initial_adapter, "cache-test")
+    model_bytes = sum(t.numel() * t.element_size() for t in first.model.state_dict().values())
+    assert first.footprint_bytes == 2 * model_bytes  # the model and its reference copy
+    # room for two models but not for two models and their copies: one game is kept, not two
+    budget_mb = 3 * model_bytes / (1024 * 1024)
+    monkeypatch.setattr(
+        worker,
+        "cfg",
+        dataclasses.replace(
+            worker.cfg, layer_selection=dataclasses.replace(worker.cfg.layer_selection, game_cache_mb=budget_mb)
+        ),
+    )
+    worker._games.clear()
+    worker.game(0, worker.initial_state(), worker.initial_adapter, "cache-test")
+    worker.game(1, worker.initial_state(), worker.initial_adapter, "cache-test")
+    assert [key[0] for key in worker._games] == [1]

@@ -33,6 +33,8 @@ def scenarios(ray_cluster, tmp_path_factory):
     """Run every scenario once; ``ray_cluster`` first, so a cluster token exists in ~/.ray."""
     out = tmp_path_factory.mktemp("multinode")
     env = dict(os.environ, RAY_AUTH_MODE="token")  # every node with token authentication, as cluster/*.yaml set it
+    # As on a node nobody prepared: whatever a process sees of the GPUs, it sees by Ray's doing and ours.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "cluster_scenarios.py"), str(out)],
         env=env,
@@ -101,6 +103,16 @@ def test_actors_on_both_workers_give_the_single_node_results(scenarios, tmp_path
     pd.testing.assert_frame_equal(_metrics(out / "multinode"), _metrics(single))
     spread = json.loads((out / "multinode" / "summary.json").read_text())
     assert spread["final"] == json.loads((single / "summary.json").read_text())["final"]
+
+
+def test_an_actor_without_a_gpu_share_sees_no_gpu_on_a_gpu_node(scenarios):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0: the actor must hide the GPUs itself."""
+    _, results = scenarios
+    seen = results["gpu_visibility"]
+    assert seen["no_share"]["cuda_visible_devices"] == "" and seen["no_share"]["ray_gpu_ids"] == []
+    assert seen["no_share"]["device"] == "cpu"
+    # the control: an actor with a share is shown its (logical) GPU by Ray
+    assert seen["half_gpu"]["ray_gpu_ids"] == ["0"] and seen["half_gpu"]["cuda_visible_devices"] == "0"
 
 
 def test_a_worker_lost_mid_round_is_survived_and_the_run_resumes(scenarios):

@@ -2,13 +2,16 @@ import pytest
 
 from sylva_ray.base.config import ConfigError
 from sylva_ray.distributed.placement import (
+    GPUMemoryError,
     PlacementError,
     actor_request,
     capacity,
+    cuda_memory_fraction,
     fits_on_node,
     gpu_problem,
     plan_pool,
     threads_for,
+    trial_gpu_problem,
 )
 from sylva_ray.engine.resolve import address_problem, load_config
 
@@ -100,7 +103,7 @@ def test_an_empty_head_is_not_an_error_before_waiting():
 
 def test_gpu_policy_refuses_silent_cpu_training_and_cuda_without_a_share():
     assert "every client would train on the CPU" in gpu_problem({"num_cpus": 1}, "auto", cluster_gpus=4)
-    assert "Ray gives such actors no GPU" in gpu_problem({"num_cpus": 1}, "cuda", cluster_gpus=4)
+    assert "actors without a GPU share see no GPU" in gpu_problem({"num_cpus": 1}, "cuda", cluster_gpus=4)
     assert gpu_problem({"num_cpus": 1}, "cpu", cluster_gpus=4) is None  # CPUs on purpose
     assert gpu_problem({"num_cpus": 1, "num_gpus": 0.5}, "auto", cluster_gpus=4) is None
     assert gpu_problem({"num_cpus": 1}, "auto", cluster_gpus=0) is None  # a laptop
@@ -112,3 +115,68 @@ def test_actor_request_uses_rays_resource_names():
         "GPU": 0.5,
         "trainer": 1.0,
     }
+
+
+# --- GPU shares that do not divide 1, shares above 1 -------------------------------------------------
+@pytest.mark.parametrize(
+    "gpus, share, actors",
+    [
+        (2.0, 0.4, 4),  # 2 per GPU (a third 0.4 would straddle two GPUs): not floor(2 / 0.4) = 5
+        (2.0, 0.6, 2),  # 1 per GPU: not 3
+        (4.0, 0.75, 4),  # not 5
+        (2.0, 0.25, 8),
+        (2.0, 0.5, 4),
+        (4.0, 2.0, 2),  # whole GPUs divide as before
+    ],
+)
+def test_a_fractional_gpu_share_must_fit_on_one_gpu(gpus, share, actors):
+    node = {"CPU": 64.0, "GPU": gpus}
+    assert fits_on_node(node, {"CPU": 1.0, "GPU": share}) == actors
+    plan = plan_pool([node], {"num_cpus": 1, "num_gpus": share}, num_clients=20, drop_gpu_without_gpus=False)
+    assert plan.size == actors
+
+
+def test_a_share_above_one_must_be_whole_gpus():
+    with pytest.raises(ConfigError, match=r"runtime.client_resources.num_gpus = 1.5: .* use 1 or 2"):
+        load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 1.5}"])
+    assert load_config("smoke", overrides=["runtime.client_resources={num_cpus: 1, num_gpus: 2}"])
+
+
+def test_a_sweep_trial_is_checked_against_the_nodes_it_landed_on():
+    gpu_node, cpu_node = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0}
+    problem = trial_gpu_problem({"num_cpus": 1}, "auto", 0.0, [gpu_node])
+    assert "landed on nodes with GPUs" in problem and "runtime.client_resources" in problem
+    # the sweep dropped the share from the bundles (no GPU alive when it started): still refused there
+    assert trial_gpu_problem({"num_cpus": 1, "num_gpus": 0.5}, "auto", 0.0, [gpu_node]) is not None
+    assert trial_gpu_problem({"num_cpus": 1, "num_gpus": 0.5}, "auto", 0.5, [gpu_node]) is None
+    assert trial_gpu_problem({"num_cpus": 1}, "auto", 0.0, [cpu_node]) is None
+    assert trial_gpu_problem({"num_cpus": 1}, "cpu", 0.0, [gpu_node]) is None
+
+
+def test_cpu_compute_beside_a_gpu_share_is_allowed_with_a_warning(caplog, monkeypatch):
+    from sylva_ray.engine import resolve
+
+    monkeypatch.setattr(resolve, "_WARNED", set())  # warned once per process: start afresh
+    cfg = load_config(
+        "smoke", overrides=["runtime.device=cpu", "runtime.client_resources={num_cpus: 1, num_gpus: 0.25}"]
+    )
+    assert cfg.runtime.client_resources["num_gpus"] == 0.25
+    assert "books that GPU share but computes on the CPU" in caplog.text
+
+
+# --- the CUDA memory cap of a share ------------------------------------------------------------------
+GIB = 1024**3
+
+
+def test_the_memory_cap_is_the_share_less_the_cuda_context():
+    assert cuda_memory_fraction(0.25, 80 * GIB) == pytest.approx(0.25 - 1 / 80)
+    assert cuda_memory_fraction(2.0, 80 * GIB) == pytest.approx(1 - 1 / 80)  # whole GPUs: one card per process
+
+
+@pytest.mark.parametrize("share", [0.01, 0.0125])
+def test_a_share_no_larger_than_the_cuda_context_is_refused_with_the_number(share):
+    with pytest.raises(GPUMemoryError) as caught:
+        cuda_memory_fraction(share, 80 * GIB, "NVIDIA H100 80GB HBM3")
+    message = str(caught.value)
+    assert f"runtime.client_resources.num_gpus={share:g}" in message
+    assert "of a 80.0 GiB NVIDIA H100 80GB HBM3" in message and "num_gpus >= 0.03" in message

@@ -6,8 +6,8 @@ value and what is allowed -- before any work starts. Library code receives the n
 needs (``DataConfig``, ``AttackConfig``, ...), never the whole tree.
 
 Resolution order, later wins: built-in defaults -> named preset -> ``--config FILE`` -> ``--set k=v``.
-The defaults are the *embedded default* (scikit-learn digits); why each is what it is: README
-'The local objective and why the defaults are what they are'.
+The defaults are the *embedded default* (scikit-learn digits); why each is what it is: docs
+explanation/method.md, 'The local objective and why the defaults are what they are'.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class LossConfig:
 
     total = w_adv * CE_w(f(x_adv), y) + w_ben * CE(f(x), y) + w_sim * KL(f(x) || f(x_adv))
             + mu/2 * ||LoRA - LoRA_global||^2
-    Defaults are the *softened* form measured as stable (README's defaults table): effective-number class weights
+    Defaults are the *softened* form measured as stable (docs explanation/method.md): effective-number class weights
     clipped at 10x, a benign CE anchor, a smaller similarity weight with a detached benign target.
     """
 
@@ -380,7 +380,7 @@ class LayerSelectionConfig:
         Literal["ce", "linear", "tolerance"],
         Field(
             description="ce: v = -(benign CE + robust_weight * adversarial CE) on the validation share "
-            "(continuous; README 'What it does (Phase 2)'); linear: v = clean + robust_weight * robust accuracy; "
+            "(continuous; docs explanation/method.md); linear: v = clean + robust_weight * robust accuracy; "
             "tolerance: v = clean - robust_penalty * max(0, robust drop - robust_tolerance)"
         ),
     ] = "ce"
@@ -404,7 +404,7 @@ class LayerSelectionConfig:
         Literal["antithetic", "permutation", "kernelshap", "unbiased_kernelshap", "svarm", "stratified", "owen"],
         Field(
             description="approximator beyond exact_max_players: antithetic (ours: antithetic, truncated permutation "
-            "sampling with standard errors) or one of shapiq's (README 'What it does (Phase 2)', estimator table)"
+            "sampling with standard errors) or one of shapiq's (docs explanation/method.md, estimator table)"
         ),
     ] = "antithetic"
     max_evaluations: Annotated[
@@ -444,8 +444,8 @@ class LayerSelectionConfig:
         float,
         Field(
             gt=0,
-            description="memory (device copies of fused models) an actor may keep for the layer games it is playing; "
-            "the oldest game is dropped beyond it",
+            description="memory an actor may keep for the layer games it is playing (each game's fused model on the "
+            "device and its reference weights in host memory); the oldest game is dropped beyond it",
         ),
     ] = 2048.0
 
@@ -465,8 +465,7 @@ class AlgorithmConfig:
     ablations: Annotated[
         list[str],
         Field(
-            description="parts of the algorithm to switch off; each algorithm accepts its own (README 'Baselines, "
-            "ablations')"
+            description="parts of the algorithm to switch off; each algorithm accepts its own (docs howto/compare.md)"
         ),
     ] = field(default_factory=list)
     trades_beta: Annotated[
@@ -492,7 +491,7 @@ class AlgorithmConfig:
 
 @dataclass(config=_STRICT)
 class EvaluationConfig:
-    """The evaluation protocol of final models (the same for every algorithm; README 'Evaluation protocol').
+    """The evaluation protocol of final models (the same for every algorithm; docs explanation/evaluation.md).
 
     Every evaluation reports clean accuracy and PGD (``attack.eval_*``: PGD-20 by default). The
     *final* evaluation (Phase 2's models for Sylva, Phase 1's otherwise) also runs AutoAttack and
@@ -542,7 +541,7 @@ class EvaluationConfig:
     ] = 0.02
 
 
-#: The edge mix every preset starts from (README "Edge devices on a simulated clock").
+#: The edge mix every preset starts from (docs howto/clock.md).
 DEFAULT_DEVICE_MIX = {"jetson_orin_nano@wifi": 0.4, "phone_midrange@4g": 0.4, "raspberry_pi5@broadband": 0.2}
 
 
@@ -671,6 +670,13 @@ class RuntimeConfig:
             "the same hardware and software"
         ),
     ] = False
+    plugins: Annotated[
+        list[str],
+        Field(
+            description="modules or .py files to import in every process before names are looked up: your own "
+            "algorithms, aggregation rules and adversary behaviours (docs 'Extending sylva_ray')"
+        ),
+    ] = field(default_factory=list)
 
 
 @dataclass(config=_STRICT)
@@ -799,7 +805,9 @@ def _format_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"])
         if error["type"] == "unexpected_keyword_argument":
             parent = ".".join(str(p) for p in error["loc"][:-1]) or "<root>"
-            lines.append(f"{where}: unknown field under {parent}; check the spelling (see README 'Configuration')")
+            lines.append(
+                f"{where}: unknown field under {parent}; check the spelling (see docs reference/configuration.md)"
+            )
         else:
             lines.append(f"{where} = {error.get('input')!r}: {error['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -827,7 +835,7 @@ def validate_schema(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def config_field_docs() -> list[tuple[str, str, Any, str]]:
-    """(dotted name, type, default, description) for every field: the README table is made from it."""
+    """(dotted name, type, default, description) for every field (the docs' reference reads the same schema)."""
     rows: list[tuple[str, str, Any, str]] = []
     defaults = ExperimentConfig()
     for section in dataclasses.fields(ExperimentConfig):

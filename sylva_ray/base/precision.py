@@ -24,15 +24,31 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 
 def configure_runtime(precision: str, deterministic: bool) -> None:
-    """Set this process's torch flags for ``runtime.precision`` and ``runtime.deterministic``."""
+    """Set this process's torch flags for ``runtime.precision`` and ``runtime.deterministic``.
+
+    Both ways: a process that runs several runs in turn (in-process runs, a notebook, the benches)
+    must not keep one run's deterministic kernels for the next. cuBLAS's workspace setting stays
+    once set (it is read when cuBLAS starts); it costs a little memory and changes no result.
+    """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing: results could vary run to run
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def runtime_flags() -> dict[str, object]:
+    """This process's switches that ``configure_runtime`` sets, read back from torch itself."""
+    return {
+        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
 
 
 @contextlib.contextmanager

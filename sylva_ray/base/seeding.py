@@ -7,6 +7,7 @@ randomness does not depend on which actor ran it or in which order clients finis
 from __future__ import annotations
 
 import contextlib
+import threading
 import zlib
 from typing import Iterator
 
@@ -15,6 +16,10 @@ import torch
 
 #: Seeds are cut to 63 bits so they fit torch.manual_seed and numpy alike.
 _SEED_BITS = 63
+#: torch's default generators are process-global: two threads in seeded blocks at once (``compare``
+#: runs several ``run()``s in threads) would interleave their draws, so each block holds this lock.
+#: Re-entrant: a seeded block may call code that opens another.
+_GLOBAL_RNG_LOCK = threading.RLock()
 
 
 def derive_seed(base_seed: int, *keys: int | str) -> int:
@@ -41,9 +46,11 @@ def torch_seeded(seed: int) -> Iterator[None]:
     """Run a block under a fixed torch seed and restore the caller's RNG state afterwards.
 
     torchattacks draws its random start from torch's global generator; forking keeps that draw
-    reproducible without leaking a seed into the rest of the process.
+    reproducible without leaking a seed into the rest of the process. The block runs under a
+    process-wide lock, so a seeded block in another thread cannot draw from the same generator
+    meanwhile (the draws, and so the results, do not depend on how threads interleave).
     """
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

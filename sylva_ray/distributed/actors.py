@@ -29,8 +29,16 @@ from ray.experimental import tqdm_ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sylva_ray.base.config import ExperimentConfig
-from sylva_ray.distributed.client_actor import ACTOR_LOG_FORMAT, BYTES_PER_MB, ClientActor
+from sylva_ray.base.errors import named_user_error
+from sylva_ray.distributed.client_actor import (
+    ACTOR_LOG_FORMAT,
+    BYTES_PER_MB,
+    GPU_PEAK_METRIC,
+    ClientActor,
+)
+from sylva_ray.distributed.gpu_visibility import hide_unreserved_gpus
 from sylva_ray.distributed.placement import (
+    ActorStartError,
     GPUMemoryError,
     PlacementError,
     PoolPlan,
@@ -72,6 +80,19 @@ def gpu_memory_cause(exc: BaseException) -> Optional[GPUMemoryError]:
     return exc if isinstance(exc, GPUMemoryError) else None
 
 
+def start_failure(exc: RayError, actor_index: int) -> Optional[Exception]:
+    """The one-line error for a client actor whose constructor raised a user error (Ray passes it
+    on only as text): ``GPUMemoryError`` for a model that does not fit the share, ``ActorStartError``
+    naming the actor for any other; None for anything else (a bug keeps its traceback)."""
+    named = named_user_error(str(exc)) if isinstance(exc, ActorDiedError) else None
+    if named is None:
+        return None
+    name, message = named
+    if name == GPUMemoryError.__name__:
+        return GPUMemoryError(message)
+    return ActorStartError(f"client actor {actor_index} could not start: {message}")
+
+
 def start_client_actors(
     cfg: ExperimentConfig,
     plan: PoolPlan,
@@ -84,7 +105,7 @@ def start_client_actors(
     """Start the pool's client actors; each builds its worker (imports, model) as soon as it runs.
 
     Called where the inputs were staged, before the driver actor exists, so the actors' imports and
-    model builds overlap the driver's start instead of following it (README 'Start-up and memory').
+    model builds overlap the driver's start instead of following it (docs explanation/engine.md).
     The caller keeps ``source_ref`` and ``backbone_ref`` alive for the run: a restarted actor re-reads
     its constructor arguments from the object store.
     """
@@ -121,12 +142,33 @@ class RayExecutor:
         self.faults = faults or FaultPlan()
         self.actors = list(actors)
         self.retired: set[int] = set()
+        #: Peak GPU memory (MiB) of any job of each stage this session: the sizing figure for a share.
+        self.gpu_peak_mb: dict[str, float] = {}
 
     @property
     def live(self) -> list[int]:
         return [i for i in range(len(self.actors)) if i not in self.retired]
 
     def info(self) -> WorkerInfo:
+        """The common starting point, once every actor has built its model: a constructor that
+        failed on a user error (a model too large for the GPU share, a refused share) stops the
+        run here with that error's one line, before round 1, instead of dropping clients later."""
+        pings = {actor.ping.remote(): index for index, actor in enumerate(self.actors)}
+        pending, limit = list(pings), self.cfg.runtime.resource_timeout_s or None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=limit)
+            if not ready:  # never placed (their resources vanished after planning), or stuck building
+                raise PlacementError(
+                    f"client actors {sorted(pings[ref] for ref in pending)} did not start within "
+                    f"runtime.resource_timeout_s={limit:g}s; `ray status` shows what the cluster could not place"
+                )
+            try:
+                ray.get(ready[0])
+            except RayError as exc:
+                failure = start_failure(exc, pings[ready[0]])
+                if failure is None:
+                    raise
+                raise failure from None
         return ray.get(self.actors[0].info.remote(self.cfg.data.num_clients))
 
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]:
@@ -148,30 +190,30 @@ class RayExecutor:
                 ray.kill(actor, no_restart=False)
             return ref
 
-        return self._run(jobs, submit, self.cfg.federation.round_timeout_s)
+        return self._run(jobs, submit, self.cfg.federation.round_timeout_s, stage="train")
 
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
         payload_ref = ray.put(adapter_payload)
-        return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None)
+        return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None, stage="evaluation")
 
     def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         """Phase 2 coalition evaluations of every client at once; a client's jobs go to one actor
         (its game and fused model are built there once), another only if that actor is gone."""
         payload_ref = ray.put(adapter_payload)
         submit = lambda actor, job: actor.coalition.remote(job, payload_ref)  # noqa: E731
-        return self._run(jobs, submit, None, affinity=True, on_done=on_done)
+        return self._run(jobs, submit, None, affinity=True, on_done=on_done, stage="phase2_game")
 
     def tailor(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         payload_ref = ray.put(adapter_payload)
         submit = lambda actor, job: actor.tailor.remote(job, payload_ref)  # noqa: E731
-        return self._run(jobs, submit, None, affinity=True, on_done=on_done)
+        return self._run(jobs, submit, None, affinity=True, on_done=on_done, stage="tailoring")
 
     def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         """The final-model protocol of every tailored model on whichever actor is free (no affinity):
         its attacks are most of Phase 2's time, and the caller orders the jobs largest first."""
         payload_ref = ray.put(adapter_payload)
         submit = lambda actor, job: actor.protocol.remote(job, payload_ref)  # noqa: E731
-        return self._run(jobs, submit, None, on_done=on_done)
+        return self._run(jobs, submit, None, on_done=on_done, stage="protocol")
 
     def home_actor(self, client_id: int) -> int:
         """The actor a client's Phase 2 jobs go to: a fixed spread of clients over the pool."""
@@ -202,8 +244,13 @@ class RayExecutor:
         timeout_s: Optional[float],
         affinity: bool = False,
         on_done: OnDone = None,
+        stage: str = "",
     ) -> list[Outcome]:
-        """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the job."""
+        """One job per idle actor; collect with ``ray.wait``; retry a failure, then drop the job.
+
+        ``stage`` names the jobs' kind in ``gpu_peak_mb``; a training job keeps its own peak in its
+        metrics too (``metrics.csv``), the others' peaks leave their results here (a protocol
+        job's metrics are a client's row of ``summary.json``, which holds no machine figures)."""
         pending: deque[int] = deque(range(len(jobs)))
         idle: deque[int] = deque(self.live)
         attempts = [0] * len(jobs)
@@ -234,6 +281,7 @@ class RayExecutor:
                 try:
                     outcome = ray.get(ref)
                     outcome.attempts = attempts[job_index]
+                    self._record_gpu_peak(stage, outcome)
                     outcomes[job_index] = outcome
                     idle.append(actor_index)
                     if on_done is not None:
@@ -259,6 +307,11 @@ class RayExecutor:
                         if on_done is not None:
                             on_done(outcomes[job_index])
         return [outcomes[i] for i in range(len(jobs))]
+
+    def _record_gpu_peak(self, stage: str, outcome: Outcome) -> None:
+        peak = outcome.metrics.get(GPU_PEAK_METRIC) if stage == "train" else outcome.metrics.pop(GPU_PEAK_METRIC, None)
+        if peak is not None:
+            self.gpu_peak_mb[stage] = max(self.gpu_peak_mb.get(stage, 0.0), float(peak))
 
     def _drop_stragglers(
         self, jobs: Sequence[Job], in_flight: dict, pending: deque, attempts: list[int], outcomes: dict[int, Outcome]
@@ -346,6 +399,7 @@ class DriverActor:
         process's, so ``--log-level`` reaches every actor; ``pretraining_seconds``: the launcher's
         time to get the pre-trained weights (``summary.json`` ``seconds_by_stage``); ``progress``:
         Phase 2's bars on or off, as the launcher's."""
+        hide_unreserved_gpus()  # the driver reserves no GPU: it aggregates on the CPU
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan

@@ -34,6 +34,7 @@ from sylva_ray.distributed.placement import (
     plan_pool,
     shortfall,
     total,
+    trial_gpu_problem,
     wanted_actors,
 )
 
@@ -209,6 +210,21 @@ def release_request() -> None:
         request_bundles([])
     except Exception as exc:  # the cluster may already be gone at teardown: nothing to withdraw then
         log.debug("could not withdraw the resource request: %s", exc)
+
+
+def landed_nodes(placement_group: Any) -> list[dict[str, float]]:
+    """The total resources of each alive node that holds a bundle of ``placement_group``."""
+    landed = set(ray.util.placement_group_table(placement_group)["bundles_to_node_id"].values())
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive") and node["NodeID"] in landed]
+
+
+def check_trial_gpus(cfg: ExperimentConfig, plan: PoolPlan, placement_group: Any) -> None:
+    """``placement.trial_gpu_problem`` on the nodes this trial's bundles landed on, as a ``PlacementError``."""
+    problem = trial_gpu_problem(
+        cfg.runtime.client_resources, cfg.runtime.device, plan.gpu_fraction, landed_nodes(placement_group)
+    )
+    if problem:
+        raise PlacementError(problem)
 
 
 def bundles_of(placement_group: Any) -> Optional[list[dict[str, float]]]:

@@ -45,8 +45,8 @@ def connect(address: Optional[str], dashboard: bool = False) -> None:
     A ``host:port`` address is probed with a short TCP connect first: an unreachable cluster is a
     clear error in seconds instead of Ray's minutes of retries. A local cluster starts without the
     dashboard unless ``dashboard`` (``runtime.dashboard``, ``--dashboard``): on a simulation nobody
-    watches, its head modules are ~200 MB of memory and a second of CPU at start-up (README
-    'Start-up and memory'); a cluster that is joined keeps whatever it runs.
+    watches, its head modules are ~200 MB of memory and a second of CPU at start-up (docs
+    explanation/engine.md, 'Start-up and memory'); a cluster that is joined keeps whatever it runs.
     """
     import ray
 

@@ -165,6 +165,7 @@ def remote_federation(
         alive_nodes,
         bundles_of,
         check_gpus,
+        check_trial_gpus,
         release_request,
     )
 
@@ -185,6 +186,7 @@ def remote_federation(
         plan = plan_pool(
             bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True
         )
+        check_trial_gpus(cfg, plan, group)  # the sweep checked the GPUs alive at its start; these are where it runs
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
     else:
         plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)

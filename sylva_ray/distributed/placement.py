@@ -36,6 +36,36 @@ class GPUMemoryError(RuntimeError):
     """CUDA ran out of memory in a client actor: a sizing error, not a flaky client, so the run stops."""
 
 
+class ActorStartError(RuntimeError):
+    """A client actor's constructor refused its input (a user error raised while it built its
+    model): every actor would fail the same way, so the run stops before round 1."""
+
+
+#: Memory a CUDA process needs outside torch's allocator (context, cuBLAS/cuDNN workspaces): kept
+#: out of the allocator's cap, or two actors at half a card each could still overfill it.
+CUDA_CONTEXT_RESERVE_BYTES = 1024**3
+BYTES_PER_GIB = 1024**3
+
+
+def cuda_memory_fraction(share: float, card_bytes: int, card_name: str = "GPU") -> float:
+    """The fraction of the card torch's allocator may use in an actor holding ``share`` of it.
+
+    Ray's ``num_gpus`` is bookkeeping only, so the actor caps itself to its share less the CUDA
+    context's reserve. A share whose part of the card is no larger than that reserve would get a
+    cap of 0 (every allocation fails): refused, with the smallest share that leaves 1 GiB to torch.
+    """
+    fraction = min(1.0, share) - CUDA_CONTEXT_RESERVE_BYTES / card_bytes
+    if fraction <= 0:
+        smallest = 2 * CUDA_CONTEXT_RESERVE_BYTES / card_bytes  # the reserve plus as much again for torch
+        raise GPUMemoryError(
+            f"runtime.client_resources.num_gpus={share:g} gives this actor {share * card_bytes / BYTES_PER_GIB:.2f} "
+            f"GiB of a {card_bytes / BYTES_PER_GIB:.1f} GiB {card_name}, no more than the "
+            f"{CUDA_CONTEXT_RESERVE_BYTES / BYTES_PER_GIB:g} GiB its CUDA context takes outside torch: nothing would "
+            f"be left for the model. Use num_gpus >= {math.ceil(smallest * 100) / 100:g} (fewer actors per GPU)"
+        )
+    return fraction
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     """``size`` actors with ``actor_options`` each; ``wanted`` is how many the run asked for."""
@@ -56,9 +86,20 @@ def actor_request(client_resources: Resources) -> dict[str, float]:
 
 
 def fits_on_node(node: Resources, bundle: Resources) -> int:
-    """How many copies of ``bundle`` one node holds (every resource of a bundle on the same node)."""
-    counts = [math.floor(node.get(key, 0.0) / need + RESOURCE_EPSILON) for key, need in bundle.items() if need > 0]
+    """How many copies of ``bundle`` one node holds (every resource of a bundle on the same node).
+
+    A GPU share below 1 must fit on *one* GPU (Ray never splits a fractional request across two),
+    so a node holds ``floor(GPUs) * floor(1 / share)`` of them: 0.4 on a 2-GPU node is 2 x 2 = 4
+    actors, not floor(2 / 0.4) = 5 (the fifth would stay pending and stall round 1).
+    """
+    counts = [_copies(key, node.get(key, 0.0), need) for key, need in bundle.items() if need > 0]
     return min(counts) if counts else 0
+
+
+def _copies(key: str, available: float, need: float) -> int:
+    if key == "GPU" and need < 1:
+        return math.floor(available + RESOURCE_EPSILON) * math.floor(1 / need + RESOURCE_EPSILON)
+    return math.floor(available / need + RESOURCE_EPSILON)
 
 
 def capacity(nodes: Sequence[Resources], bundle: Resources) -> int:
@@ -138,14 +179,15 @@ def shortfall(nodes: Sequence[Resources], bundle: Resources) -> str:
 def gpu_problem(client_resources: Resources, device: str, cluster_gpus: float) -> Optional[str]:
     """What is wrong with the GPU side of a request, or None.
 
-    Ray hides GPUs from an actor that reserved none (``CUDA_VISIBLE_DEVICES=""``): without a GPU
-    share, clients on a GPU cluster would train on the CPU without a word.
+    A client actor without a GPU share sees no GPU (``client_actor.hide_unreserved_gpus``; Ray 2.60
+    itself no longer hides them): without a share, clients on a GPU cluster would train on the CPU
+    without a word.
     """
     share = float(client_resources.get("num_gpus", 0.0))
     if device == "cuda" and share <= 0:
         return (
-            "runtime.device='cuda' but runtime.client_resources has no num_gpus: Ray gives such actors no GPU; "
-            "add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, num_gpus: 0.25}'"
+            "runtime.device='cuda' but runtime.client_resources has no num_gpus: actors without a GPU share see "
+            "no GPU; add a share, e.g. --set 'runtime.client_resources={num_cpus: 1, num_gpus: 0.25}'"
         )
     if device == "auto" and share <= 0 and cluster_gpus > 0:
         return (
@@ -155,6 +197,25 @@ def gpu_problem(client_resources: Resources, device: str, cluster_gpus: float) -
             "num_gpus: 0.25}', or set runtime.device=cpu to use CPUs on purpose"
         )
     return None
+
+
+def trial_gpu_problem(
+    client_resources: Resources, device: str, bundle_gpu_share: float, landed_nodes: Sequence[Resources]
+) -> Optional[str]:
+    """``gpu_problem`` for a Tune trial, against the nodes its bundles landed on.
+
+    A sweep sizes its trials' bundles once, from the GPUs alive when it starts (none, on a fresh
+    autoscaling cluster); a trial whose client bundles hold no GPU can still land on a GPU node,
+    where its clients would compute on the CPU beside idle GPUs. ``bundle_gpu_share``: the GPU
+    share the trial's client bundles really hold (0 when the sweep dropped it).
+    """
+    resources = {k: v for k, v in client_resources.items() if k != "num_gpus"}
+    if bundle_gpu_share > 0:
+        resources["num_gpus"] = bundle_gpu_share
+    problem = gpu_problem(resources, device, total(landed_nodes, "GPU"))
+    if problem is None:
+        return None
+    return f"this Tune trial's client actors landed on nodes with GPUs, but its bundles hold none: {problem}"
 
 
 def threads_for(client_resources: Resources, explicit: Optional[int]) -> int:

@@ -29,6 +29,7 @@ from sylva_ray.base.config import apply_overrides as merge_overrides
 from sylva_ray.base.storage import atomic_write_text
 from sylva_ray.distributed.capacity import alive_nodes
 from sylva_ray.distributed.connect import check_before_start, cluster_can_grow
+from sylva_ray.distributed.gpu_visibility import hide_unreserved_gpus
 from sylva_ray.distributed.launcher import remote_federation, stage_inputs
 from sylva_ray.distributed.placement import PlacementError, gpu_problem, total
 from sylva_ray.engine.resolve import build_config
@@ -105,6 +106,7 @@ def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]]
     ``staged``: ``inputs_key -> StagedInputs`` read by the sweep's main process."""
     from ray import tune
 
+    hide_unreserved_gpus()  # the trial's own process (bundle 0) reserves no GPU; its client actors do
     cfg = apply_overrides(config["base"], config.get("overrides", {}), check_paths=staged is None)
     inputs = (staged or {}).get(inputs_key(cfg))
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 import torch
 
 from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.plugins import load_plugins
 from sylva_ray.base.precision import configure_runtime
 from sylva_ray.base.seeding import derive_seed, torch_seeded
 from sylva_ray.method.algorithms import algorithm_for
@@ -91,6 +92,7 @@ class ClientWorker:
         backbone_state: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
         """``backbone_state``: pre-trained weights resolved once by the driver; None resolves them here."""
+        load_plugins(cfg.runtime.plugins)  # this process may be a fresh actor: your registrations first
         self.cfg = cfg
         self.source = source
         self.partition = partition
@@ -203,9 +205,9 @@ class ClientWorker:
     ) -> "LayerGame":
         """The client's layer game on its fused model, built once per (client, global adapter).
 
-        Games are kept (most recently used last) while their device copies fit in
-        ``layer_selection.game_cache_mb``; the driver sends a client's coalitions to one actor, so
-        a game is normally built once per client in the whole pool.
+        Games are kept (most recently used last) while their fused models and host copies of the
+        reference weights fit in ``layer_selection.game_cache_mb``; the driver sends a client's
+        coalitions to one actor, so a game is normally built once per client in the whole pool.
         """
         key = (client_id, adapter_key)
         if key not in self._games:
@@ -217,7 +219,7 @@ class ClientWorker:
             fused = fuse(self.model, adapter, state.personal)
             self._games[key] = LayerGame(self.cfg, fused, self.data(client_id).train, client_id, self.device)
             budget = self.cfg.layer_selection.game_cache_mb * BYTES_PER_MB
-            while len(self._games) > 1 and sum(g.device_bytes for g in self._games.values()) > budget:
+            while len(self._games) > 1 and sum(g.footprint_bytes for g in self._games.values()) > budget:
                 self._games.popitem(last=False)
         self._games.move_to_end(key)
         return self._games[key]

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
+from sylva_ray.base.plugins import load_plugins
 from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
 from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
@@ -227,6 +228,7 @@ class Federation:
     """Phase 1 on any executor: one call per round, a checkpoint after each."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False) -> None:
+        load_plugins(cfg.runtime.plugins)  # the driver actor's process looks up your names too
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.executor = executor
@@ -623,6 +625,8 @@ class Federation:
             "seconds": st.seconds,
             "wall_seconds": st.seconds + float(phase2.get("seconds", 0.0)),
             "seconds_by_stage": self.seconds_by_stage(phase2),
+            # torch.cuda.max_memory_allocated of the largest job of each stage, this session (GPU runs only)
+            "gpu_peak_mb_by_stage": dict(self.executor.gpu_peak_mb) or None,
             "per_client": phase2["per_client"] if phase2 else st.last_eval,
         }
         if below:

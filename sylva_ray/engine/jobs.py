@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ExperimentConfig
+from sylva_ray.base.seeding import derive_seed, torch_seeded
 from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
@@ -80,6 +81,10 @@ OnDone = Optional[Callable[[Outcome], None]]
 
 
 class ClientExecutor(Protocol):
+    #: Peak GPU memory (MiB) of any job of each stage (train, evaluation, phase2_game, tailoring,
+    #: protocol) in this session; empty where nothing ran on a GPU.
+    gpu_peak_mb: dict[str, float]
+
     def info(self) -> WorkerInfo: ...
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
     def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
@@ -98,7 +103,9 @@ def worker_info(worker: ClientWorker, num_clients: int) -> WorkerInfo:
     train_memory_gb = None
     if cfg.system.clock:
         shape, classes = worker.source.image_shape, worker.source.num_classes
-        with torch.random.fork_rng(devices=[]):  # the models built to cost the step draw from torch's generator
+        # The models built to cost the step draw from torch's global generator: a seeded block keeps
+        # those draws from moving anyone else's (and holds the process's RNG lock while it draws).
+        with torch_seeded(derive_seed(cfg.runtime.seed, "cost-models")):
             step_flops = step_flops_by_batch(cfg, shape, classes, batch_sizes_of(num_train.values(), cfg.train))
             memory = estimate_actor_memory(cfg, shape, classes, needs_benign=algorithm_needs_benign(cfg))
         train_memory_gb = float(memory["train_peak_gb"])
@@ -196,6 +203,7 @@ class InProcessExecutor:
             torch.set_num_threads(cfg.runtime.torch_threads)
         self.worker = ClientWorker(cfg, source, partition)
         self.num_clients = cfg.data.num_clients
+        self.gpu_peak_mb: dict[str, float] = {}  # measured by the Ray engine's actors only
 
     def info(self) -> WorkerInfo:
         return worker_info(self.worker, self.num_clients)

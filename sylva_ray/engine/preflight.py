@@ -5,7 +5,8 @@ minute later from an actor.
 
 * the model is built on torch's ``meta`` device (no memory, no weights): its timm name and
   ``model.kwargs``, the LoRA targets it really has, ``lora.rank`` against the targeted layers'
-  width, ``layer_selection.top_k`` against the players of the layer game;
+  width, ``layer_selection.top_k`` against the players of the layer game, and under
+  ``runtime.deterministic`` on a GPU, layers whose CUDA backward has no deterministic kernel;
 * the data is loaded as the run will load it (digits and synthetic are instant; CIFAR through
   the safe reader, ImageFolder by its index) and split as the run will split it;
 * a weight file is read as the run will read it (damage is named, never "retry with
@@ -34,6 +35,22 @@ from sylva_ray.method.models import (
     timm_library,
 )
 
+#: Layers whose CUDA backward torch has no deterministic kernel for: with
+#: ``torch.use_deterministic_algorithms(True)`` their first backward on a GPU raises (torch docs,
+#: ``use_deterministic_algorithms``). timm's CNN heads pool with ``nn.AdaptiveAvgPool2d``.
+NONDETERMINISTIC_CUDA_BACKWARD = (
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool2d,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+)
 #: Classes used to build the meta model when the dataset's own count is not known without reading it.
 META_NUM_CLASSES = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
@@ -74,6 +91,7 @@ def model_problems(cfg: ExperimentConfig) -> list[str]:
     model, problems = meta_model(cfg)
     if model is None:
         return problems
+    problems += determinism_problems(cfg, model)
     widths = []
     for target in cfg.lora.target_modules:
         found = [m for _, m in matched_modules(model, target)]
@@ -104,6 +122,25 @@ def model_problems(cfg: ExperimentConfig) -> list[str]:
                     f"({selection.players} of {cfg.model.name}); choose at most {len(players)}"
                 )
     return problems
+
+
+def determinism_problems(cfg: ExperimentConfig, model: nn.Module) -> list[str]:
+    """``runtime.deterministic`` where the clients may compute on a GPU (``device`` auto or cuda)
+    with a layer that has no deterministic CUDA backward: refused now, not at the first step."""
+    if not cfg.runtime.deterministic or cfg.runtime.device == "cpu":
+        return []
+    layers = [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, NONDETERMINISTIC_CUDA_BACKWARD)
+    ]
+    if not layers:
+        return []
+    return [
+        f"runtime.deterministic = true with model.name = {cfg.model.name!r}: {', '.join(layers[:3])} has no "
+        "deterministic CUDA backward, so training would raise at its first step on a GPU; use a ViT (the models "
+        "this check passes), set runtime.deterministic=false, or runtime.device=cpu"
+    ]
 
 
 def data_problems(cfg: ExperimentConfig) -> list[str]:

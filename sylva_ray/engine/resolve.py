@@ -27,6 +27,7 @@ from sylva_ray.base.config import (
     merge_layers,
     validate_schema,
 )
+from sylva_ray.base.plugins import is_file_entry, load_plugins
 from sylva_ray.method.aggregation import AGGREGATORS
 from sylva_ray.method.algorithms import ALGORITHMS
 from sylva_ray.method.attacks import ATTACKS
@@ -97,6 +98,9 @@ def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentCon
     sweep's main process checked the paths).
     """
     cfg = validate_schema(raw)
+    # Your own registrations first (a file path is kept absolute: actors start elsewhere).
+    cfg.runtime.plugins = [str(Path(e).expanduser().resolve()) if is_file_entry(e) else e for e in cfg.runtime.plugins]
+    load_plugins(cfg.runtime.plugins)
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(
             f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}"
@@ -108,7 +112,19 @@ def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentCon
     problems = semantic_problems(cfg, check_paths=check_paths)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    warn_idle_gpu_share(cfg)
     return cfg
+
+
+def warn_idle_gpu_share(cfg: ExperimentConfig) -> None:
+    """``runtime.device=cpu`` beside a GPU share books GPUs that no client uses. Allowed (placement
+    drills on logical GPUs, CPU-only clients on a GPU node kept apart from its GPU jobs), but said."""
+    share = cfg.runtime.client_resources.get("num_gpus", 0.0)
+    if cfg.runtime.device == "cpu" and share > 0:
+        _warn_once(
+            f"runtime.device='cpu' with runtime.client_resources.num_gpus={share:g}: each client actor books "
+            "that GPU share but computes on the CPU; drop num_gpus, or set runtime.device=auto to use the GPUs"
+        )
 
 
 _UNSET = object()
@@ -136,9 +152,14 @@ def warn_overridden(algorithm: str, raw: dict[str, Any], implied: dict[str, Any]
     ]
     message = (
         f"algorithm.name={algorithm} fixes {', '.join(lost)}: its values are used "
-        "(README 'Baselines, ablations' names the algorithm.* fields that set them)"
+        "(docs howto/compare.md 'Baselines, ablations' names the algorithm.* fields that set them)"
     )
-    if lost and message not in _WARNED:
+    if lost:
+        _warn_once(message)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
         _WARNED.add(message)
         log.warning(message)
 
@@ -292,6 +313,12 @@ def _runtime_problems(cfg: ExperimentConfig) -> list[str]:
         problems.append(
             "runtime.client_resources needs a positive num_cpus or num_gpus, e.g. {num_cpus: 1}: "
             "without one Ray could start an unbounded number of client actors"
+        )
+    share = cfg.runtime.client_resources.get("num_gpus", 0.0)
+    if share > 1 and not float(share).is_integer():
+        problems.append(
+            f"runtime.client_resources.num_gpus = {share:g}: a share above 1 must be a whole number of GPUs (Ray "
+            f"cannot give one actor a GPU and a part of another); use {math.floor(share)} or {math.ceil(share)}"
         )
     if cfg.runtime.address is not None:
         problem = address_problem(cfg.runtime.address)

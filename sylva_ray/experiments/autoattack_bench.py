@@ -15,7 +15,7 @@ Then, side by side in the same process and thread:
   run to this core's GEMM rate.
 
 Both ratios near 1 mean the time cannot be cut by orchestration: only fewer images, a weaker
-attack, more cores or a faster device make it shorter (README "Where the time goes").
+attack, more cores or a faster device make it shorter (docs results/default-run.md).
 """
 
 from __future__ import annotations

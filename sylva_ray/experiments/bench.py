@@ -35,7 +35,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,7 @@ from sylva_ray.method.models import (
     create_backbone,
     encode_state,
     full_model_nbytes,
+    resolve_device,
     shared_state,
 )
 from sylva_ray.method.shapley import (
@@ -111,8 +112,33 @@ def bench_comm(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     )
 
 
+def engine_leg_config(cfg: ExperimentConfig, actors: Optional[int], cuda: bool) -> ExperimentConfig:
+    """The config of one leg of the engine bench: every leg computes on the same device.
+
+    The plain loop runs in this process on ``runtime.device``; the Ray legs must do the same work
+    there. With CUDA, each of the ``actors`` client actors holds ``1 / actors`` of the one GPU (a
+    leg without a GPU share would be refused on a GPU host, rightly: its clients would use the
+    CPU); without, the legs say ``runtime.device=cpu`` and ask for no GPU.
+    """
+    raw = cfg.to_dict()
+    runtime = {**raw["runtime"], "torch_threads": 1, "device": "cuda" if cuda else "cpu"}
+    resources = {k: v for k, v in runtime["client_resources"].items() if k != "num_gpus"}
+    if actors is not None:
+        runtime["num_actors"] = actors
+        if cuda:
+            resources["num_gpus"] = 1.0 / actors
+    runtime["client_resources"] = resources
+    return build_config({**raw, "runtime": runtime})
+
+
+def bench_on_cuda(cfg: ExperimentConfig) -> bool:
+    """Whether the benches' legs compute on a GPU: ``runtime.device``, with ``auto`` read here."""
+    return resolve_device(cfg.runtime.device).type == "cuda"
+
+
 def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
     """The reference: Phase-1 rounds as a plain loop in this process (setup s, rounds s)."""
+    cfg = engine_leg_config(cfg, None, bench_on_cuda(cfg))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,9 +168,7 @@ def _plain_loop(cfg: ExperimentConfig) -> tuple[float, float]:
 
 def _engine(cfg: ExperimentConfig, actors: int) -> tuple[float, float, list[dict]]:
     """The same rounds through the Ray engine with ``actors`` client actors (setup s, rounds s, per-round rows)."""
-    cfg = build_config(
-        {**cfg.to_dict(), "runtime": {**cfg.to_dict()["runtime"], "num_actors": actors, "torch_threads": 1}}
-    )
+    cfg = engine_leg_config(cfg, actors, bench_on_cuda(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         with remote_federation(cfg, Path(tmp)) as federation:

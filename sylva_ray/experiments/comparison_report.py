@@ -104,7 +104,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         num_malicious=(summary.get("adversary") or {}).get("count", 0),
     )
     simulated = summary.get("simulated") or {}
-    if simulated:  # the simulated clock on the run's device mix (README "Edge devices on a simulated clock")
+    if simulated:  # the simulated clock on the run's device mix (docs howto/clock.md)
         by_device = simulated.get("by_device") or []
         counts = [d.get("client_rounds", 1) for d in by_device]
         to_95 = simulated.get("time_to_95pct_robust_acc_s")

@@ -1,7 +1,7 @@
 """Server-side aggregation: pure functions over adapter state dicts (no Ray), tested by hand.
 
 What is averaged: each LoRA factor (A and B) separately, key by key -- the FedIT convention.
-mean(B) @ mean(A) is *not* mean(B @ A) (README 'Pitfalls the code guards against', 4): the exact average of the products
+mean(B) @ mean(A) is *not* mean(B @ A) (docs explanation/method.md, 'Pitfalls', 4): the exact average of the products
 has rank up to K*r and cannot be sent back as rank-r factors without an SVD that changes the
 factors' basis every round. Averaging factors keeps the payload rank-r and the clients' factors in
 one shared basis (all start from the same broadcast and are pulled towards it by the proximal

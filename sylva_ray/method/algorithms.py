@@ -306,7 +306,7 @@ class CalFAT(Algorithm):
 @registered
 class LocalAT(Algorithm):
     """Every client adversarially fine-tunes its own LoRA + head (PGD-AT) alone: no federation,
-    nothing uploaded. The floor federation must beat (README 'What the comparison says': at alpha
+    nothing uploaded. The floor federation must beat (docs results/comparison.md 'What the comparison says': at alpha
     0.1 it often does not)."""
 
     name, scope_name = "local_at", "local"

@@ -7,7 +7,7 @@ Registry entries build a ready attack from ``(model, AttackConfig, role, num_cla
 code): APGD-CE, APGD-T, FAB-T and Square as in ``version="standard"``, with our seed. An independent
 check found torchattacks' composed ensemble of the same four attacks finds fewer adversarial images
 than the reference (3.7 points over-claimed on one client), so the reference is what we report
-(README "Evaluation protocol").
+(docs explanation/evaluation.md "Evaluation protocol").
 """
 
 from __future__ import annotations

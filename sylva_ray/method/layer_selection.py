@@ -8,8 +8,8 @@
    starting every time from the same fused weights with the same seed, then scoring on its held-out
    *validation* split with the same fixed adversarial start (common random numbers). The default
    value is continuous, ``-(CE_benign + lambda * CE_adversarial)``: accuracy on a validation share of
-   ~15 images moves in whole images, so most coalitions of an accuracy-valued game tie (README
-   'Phase 2'); ``clean + lambda * robust`` accuracy and the tolerance form remain. v(empty) is the
+   ~15 images moves in whole images, so most coalitions of an accuracy-valued game tie (docs
+   explanation/method.md); ``clean + lambda * robust`` accuracy and the tolerance form remain. v(empty) is the
    fused model with only its head tuned.
 3. *Tailoring*: the selected layers plus the head are fine-tuned on the client's whole benign train
    split for ``finetune_steps``; the tuned tensors go back to the driver, and the final-model
@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -87,6 +87,10 @@ def coalition_value(sel: LayerSelectionConfig, scored: Mapping[str, float], refe
     return scored["clean_acc"] - sel.robust_penalty * max(0.0, drop - sel.robust_tolerance)
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class LayerGame:
     """One client's game on one fused model: every coalition starts from the same weights and seed."""
 
@@ -102,7 +106,9 @@ class LayerGame:
         # The reference weights every coalition restarts from stay in host memory: on a GPU only the
         # model being tuned occupies the card (one ViT-B copy, not two, per game).
         self.fused_state = {k: v.detach().to("cpu", copy=True) for k, v in fused.state_dict().items()}
-        self.device_bytes = sum(t.numel() * t.element_size() for t in fused.state_dict().values())
+        #: What keeping this game costs: the model being tuned (on the device) and its reference
+        #: weights (in host memory); both count against ``layer_selection.game_cache_mb``.
+        self.footprint_bytes = _nbytes(fused.state_dict().values()) + _nbytes(self.fused_state.values())
         self.fit, self.validation = split_validation(
             train, self.sel.validation_fraction, derive_seed(cfg.runtime.seed, "phase2", client_id)
         )

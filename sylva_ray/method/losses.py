@@ -26,8 +26,8 @@ def class_weights(counts: np.ndarray, method: str, beta: float, max_ratio: float
 
     effective_number (Cui et al., CVPR 2019): w_c = (1 - beta) / (1 - beta^n_c);
     inverse_frequency: w_c = 1 / n_c; none: w_c = 1. Then the largest weight is clipped to
-    ``max_ratio`` x the smallest (unclipped 1/n reached ~90x and collapsed clients: README
-    'Pitfalls the code guards against', 5), and the weights are scaled so that sum_c n_c w_c = N,
+    ``max_ratio`` x the smallest (unclipped 1/n reached ~90x and collapsed clients: docs
+    explanation/method.md, 'Pitfalls the code guards against', 5), and the weights are scaled so that sum_c n_c w_c = N,
     i.e. the loss keeps plain CE's scale.
     Classes the client does not hold get weight 0 (they never appear as a target there).
     """

@@ -3,7 +3,7 @@
 Why normalisation lives inside the model: torchattacks expects inputs in [0, 1] and measures eps
 there. ``PixelSpaceModel`` takes data-space images (8x8 digits, 32x32 CIFAR), resizes them to the
 backbone's input size and normalises, so an attack's eps is always in the data's own pixel space
-and nobody calls ``set_normalization_used`` (README 'Pitfalls the code guards against', 2).
+and nobody calls ``set_normalization_used`` (docs explanation/method.md 'Pitfalls the code guards against', 2).
 
 Roles of parameters (``parameter_roles``):
   shared   -- LoRA factors: uploaded, aggregated, broadcast;
@@ -375,8 +375,8 @@ def add_lora(model: PixelSpaceModel, cfg: LoRAConfig) -> PeftModel:
     """Wrap with peft LoRA: backbone frozen, LoRA factors + classifier head trainable.
 
     Each target must match at least one ``nn.Linear`` and nothing else: peft matches by suffix,
-    so ``"proj"`` would also adapt timm's ``patch_embed.proj`` convolution (README 'Pitfalls the
-    code guards against', 3).
+    so ``"proj"`` would also adapt timm's ``patch_embed.proj`` convolution (docs
+    explanation/method.md, 'Pitfalls the code guards against', 3).
     """
     head = classifier_name(model)
     for target in cfg.target_modules:
@@ -487,7 +487,7 @@ def full_model_nbytes(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts per role (numbers for the README and the bench, not assumptions)."""
+    """Parameter counts per role (numbers for the docs and the bench, not assumptions)."""
     counts = {role.value: 0 for role in Role}
     for name, param in model.named_parameters():
         counts[parameter_role(name).value] += param.numel()

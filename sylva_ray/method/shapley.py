@@ -5,7 +5,7 @@
 Exact values come from shapiq's ``ExactComputer`` (all 2^L coalitions, one batch). Beyond
 ``exact_max_players`` the default approximator is our own antithetic, truncated permutation sampler
 (``antithetic_shapley``): at equal budgets of distinct coalitions it ranked layers better than each
-of shapiq's approximators on real layer games (README, ``bench estimator``), so it stays; shapiq's
+of shapiq's approximators on real layer games (docs results/benchmarks.md, ``bench estimator``), so it stays; shapiq's
 (``ESTIMATORS``: permutation sampling, KernelSHAP, unbiased KernelSHAP, SVARM, stratified sampling,
 Owen sampling) are one setting away (``layer_selection.estimator``). shapiq calls
 its game with a *batch* of coalitions; here that call is turned into an ask/tell *generator*: the
@@ -197,7 +197,7 @@ def antithetic_shapley(
     *distinct* coalitions is spent; the standard error is computed over antithetic *pairs* (a
     pair's two marginals are correlated, so they count as one sample). It stays because, at equal
     budgets of distinct coalitions, it ranked layers better than every shapiq approximator on the
-    estimator study's real games (README 'Benchmarks', ``bench estimator``).
+    estimator study's real games (docs results/benchmarks.md 'Benchmarks', ``bench estimator``).
 
     ``permutations_per_batch`` antithetic *pairs* are walked in lockstep; each step asks for the
     next prefix of every live permutation. ``max_evaluations`` counts distinct coalitions.

@@ -1,6 +1,6 @@
 """CPU-sized timm models registered under their own names (timm's ``@register_model`` habit).
 
-``vit_pico_patch4_16`` is the ViT the embedded-default study measured (README 'What the default run gives'):
+``vit_pico_patch4_16`` is the ViT the embedded-default study measured (docs results/default-run.md):
 depth 4, width 96, 3 heads, 4x4 patches on a 16x16 input (8x8 digits are upsampled inside the
 model), ~0.45M parameters, so that 10 clients x 10 rounds of PGD training fit a 2-core CPU.
 The factory only fills in hyper-parameters; everything else is timm's VisionTransformer.

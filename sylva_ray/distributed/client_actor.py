@@ -133,7 +133,7 @@ class ClientActor:
 
     def runtime(self) -> dict[str, Any]:
         """What this process computes on and with which flags: the device, the GPUs it sees, its
-        memory cap and the precision switches (read back by tests and by ``sylva-ray doctor``)."""
+        memory cap and the precision switches, read back from torch (the gpu tests check them)."""
         return {
             "device": str(self.worker.device),
             "cuda_visible_devices": os.environ.get(CUDA_VISIBLE_DEVICES),

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from sylva_ray.cli import explain
+from sylva_ray.cli import EXIT_INTERRUPTED, explain
 from sylva_ray.distributed.connect import connect
 from sylva_ray.distributed.tune import parse_grid, run_sweep, validate_sweep
 from sylva_ray.engine.resolve import load_config
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return sweep(args)
+    except KeyboardInterrupt:  # Tune saved the experiment's state; say how to go on, no traceback
+        log.error("interrupted; `python sweeps/rank_eps.py --resume` (same --name and --storage-path) goes on")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a user's error is one line and exit code 2, as with sylva-ray
         message = explain(exc)
         if message is None:

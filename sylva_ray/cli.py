@@ -84,18 +84,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_before_start(cfg)  # before the run directory exists
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)
+    args.interrupted = lambda: _interrupted_run(run_dir)
     return _report(run_dir, run(cfg, run_dir))
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from sylva_ray.distributed.launcher import resume
 
+    args.interrupted = lambda: _interrupted_run(args.run_dir)
     return _report(args.run_dir, resume(args.run_dir, address=args.address, dashboard=args.dashboard or None))
+
+
+def _interrupted_run(run_dir: Path) -> str:
+    """Where an interrupted run stands, read from what it wrote (its last checkpoint is whole)."""
+    from sylva_ray.engine.federation import CHECKPOINT_NAME, FederationState
+
+    if (Path(run_dir) / "summary.json").is_file():
+        return f"interrupted after {run_dir} was complete; its results are whole"
+    checkpoint = Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
+    try:
+        state = FederationState.load(checkpoint) if checkpoint.is_file() else None
+    except Exception:  # a damaged checkpoint is resume's to name, not this message's
+        state = None
+    where = f"in round {state.next_round + 1}" if state is not None else "before round 1 finished"
+    return f"interrupted {where}; `sylva-ray resume {run_dir}` continues"
 
 
 def _cmd_phase2(args: argparse.Namespace) -> int:
     from sylva_ray.distributed.launcher import phase2_only
 
+    args.interrupted = lambda: f"interrupted; {args.run_dir} is untouched: run `sylva-ray phase2` again"
     out, summary = phase2_only(args.run_dir, args.overrides, args.address)
     return _report(out, summary)
 
@@ -120,6 +138,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     raw = raw_config(args.preset, args.config_file, overrides)
     threat = _threat_grid(args, raw)
+    args.interrupted = lambda: (
+        f"interrupted; finished runs are kept in {out}: the same command with --out {out} goes on"
+    )
     run_comparison(
         raw,
         algorithms,
@@ -297,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="comm",
-        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup", "autoattack"],
+        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup", "autoattack", "data"],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(
@@ -327,11 +348,19 @@ def explain(exc: BaseException) -> Optional[str]:
     return named[1] if named else None
 
 
+#: The shell's exit status for a process ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what to do next, not a traceback from inside Ray
+        message = getattr(args, "interrupted", lambda: "interrupted")()
+        log.error("%s", message)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         message = explain(exc)
         if message is None:

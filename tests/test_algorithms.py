@@ -285,5 +285,5 @@ def test_load_client_model_reproduces_each_scopes_saved_accuracy(runs):
         model = load_client_model(run_dir, 1)
         test = load_client_split(run_dir, 1)
         with torch.no_grad():
-            accuracy = float((model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean())
+            accuracy = float((model(test.pixels()).argmax(1).numpy() == test.labels).mean())
         assert accuracy == pytest.approx(row["clean_acc"]), name

@@ -130,7 +130,7 @@ def test_protocol_autoattack_equals_the_reference_package_on_the_same_samples_an
     for sub in (reference.apgd, reference.apgd_targeted, reference.fab):
         sub.n_iter = AA_STEPS
     reference.square.n_queries = AA_QUERIES
-    x, y = torch.from_numpy(data.images[:AA_SAMPLES]), torch.from_numpy(data.labels[:AA_SAMPLES])
+    x, y = data.pixels(slice(0, AA_SAMPLES)), torch.from_numpy(data.labels[:AA_SAMPLES])
     _, predicted = reference.run_standard_evaluation(x, y, batch_size=32)
     expected = float((predicted == y).float().mean())
     assert 0.0 < expected < 1.0  # the test can tell the attacks apart

@@ -571,3 +571,121 @@ def test_resume_refuses_other_pretrained_weights(ray_cluster, tmp_path, monkeypa
     code, text, _ = run_captured(main, ["resume", str(run_dir)])
     assert code == 2 and "inputs.weights_sha256" in text
     assert snapshot(run_dir) == before
+
+
+def write_images(root: Path, classes: int = 4, per_class: int = 30, side: int = 20) -> None:
+    """Real PNG files, one folder per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i}.png")
+
+
+IMAGEFOLDER_RUN = ["run", "--preset", "smoke", "--set", "data.name=imagefolder", "--set", "model.pretrained=none"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "empty"])
+def test_a_damaged_image_is_refused_by_path_before_any_work(damage, tmp_path, monkeypatch, import_seconds):
+    """One bad file among 120: decoded by the checks (not by the launcher, later), named with its path."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "images"
+    write_images(root)
+    bad = root / "class_2" / "17.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif damage == "not_an_image":
+        bad.write_text("this is a text file with a .png name\n")
+    else:
+        bad.write_bytes(b"")
+    text = refused(
+        [*IMAGEFOLDER_RUN, "--set", f"data.root={root}", "--set", "data.cache_decoded=false"],
+        str(bad),
+        tmp_path,
+        import_seconds,
+    )
+    assert "cannot be decoded" in text and "UnidentifiedImageError" not in text
+
+
+@pytest.mark.parametrize("image_size, limit", [(5000, "object store"), (20000, "free")])
+def test_a_pool_that_cannot_fit_is_refused_with_the_numbers_before_decoding(
+    image_size, limit, tmp_path, monkeypatch, import_seconds
+):
+    """120 files at 5,000 px take 9 GB as uint8: more than Ray's object store on a 24 GiB machine
+    (30%); at 20,000 px, 144 GB: more than the machine has. Refused from the file list alone."""
+    import psutil
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "images"
+    write_images(root)
+    pool_gb = 120 * 3 * image_size * image_size / 1e9
+    if pool_gb < 0.3 * psutil.virtual_memory().total / 1e9:
+        pytest.skip("this machine's object store holds the pool: the refusal cannot be shown here")
+    text = refused(
+        [*IMAGEFOLDER_RUN, "--set", f"data.root={root}", "--set", f"data.image_size={image_size}"],
+        "data.root",
+        tmp_path,
+        import_seconds,
+    )
+    assert f"{pool_gb:.2f} GB as uint8" in text and limit in text and "data.max_samples or data.image_size" in text
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_a_damaged_image_in_a_hugging_face_dataset_is_refused_by_file_and_row(
+    layout, tmp_path, monkeypatch, import_seconds
+):
+    from test_data import write_hf
+
+    monkeypatch.chdir(tmp_path)
+    write_hf(tmp_path / "ds", layout, damaged_row=7)
+    text = refused(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=hf",
+            "--set",
+            f"data.root={tmp_path / 'ds'}",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.num_clients=2",
+            "--set",
+            "data.min_samples_per_client=2",
+            "--set",
+            "data.cache_decoded=false",
+        ],
+        "row 7 (image)",
+        tmp_path,
+        import_seconds,
+    )
+    assert "cannot be decoded" in text
+
+
+def test_a_hugging_face_dataset_without_the_named_column_is_refused(tmp_path, monkeypatch, import_seconds):
+    from test_data import write_hf
+
+    monkeypatch.chdir(tmp_path)
+    write_hf(tmp_path / "ds", "parquet")
+    refused(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=hf",
+            "--set",
+            f"data.root={tmp_path / 'ds'}",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            "data.label_column=fine_label",
+        ],
+        "no column 'fine_label'",
+        tmp_path,
+        import_seconds,
+    )

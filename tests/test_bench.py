@@ -143,10 +143,32 @@ def test_autoattack_bench_records_every_pass_without_changing_the_attack(tmp_pat
         hits = reference_autoattack_hits(
             model,
             cfg.attack,
-            torch.from_numpy(test.images[:n]),
+            test.pixels(slice(0, n)),
             torch.from_numpy(test.labels[:n]),
             test.num_classes,
             derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack"),
             cfg.train.eval_batch_size,
         )
     assert whole["autoattack_acc"] == pytest.approx(float(hits.float().mean()), abs=1e-4)
+
+
+def test_bench_data_loads_a_folder_three_ways_and_checks_the_pixels_agree(tmp_path):
+    from test_data import _write_folder
+
+    from sylva_ray.experiments.bench import run_bench
+
+    _write_folder(tmp_path / "images")
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            "data.name=imagefolder",
+            f"data.root={tmp_path / 'images'}",
+            "data.image_size=12",
+            "model.pretrained=none",
+        ],
+    )
+    frame = run_bench("data", cfg, tmp_path / "out")
+    assert frame["variant"].tolist()[0].startswith("float32") and len(frame) == 4
+    assert frame["same_pixels_as_first"].all() and (frame["images"] == 9).all()
+    assert frame.loc[frame["dtype"] == "uint8", "pool_vs_first"].eq(0.25).all()  # a quarter of float32's bytes
+    assert (tmp_path / "out" / "bench_data.csv").is_file()

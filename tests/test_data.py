@@ -79,8 +79,9 @@ def test_impossible_partition_is_a_clear_error(name):
 def test_digits_source_public_private_split():
     source = load_source(DataConfig(public_fraction=0.3))
     assert source.private.images.shape[1:] == (3, 8, 8)
-    assert source.private.images.min() >= 0 and source.private.images.max() <= 1
-    assert len(np.unique(source.private.images)) == 17  # 0..16 grey levels kept exactly
+    pixels = source.private.pixels()
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    assert len(np.unique(pixels.numpy())) == 17  # 0..16 grey levels kept exactly
     assert len(source.public) + len(source.private) == 1797
     assert len(source.public) == pytest.approx(0.3 * 1797, abs=1)
 
@@ -147,7 +148,7 @@ def test_cifar_loader_reads_local_files(tmp_path, which, classes):
     assert source.private.images.shape == (20, 3, 32, 32)
     assert source.official_test is not None and len(source.official_test) == 10
     assert source.num_classes == classes
-    assert 0 <= source.private.images.min() and source.private.images.max() <= 1
+    assert 0 <= source.private.pixels().min() and source.private.pixels().max() <= 1
     with pytest.raises(UnsafeDataFile, match="md5 differs"):  # the official md5 sums reject our tiny files
         load_source(DataConfig(name=which, root=str(tmp_path), verify_checksums=True))
 
@@ -158,17 +159,92 @@ def test_cifar_missing_folder_is_explained(tmp_path):
     assert "download=True" not in str(caught.value) and "data_batch_1" in str(caught.value)
 
 
-def test_imagefolder_loader(tmp_path):
+def _write_folder(root, sizes=((20, 24), (31, 17), (12, 12))):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for cls in ("cat", "dog", "owl"):
-        (tmp_path / cls).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    source = load_source(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12))
-    assert source.private.images.shape == (9, 3, 12, 12)
-    assert source.num_classes == 3 and sorted(np.unique(source.private.labels)) == [0, 1, 2]
+    for cls in ("owl", "cat", "dog"):
+        (root / cls / "nested").mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            where = root / cls / ("nested" if i == 1 else "") / f"{i}.{'jpg' if i == 2 else 'png'}"
+            Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(where)
+
+
+def test_imagefolder_loader_gives_torchvisions_pixels_as_uint8(tmp_path):
+    """The same files, order, labels and pixel values as torchvision's ImageFolder + Resize +
+    ToTensor (the loader this project used before), held as uint8 (a quarter of the bytes)."""
+    from torchvision import datasets, transforms
+
+    _write_folder(tmp_path)
+    source = load_source(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, cache_decoded=False))
+    assert source.private.images.dtype == np.uint8 and source.private.images.shape == (9, 3, 12, 12)
+    tfm = transforms.Compose([transforms.Resize((12, 12)), transforms.ToTensor()])
+    reference = datasets.ImageFolder(str(tmp_path), transform=tfm)
+    expected = np.stack([reference[i][0].numpy() for i in range(len(reference))])
+    assert np.array_equal(source.private.pixels().numpy(), expected)
+    assert source.private.labels.tolist() == reference.targets and source.num_classes == 3
+
+
+def test_the_decoded_folder_is_cached_and_a_changed_file_is_decoded_again(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sylva_ray.method import image_folder
+
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    _write_folder(root)
+    first = image_folder.load_folder(root, 12, cache, progress=False)
+    assert len(list((cache / "images").glob("*.npz"))) == 1
+    decoded = []
+    monkeypatch.setattr(image_folder, "decode_all", lambda *a, **k: decoded.append(1) or first[0])
+    again = image_folder.load_folder(root, 12, cache, progress=False)
+    assert not decoded and np.array_equal(again[0], first[0]) and again[2] == first[2]  # from the cache
+    monkeypatch.undo()
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(root / "dog" / "0.png")  # one file changes
+    changed = image_folder.load_folder(root, 12, cache, progress=False)
+    assert len(list((cache / "images").glob("*.npz"))) == 2
+    position = [p.relative_to(root).as_posix() for p in image_folder.index_folder(root).files].index("dog/0.png")
+    assert not changed[0][position].any() and first[0][position].any()
+    with np.load(next((cache / "images").glob("*.npz")), allow_pickle=False) as stored:  # arrays only
+        assert set(stored.files) == {"images", "labels", "classes"}
+
+
+def test_max_samples_decodes_only_the_kept_files(tmp_path, monkeypatch):
+    from sylva_ray.method import image_folder
+
+    _write_folder(tmp_path)
+    full = load_source(DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, cache_decoded=False))
+    decoded: list[int] = []
+    real = image_folder.decode_all
+    monkeypatch.setattr(
+        image_folder, "decode_all", lambda index, *a, **k: decoded.append(len(index)) or real(index, *a, **k)
+    )
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, max_samples=4, cache_decoded=False)
+    kept = load_source(cfg)
+    assert decoded == [4] and len(kept.private) == 4
+    keep = np.sort(np.random.default_rng(cfg.public_seed).choice(9, size=4, replace=False))  # as before: subsample
+    assert np.array_equal(kept.private.images, full.private.images[keep])
+
+
+def test_pixels_are_the_float_values_a_float_pool_would_hold():
+    """digits' levels, 8-bit pixels: the float32 tensor a batch gets is bit for bit what dividing a
+    whole float32 pool gave (the figures of every run stay what they were)."""
+    from sylva_ray.method.data import ArrayDataset
+
+    rng = np.random.default_rng(0)
+    for top, scale in ((16, 16.0), (255, 255.0)):
+        raw = rng.integers(0, top + 1, size=(7, 3, 5, 5)).astype(np.uint8)
+        data = ArrayDataset(raw, np.arange(7) % 3, 3, scale)
+        whole = raw.astype(np.float32) / scale
+        assert torch.equal(data.pixels(), torch.from_numpy(whole))
+        assert torch.equal(data.pixels(np.array([4, 1])), torch.from_numpy(whole[[4, 1]]))
+        assert torch.equal(data[3][0], torch.from_numpy(whole[3]))
+        assert data.subset(np.array([2, 5])).pixel_scale == scale
+
+
+def test_a_source_is_loaded_once_per_process():
+    cfg = DataConfig(num_clients=5)
+    assert load_source(cfg) is load_source(DataConfig(num_clients=5))
+    assert load_source(DataConfig(num_clients=6)) is not load_source(cfg)
 
 
 def test_every_dataset_is_registered():
@@ -190,3 +266,61 @@ def test_array_dataset_is_a_torch_dataset():
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     images, labels = next(iter(DataLoader(data, batch_size=5)))
     assert torch.equal(images, torch.from_numpy(data.images)) and labels.tolist() == data.labels.tolist()
+
+
+# --- Hugging Face datasets on disk (save_to_disk folders, parquet files), read with pyarrow ----------
+HF_CLASSES = ["circle", "cross", "square"]
+
+
+def write_hf(root, layout: str, damaged_row: int | None = None) -> list[bytes]:
+    """A small dataset in the layout ``datasets`` writes: the Image feature's {bytes, path} struct,
+    a ClassLabel in the schema's metadata; ``save_to_disk`` (Arrow stream + state.json) or parquet."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    encoded = []
+    for _ in range(12):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(14, 10, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    if damaged_row is not None:
+        encoded[damaged_row] = b"not a png"
+    features = {"image": {"_type": "Image"}, "label": {"names": HF_CLASSES, "_type": "ClassLabel"}}
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": b, "path": None} for b in encoded], type=image_type),
+            "label": pa.array([i % 3 for i in range(12)], type=pa.int64()),
+        }
+    ).replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    root.mkdir(parents=True)
+    if layout == "parquet":
+        pq.write_table(table, root / "train-00000-of-00001.parquet")
+    else:
+        with (
+            pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as w,
+        ):
+            w.write_table(table)
+        (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+        (root / "dataset_info.json").write_text(json.dumps({"features": features}))
+    return encoded
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_a_hugging_face_dataset_on_disk_loads_as_uint8(tmp_path, layout):
+    import io
+
+    from PIL import Image
+
+    encoded = write_hf(tmp_path / "ds", layout)
+    source = load_source(DataConfig(name="hf", root=str(tmp_path / "ds"), image_size=8, cache_decoded=False))
+    assert source.private.images.dtype == np.uint8 and source.private.images.shape == (12, 3, 8, 8)
+    assert source.num_classes == 3 and source.private.labels.tolist() == [i % 3 for i in range(12)]
+    first = np.asarray(Image.open(io.BytesIO(encoded[0])).convert("RGB").resize((8, 8), Image.Resampling.BILINEAR))
+    assert np.array_equal(source.private.images[0], first.transpose(2, 0, 1))

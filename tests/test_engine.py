@@ -118,7 +118,7 @@ def test_analysis_api_reproduces_the_summary(two_actor_run):
         model = sylva_ray.load_client_model(run_dir, row["client"])
         test = sylva_ray.load_client_split(run_dir, row["client"], "test")
         with torch.no_grad():
-            accuracy = float(np.mean(model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels))
+            accuracy = float(np.mean(model(test.pixels()).argmax(1).numpy() == test.labels))
         assert accuracy == pytest.approx(row["clean_acc"], abs=1e-9)
         assert not model.training
     train = sylva_ray.load_client_split(run_dir, 0, "train")
@@ -172,5 +172,5 @@ def test_phase2_outputs_and_phase2_only_command(two_actor_run):
     model = sylva_ray.load_client_model(out, row["client"])
     test = sylva_ray.load_client_split(out, row["client"], "test")
     with torch.no_grad():
-        accuracy = float(np.mean(model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels))
+        accuracy = float(np.mean(model(test.pixels()).argmax(1).numpy() == test.labels))
     assert accuracy == pytest.approx(row["clean_acc"], abs=1e-9)

@@ -143,3 +143,33 @@ def test_evaluate_robust_below_clean_and_subset(model, tiny_dataset):
     strong = evaluate(model, tiny_dataset, dataclasses.replace(ATTACK, eps=0.5, eval_steps=10), 16, seed=0, device=CPU)
     assert strong.robust_acc <= strong.clean_acc
     assert strong.robust_acc < 0.25  # eps 0.5 on random images must break a tiny model (no masking)
+
+
+def test_uint8_pixels_train_and_evaluate_exactly_as_float_pixels():
+    """The same pool as uint8 (as loaded now) and as float32 (as it was held before): a client's
+    round and its evaluation give bit-identical adapters and figures."""
+    import dataclasses
+
+    import numpy as np
+
+    from sylva_ray.engine.client import ClientWorker
+    from sylva_ray.engine.resolve import load_config
+    from sylva_ray.method.data import ArrayDataset, load_source, make_partition
+
+    cfg = load_config("smoke", overrides=["model.pretrained=none"])
+    compact = load_source(cfg.data)
+    assert compact.private.images.dtype == np.uint8  # digits' grey levels, as integers
+    wide = dataclasses.replace(
+        compact,
+        private=ArrayDataset(compact.private.pixels().numpy(), compact.private.labels, compact.num_classes),
+        public=ArrayDataset(compact.public.pixels().numpy(), compact.public.labels, compact.num_classes),
+    )
+    partition = make_partition(compact, cfg.data, cfg.runtime.seed)
+    results = []
+    for source in (compact, wide):
+        worker = ClientWorker(cfg, source, partition)
+        update = worker.train(0, worker.initial_state(), worker.initial_adapter, 0)
+        figures = worker.evaluate(0, update.state, update.adapter, protocol=False)
+        results.append((update.adapter, figures.as_dict()))
+    assert all(torch.equal(results[0][0][k], results[1][0][k]) for k in results[0][0])
+    assert results[0][1] == results[1][1]

@@ -39,10 +39,13 @@ class DataConfig:
     """Which data, and how it is split among clients."""
 
     name: Annotated[
-        str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, synthetic")
+        str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, hf, synthetic")
     ] = "digits"
     root: Annotated[
-        Optional[str], Field(description="local folder for cifar10/cifar100/imagefolder; nothing is downloaded")
+        Optional[str],
+        Field(
+            description="local folder (or parquet file, hf) for cifar10/cifar100/imagefolder/hf; nothing is downloaded"
+        ),
     ] = None
     num_clients: Annotated[int, Field(ge=1, description="number of clients the private data is split among")] = 10
     partition: Annotated[str, Field(description="partitioner registry name: iid, dirichlet, shards, quantity")] = (
@@ -82,6 +85,18 @@ class DataConfig:
         int, Field(ge=1, description="imagefolder: images are resized to this square size at load time")
     ] = 32
     verify_checksums: Annotated[bool, Field(description="cifar: check torchvision's md5 of the official files")] = True
+    hf_split: Annotated[
+        str, Field(description="hf: the split to read (a DatasetDict's folder, or the parquet files named after it)")
+    ] = "train"
+    image_column: Annotated[str, Field(description="hf: the column holding the encoded images")] = "image"
+    label_column: Annotated[str, Field(description="hf: the column holding the integer class labels")] = "label"
+    cache_decoded: Annotated[
+        bool,
+        Field(
+            description="imagefolder/hf: keep the decoded uint8 arrays in $SYLVA_RAY_CACHE/images (keyed by the "
+            "files, their sizes and times, and image_size) so the next run on the same data starts at once"
+        ),
+    ] = True
     synthetic_num_samples: Annotated[int, Field(ge=1, description="synthetic: total samples")] = 800
     synthetic_num_classes: Annotated[int, Field(ge=2, description="synthetic: number of classes")] = 10
     synthetic_image_size: Annotated[int, Field(ge=2, description="synthetic: square image size")] = 8

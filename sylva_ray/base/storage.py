@@ -76,3 +76,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_with(path: str | Path, writer: Callable[[str], None]) -> Path:
     """For libraries that insist on writing a path themselves (pandas, safetensors, matplotlib)."""
     return _atomic_write(path, writer)
+
+
+def default_cache_dir() -> Path:
+    """Where derived artefacts are cached (pre-trained weights, decoded images): ``$SYLVA_RAY_CACHE``,
+    else ``~/.cache/sylva_ray``."""
+    return Path(os.environ.get("SYLVA_RAY_CACHE", Path.home() / ".cache" / "sylva_ray"))

@@ -163,7 +163,9 @@ class ClientWorker:
         data = self.data(client_id).train
         behaviour = BEHAVIOURS.get(self.cfg.adversary.behaviour) if malicious else None
         if behaviour is not None and behaviour.kind == DATA:
-            data = ArrayDataset(data.images, flip_labels(data.labels, data.num_classes), data.num_classes)
+            data = ArrayDataset(
+                data.images, flip_labels(data.labels, data.num_classes), data.num_classes, data.pixel_scale
+            )
         metrics = adversarial_round(
             self.model,
             data,

@@ -7,8 +7,9 @@ minute later from an actor.
   ``model.kwargs``, the LoRA targets it really has, ``lora.rank`` against the targeted layers'
   width, ``layer_selection.top_k`` against the players of the layer game, and under
   ``runtime.deterministic`` on a GPU, layers whose CUDA backward has no deterministic kernel;
-* the data is loaded as the run will load it (digits and synthetic are instant; CIFAR through
-  the safe reader, ImageFolder by its index) and split as the run will split it;
+* the data is loaded as the run will load it, every image decoded (CIFAR through the safe reader,
+  an ImageFolder sized from its file list first, then decoded in parallel), and split as the run
+  will split it; the run then takes the loaded data from this process instead of reading it again;
 * a weight file is read as the run will read it (damage is named, never "retry with
   weights_only=False");
 * a one-machine cluster's CPUs against ``runtime.client_resources`` (``local_cpus``; the caller
@@ -17,7 +18,6 @@ minute later from an actor.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,6 +26,8 @@ from torch import nn
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.method.cifar import UnsafeDataFile
 from sylva_ray.method.data import PartitionError, load_source, make_partition
+from sylva_ray.method.hf_data import read_table
+from sylva_ray.method.image_folder import CHANNELS, DamagedImage, index_folder
 from sylva_ray.method.layer_selection import player_prefixes
 from sylva_ray.method.models import (
     ModelSourceError,
@@ -53,7 +55,6 @@ NONDETERMINISTIC_CUDA_BACKWARD = (
 )
 #: Classes used to build the meta model when the dataset's own count is not known without reading it.
 META_NUM_CLASSES = 10
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def preflight(cfg: ExperimentConfig, *, data: bool = True, local_cpus: Optional[int] = None) -> None:
@@ -61,7 +62,7 @@ def preflight(cfg: ExperimentConfig, *, data: bool = True, local_cpus: Optional[
     CPUs of the one machine the run's Ray cluster will have (None: not a one-machine run)."""
     problems = model_problems(cfg)
     if data:
-        problems += data_problems(cfg)
+        problems += data_problems(cfg, local_memory=local_cpus is not None)
     problems += weight_problems(cfg)
     problems += resource_problems(cfg, local_cpus)
     if problems:
@@ -143,33 +144,86 @@ def determinism_problems(cfg: ExperimentConfig, model: nn.Module) -> list[str]:
     ]
 
 
-def data_problems(cfg: ExperimentConfig) -> list[str]:
-    """Load and split the data as the run will (PartitionError and damaged files become problems)."""
-    if cfg.data.name == "imagefolder":
-        return imagefolder_problems(cfg)
+def data_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
+    """Load and split the data as the run will: every image decoded (a damaged file is named), the
+    partition made; the loaded source stays in this process for the run (``data.load_source``).
+
+    An image folder is first sized from its file list: a pool that cannot fit is refused before a
+    single file is decoded. ``local_memory``: the run's Ray cluster is this machine's, so its
+    object store (where the pool is put once) is checked too."""
+    sized = {"imagefolder": imagefolder_problems, "hf": hf_problems}.get(cfg.data.name)
+    if sized is not None:
+        problems = sized(cfg, local_memory)
+        if problems:
+            return problems
     try:
         source = load_source(cfg.data)
         make_partition(source, cfg.data, cfg.runtime.seed)
-    except (FileNotFoundError, UnsafeDataFile, PartitionError) as exc:
+    except (FileNotFoundError, UnsafeDataFile, PartitionError, DamagedImage) as exc:
         return [str(exc)]
     return []
 
 
-def imagefolder_problems(cfg: ExperimentConfig) -> list[str]:
-    """An ImageFolder's index (class folders and image files), without decoding an image."""
-    root = Path(cfg.data.root or "")
-    classes = [d for d in sorted(root.iterdir()) if d.is_dir()] if root.is_dir() else []
-    counts = [sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for d in classes]
-    if sum(counts) == 0:
+#: Ray's object store takes this share of a machine's memory by default
+#: (``ray._private.ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION``).
+RAY_OBJECT_STORE_FRACTION = 0.3
+BYTES_PER_GB = 1e9
+
+
+def pool_memory_problems(what: str, pool_bytes: int, local_memory: bool) -> list[str]:
+    """The decoded pool against this machine: held once in this process and, on a local run, put
+    once in Ray's object store (the actors read it from there without copies)."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    store = RAY_OBJECT_STORE_FRACTION * memory.total
+    needed = pool_bytes * (2 if local_memory else 1)  # this process's copy (+ the store's, on this machine)
+    fix = "lower data.max_samples or data.image_size, or run on a node with more memory"
+    problems = []
+    if needed > memory.available:
+        problems.append(
+            f"{what}: the decoded pool takes {pool_bytes / BYTES_PER_GB:.2f} GB as uint8"
+            + (", held here and again in Ray's object store" if local_memory else "")
+            + f", more than the {memory.available / BYTES_PER_GB:.2f} GB this machine has free; {fix}"
+        )
+    elif local_memory and pool_bytes > store:
+        problems.append(
+            f"{what}: the decoded pool takes {pool_bytes / BYTES_PER_GB:.2f} GB as uint8, more than Ray's object "
+            f"store on this machine ({RAY_OBJECT_STORE_FRACTION:.0%} of {memory.total / BYTES_PER_GB:.1f} GB = "
+            f"{store / BYTES_PER_GB:.2f} GB); {fix}"
+        )
+    return problems
+
+
+def hf_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
+    """A Hugging Face dataset's files, columns and rows, and the memory its decoded pool will take,
+    before any image is decoded."""
+    data = cfg.data
+    try:
+        rows = len(read_table(data.root or "", data.hf_split, (data.image_column, data.label_column)))
+    except (FileNotFoundError, DamagedImage) as exc:
+        return [str(exc)]
+    used = min(rows, data.max_samples or rows)
+    what = f"data.root = {data.root!r} ({used:,} images at data.image_size={data.image_size})"
+    return pool_memory_problems(what, used * CHANNELS * data.image_size * data.image_size, local_memory)
+
+
+def imagefolder_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
+    """An ImageFolder's index (class folders and image files) and the memory its decoded pool
+    will take, before any image is decoded."""
+    index = index_folder(cfg.data.root or "")
+    if len(index) == 0:
         return [f"data.root = {cfg.data.root!r}: no images in class subfolders (expected root/<class>/<image>)"]
+    used = min(len(index), cfg.data.max_samples or len(index))
     need = cfg.data.num_clients * cfg.data.min_samples_per_client
-    if sum(counts) < need:
+    if used < need:
         return [
             f"data.num_clients={cfg.data.num_clients} x data.min_samples_per_client={cfg.data.min_samples_per_client} "
-            "= "
-            f"{need} samples needed, but {cfg.data.root} holds {sum(counts)} images"
+            f"= {need} samples needed, but {cfg.data.root} holds {len(index)} images"
+            + (f" (data.max_samples={cfg.data.max_samples} kept)" if used < len(index) else "")
         ]
-    return []
+    what = f"data.root = {cfg.data.root!r} ({used:,} images at data.image_size={cfg.data.image_size})"
+    return pool_memory_problems(what, index.decoded_bytes(cfg.data.image_size) * used // len(index), local_memory)
 
 
 def weight_problems(cfg: ExperimentConfig) -> list[str]:

@@ -40,7 +40,7 @@ from sylva_ray.method.update_space import MIXING, PRE_AGGREGATIONS
 log = logging.getLogger(__name__)
 
 #: Datasets read from ``data.root`` (nothing is downloaded).
-LOCAL_DATASETS = frozenset({"cifar10", "cifar100", "imagefolder"})
+LOCAL_DATASETS = frozenset({"cifar10", "cifar100", "imagefolder", "hf"})
 #: Datasets the embedded pre-training can take its public slice from.
 EMBEDDED_PRETRAINING_DATASETS = frozenset({"digits", "synthetic"})
 #: Module-name suffixes that are ambiguous without their parent (``proj`` is also ``patch_embed.proj``).
@@ -261,10 +261,10 @@ def _path_problems(cfg: ExperimentConfig, check_paths: bool) -> list[str]:
             problems.append(
                 f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder"
             )
-        elif check_paths and not Path(cfg.data.root).is_dir():
+        elif check_paths and not Path(cfg.data.root).exists():
             problems.append(
-                f"data.root = {cfg.data.root!r}: no such folder (nothing is downloaded; put the {cfg.data.name} files "
-                "there)"
+                f"data.root = {cfg.data.root!r}: no such folder or file (nothing is downloaded; put the "
+                f"{cfg.data.name} files there)"
             )
     if cfg.model.pretrained == "checkpoint":
         if not cfg.model.checkpoint:

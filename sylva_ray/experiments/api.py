@@ -3,7 +3,7 @@
     model = sylva_ray.load_client_model("runs/...", client_id=3)   # eval mode, takes [0,1] images
     test = sylva_ray.load_client_split("runs/...", client_id=3, split="test")
     with torch.no_grad():
-        accuracy = (model(torch.from_numpy(test.images)).argmax(1).numpy() == test.labels).mean()
+        accuracy = (model(test.pixels()).argmax(1).numpy() == test.labels).mean()
 
 The model is the client's final personalised model: the pre-trained backbone with the run's final
 global LoRA merged in (peft ``merge_and_unload``) and the client's own head, resize and

@@ -169,7 +169,7 @@ def bench_autoattack(cfg: ExperimentConfig, out: Path, run_dir: Optional[Path] =
     client, model, test = _subject(cfg, run_dir)
     model.eval()
     n = min(len(test), cfg.evaluation.autoattack_max_samples)
-    images, labels = torch.from_numpy(test.images[:n]), torch.from_numpy(test.labels[:n])
+    images, labels = test.pixels(slice(0, n)), torch.from_numpy(test.labels[:n])
     image_shape = tuple(images.shape[1:])
     seed = derive_seed(derive_seed(cfg.runtime.seed, "eval", client), "autoattack")  # as the protocol seeds it
     log.info("bench autoattack: client %d, %d images, %d torch thread(s)", client, n, BENCH_THREADS)

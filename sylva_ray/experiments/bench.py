@@ -22,6 +22,9 @@
            model pass recorded, against a plain loop replaying the same passes and against this core's
            GEMM rate: how much of the final protocol's time is the model's own compute
            (``sylva_ray.experiments.autoattack_bench``).
+``data``   an image source (ImageFolder, Hugging Face on disk) loaded three ways: torchvision's float32
+           loader image by image (before), the uint8 parallel loader, and from its cache
+           (``sylva_ray.experiments.data_bench``): seconds, pool bytes, peak traced memory.
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -50,6 +53,7 @@ from sylva_ray.engine.resolve import build_config, load_config
 from sylva_ray.engine.rundir import new_unique_dir, prepare_data, resolve_result_path, utc_stamp, write_table
 from sylva_ray.experiments.autoattack_bench import bench_autoattack
 from sylva_ray.experiments.clock_bench import bench_clock
+from sylva_ray.experiments.data_bench import bench_data
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
 from sylva_ray.method.data import load_source, make_partition
@@ -457,6 +461,7 @@ BENCHES = {
     "memory": bench_memory,
     "clock": bench_clock,
     "autoattack": bench_autoattack,
+    "data": bench_data,
 }
 
 

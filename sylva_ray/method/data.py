@@ -1,8 +1,12 @@
 """Datasets by name, and partitioners that split the private pool among clients.
 
-Every image array here is float32, NCHW, in [0, 1]: attacks measure eps in this space and the
-model resizes/normalises internally. Nothing is downloaded: ``digits`` ships with scikit-learn,
-``cifar10``/``cifar100``/``imagefolder`` read a local folder, ``synthetic`` is generated.
+Images are NCHW. Decoded pixels stay integers (uint8) from the loader to the client actor, a
+quarter of float32's bytes in the main process, in Ray's object store and in each actor;
+``ArrayDataset.pixels`` turns the rows a batch uses into float32 in [0, 1] (``pixel_scale``: 255
+for 8-bit images, 16 for digits' grey levels, 1 for data that is float already). Attacks measure
+eps in that [0, 1] space; the model resizes and normalises internally. Nothing is downloaded:
+``digits`` ships with scikit-learn, ``cifar10``/``cifar100``/``imagefolder`` read a local folder,
+``synthetic`` is generated.
 
 Data flow: ``load_source(cfg)`` -> ``DataSource`` (public slice for pre-training, private pool,
 optional official test set) -> ``make_partition(labels, cfg, seed)`` -> ``Partition`` (per-client
@@ -12,13 +16,14 @@ train/test indices into the private pool, saved as JSON in the run directory) ->
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from torch.utils.data import Dataset
 from sylva_ray.base.config import DataConfig
 from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import numpy_rng
-from sylva_ray.base.storage import atomic_write_text
+from sylva_ray.base.storage import atomic_write_text, default_cache_dir
 from sylva_ray.method.cifar import read_split
 
 log = logging.getLogger(__name__)
@@ -46,13 +51,19 @@ class PartitionError(ValueError):
 
 @dataclass
 class ArrayDataset(Dataset):
-    """Images (N, C, H, W) float32 in [0, 1] and integer labels (N,); a ``torch.utils.data.Dataset``
-    too (``ds[i]`` is ``(image tensor, label)``, so ``DataLoader(ds)`` works), with the arrays kept
-    as ``.images`` / ``.labels`` for the batched code paths that slice them directly."""
+    """Images (N, C, H, W) and integer labels (N,); a ``torch.utils.data.Dataset`` too (``ds[i]``
+    is ``(image tensor in [0, 1], label)``, so ``DataLoader(ds)`` works).
+
+    ``images`` holds what was decoded: uint8 pixels (or digits' 0..16 levels) with ``pixel_scale``
+    saying what divides them into [0, 1], or float32 already in [0, 1] (``pixel_scale=1``). Code
+    that computes slices rows first and converts with ``pixels``: the same float32 values a float
+    pool would hold, made only for the rows a batch uses.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
+    pixel_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
@@ -64,13 +75,25 @@ class ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.images[index]), int(self.labels[index])
+        return self.pixels(index), int(self.labels[index])
+
+    def pixels(self, index: Union[int, slice, np.ndarray, torch.Tensor] = slice(None)) -> torch.Tensor:
+        """The images at ``index`` as a float32 tensor in [0, 1]."""
+        return unit_pixels(self.images[index], self.pixel_scale)
 
     def subset(self, indices: np.ndarray) -> "ArrayDataset":
-        return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes)
+        return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.pixel_scale)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def unit_pixels(images: np.ndarray, pixel_scale: float) -> torch.Tensor:
+    """Stored pixels as float32 in [0, 1]: ``images / pixel_scale`` in float32, exactly what a pool
+    decoded to float32 would hold (one correctly rounded division either way)."""
+    if pixel_scale == 1.0 and images.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(images))
+    return torch.from_numpy(images.astype(np.float32) / np.float32(pixel_scale))
 
 
 @dataclass
@@ -103,11 +126,13 @@ DatasetLoader = Callable[[DataConfig], DataSource]
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
-def _split_public(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: DataConfig, name: str) -> DataSource:
+def _split_public(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: DataConfig, name: str, pixel_scale: float = 1.0
+) -> DataSource:
     """Carve the seeded public slice (pre-training only) out of a dataset; the rest is private."""
     from sklearn.model_selection import train_test_split
 
-    dataset = ArrayDataset(images.astype(np.float32), labels.astype(np.int64), num_classes)
+    dataset = ArrayDataset(images, labels.astype(np.int64), num_classes, pixel_scale)
     if cfg.public_fraction <= 0:
         return DataSource(name=name, private=dataset)
     private_idx, public_idx = train_test_split(
@@ -124,9 +149,9 @@ def load_digits_source(cfg: DataConfig) -> DataSource:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    grey = bunch.images.astype(np.float32) / DIGITS_MAX_LEVEL  # (N, 8, 8) in [0, 1]
-    images = np.repeat(grey[:, None, :, :], 3, axis=1)
-    return _split_public(images, bunch.target, 10, cfg, "digits")
+    levels = bunch.images.astype(np.uint8)  # (N, 8, 8): whole grey levels 0..16, stored as such
+    images = np.repeat(levels[:, None, :, :], 3, axis=1)
+    return _split_public(images, bunch.target, 10, cfg, "digits", pixel_scale=DIGITS_MAX_LEVEL)
 
 
 @DATASETS.register("synthetic")
@@ -138,7 +163,7 @@ def load_synthetic_source(cfg: DataConfig) -> DataSource:
     labels = np.arange(cfg.synthetic_num_samples) % classes
     rng.shuffle(labels)
     noise = rng.normal(0.0, SYNTHETIC_NOISE_STD, size=(len(labels), 3, size, size)).astype(np.float32)
-    images = np.clip(prototypes[labels] + noise, 0.0, 1.0)
+    images = np.clip(prototypes[labels] + noise, 0.0, 1.0).astype(np.float32)  # continuous: float32 as made
     return _split_public(images, labels, classes, cfg, "synthetic")
 
 
@@ -153,7 +178,7 @@ def _cifar_source(cfg: DataConfig, which: str) -> DataSource:
 
     def to_arrays(train: bool) -> ArrayDataset:
         images, labels, classes = read_split(which, cfg.root or "", train, cfg.verify_checksums)
-        return ArrayDataset(images.astype(np.float32) / UINT8_MAX, labels, classes)
+        return ArrayDataset(images, labels, classes, UINT8_MAX)
 
     return DataSource(name=which, private=to_arrays(True), official_test=to_arrays(False))
 
@@ -170,26 +195,59 @@ def load_cifar100_source(cfg: DataConfig) -> DataSource:
 
 @DATASETS.register("imagefolder")
 def load_imagefolder_source(cfg: DataConfig) -> DataSource:
-    """Any ``root/<class>/<image>`` tree, resized to ``data.image_size`` and held in memory."""
-    from torchvision import datasets, transforms
+    """Any ``root/<class>/<image>`` tree, resized to ``data.image_size``, held as uint8
+    (``method.image_folder``: parallel decoding, damaged files named, a cache of the arrays).
+    With ``data.max_samples`` only the kept files are decoded (the same seeded choice as below)."""
+    from sylva_ray.method.image_folder import index_folder, load_folder
 
-    tfm = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.ToTensor()])
-    ds = datasets.ImageFolder(
-        str(cfg.root), transform=tfm, loader=lambda p: datasets.folder.default_loader(p).convert("RGB")
+    index = index_folder(cfg.root or "")
+    keep = max_samples_keep(len(index), cfg)
+    images, labels, classes = load_folder(
+        cfg.root or "", cfg.image_size, default_cache_dir() if cfg.cache_decoded else None, keep=keep
     )
-    if len(ds) == 0:
-        raise FileNotFoundError(f"data.root={cfg.root!r}: no images found in class subfolders")
-    images = np.stack([ds[i][0].numpy() for i in range(len(ds))]).astype(np.float32)
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    return DataSource(name="imagefolder", private=ArrayDataset(images, labels, len(ds.classes)))
+    return DataSource(name="imagefolder", private=ArrayDataset(images, labels, len(classes), UINT8_MAX))
+
+
+@DATASETS.register("hf")
+def load_hf_source(cfg: DataConfig) -> DataSource:
+    """A Hugging Face dataset saved to disk or as parquet (``method.hf_data``), held as uint8."""
+    from sylva_ray.method.hf_data import load_hf, read_table
+
+    rows = len(read_table(cfg.root or "", cfg.hf_split, (cfg.image_column, cfg.label_column)))
+    images, labels, classes = load_hf(
+        cfg.root or "",
+        cfg.hf_split,
+        cfg.image_column,
+        cfg.label_column,
+        cfg.image_size,
+        default_cache_dir() if cfg.cache_decoded else None,
+        keep=max_samples_keep(rows, cfg),
+    )
+    return DataSource(name="hf", private=ArrayDataset(images, labels, len(classes), UINT8_MAX))
+
+
+def max_samples_keep(pool_size: int, cfg: DataConfig) -> Optional[np.ndarray]:
+    """The seeded subsample ``data.max_samples`` keeps of a pool of ``pool_size`` (None: all)."""
+    if cfg.max_samples is None or cfg.max_samples >= pool_size:
+        return None
+    rng = np.random.default_rng(cfg.public_seed)
+    return np.sort(rng.choice(pool_size, size=cfg.max_samples, replace=False))
+
+
+#: The last source loaded in this process, by its config: the checks load the data the run will
+#: use, and the run takes it from here instead of reading and decoding it again.
+_LOADED: dict[str, DataSource] = {}
 
 
 def load_source(cfg: DataConfig) -> DataSource:
-    """Load the dataset named in the config and apply ``max_samples`` (seeded subsample)."""
+    """Load the dataset named in the config and apply ``max_samples`` (seeded subsample); a second
+    call with the same config in this process returns the same (read-only) source."""
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key in _LOADED:
+        return _LOADED[key]
     source = DATASETS.get(cfg.name)(cfg)
-    if cfg.max_samples is not None and cfg.max_samples < len(source.private):
-        rng = np.random.default_rng(cfg.public_seed)
-        keep = np.sort(rng.choice(len(source.private), size=cfg.max_samples, replace=False))
+    keep = max_samples_keep(len(source.private), cfg)
+    if keep is not None:
         source.private = source.private.subset(keep)
     log.info(
         "dataset %s: %d private, %d public samples, %d classes",
@@ -198,6 +256,8 @@ def load_source(cfg: DataConfig) -> DataSource:
         len(source.public) if source.public else 0,
         source.num_classes,
     )
+    _LOADED.clear()  # one source at a time: a long-lived process must not pile them up
+    _LOADED[key] = source
     return source
 
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from enum import Enum
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ConfigError, DataConfig, LoRAConfig, ModelConfig
 from sylva_ray.base.seeding import derive_seed, torch_generator, torch_seeded
-from sylva_ray.base.storage import atomic_write_bytes
+from sylva_ray.base.storage import atomic_write_bytes, default_cache_dir
 from sylva_ray.method.data import ArrayDataset, DataSource
 
 if TYPE_CHECKING:
@@ -229,10 +228,6 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor]
         )
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SYLVA_RAY_CACHE", Path.home() / ".cache" / "sylva_ray"))
-
-
 def embedded_cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, num_classes: int) -> str:
     """Everything that determines the embedded pre-trained weights, hashed."""
     ident = {
@@ -269,7 +264,7 @@ def torch_threads(count: int) -> Iterator[None]:
 def pretrain_on_public(model: PixelSpaceModel, public: ArrayDataset, cfg: ModelConfig, seed: int) -> None:
     """Clean full-model pre-training on the public slice: AdamW + cosine schedule, in place."""
     device = next(model.parameters()).device
-    images = torch.from_numpy(public.images)
+    images = public.pixels()  # the public slice is small: converted once
     labels = torch.from_numpy(public.labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.pretrain_weight_decay)
     steps_per_epoch = max(1, -(-len(labels) // cfg.pretrain_batch_size))

@@ -55,12 +55,13 @@ class RoundMetrics:
 def batches(
     data: ArrayDataset, batch_size: int, seed: int, shuffle: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches as tensors; the shuffle order comes from an explicit generator."""
-    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    """Mini-batches as float tensors in [0, 1] (converted per batch from the stored pixels); the
+    shuffle order comes from an explicit generator."""
+    labels = torch.from_numpy(data.labels)
     order = torch.randperm(len(labels), generator=torch_generator(seed)) if shuffle else torch.arange(len(labels))
     for start in range(0, len(labels), batch_size):
         idx = order[start : start + batch_size]
-        yield images[idx], labels[idx]
+        yield data.pixels(idx.numpy()), labels[idx]
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
@@ -389,7 +390,7 @@ def _evaluate(
 ) -> EvalResult:
     model.eval()
     on_stage(protocol_stages(attack_cfg, None)[0])
-    images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    images, labels = data.pixels(), torch.from_numpy(data.labels)  # one client's test split, as floats
     with torch.no_grad():
         logits = (
             torch.cat(

@@ -633,6 +633,12 @@ def test_a_pool_that_cannot_fit_is_refused_with_the_numbers_before_decoding(
     assert f"{pool_gb:.2f} GB as uint8" in text and limit in text and "data.max_samples or data.image_size" in text
 
 
+def hf_run(root: Path, *settings: str) -> list[str]:
+    """``sylva-ray run --preset smoke`` on a Hugging Face dataset at ``root``, plus ``--set`` items."""
+    items = ["data.name=hf", f"data.root={root}", "model.pretrained=none", *settings]
+    return ["run", "--preset", "smoke", *(arg for item in items for arg in ("--set", item))]
+
+
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
 def test_a_damaged_image_in_a_hugging_face_dataset_is_refused_by_file_and_row(
     layout, tmp_path, monkeypatch, import_seconds
@@ -641,28 +647,8 @@ def test_a_damaged_image_in_a_hugging_face_dataset_is_refused_by_file_and_row(
 
     monkeypatch.chdir(tmp_path)
     write_hf(tmp_path / "ds", layout, damaged_row=7)
-    text = refused(
-        [
-            "run",
-            "--preset",
-            "smoke",
-            "--set",
-            "data.name=hf",
-            "--set",
-            f"data.root={tmp_path / 'ds'}",
-            "--set",
-            "model.pretrained=none",
-            "--set",
-            "data.num_clients=2",
-            "--set",
-            "data.min_samples_per_client=2",
-            "--set",
-            "data.cache_decoded=false",
-        ],
-        "row 7 (image)",
-        tmp_path,
-        import_seconds,
-    )
+    small = ["data.num_clients=2", "data.min_samples_per_client=2", "data.cache_decoded=false"]
+    text = refused(hf_run(tmp_path / "ds", *small), "row 7 (image)", tmp_path, import_seconds)
     assert "cannot be decoded" in text
 
 
@@ -671,21 +657,4 @@ def test_a_hugging_face_dataset_without_the_named_column_is_refused(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     write_hf(tmp_path / "ds", "parquet")
-    refused(
-        [
-            "run",
-            "--preset",
-            "smoke",
-            "--set",
-            "data.name=hf",
-            "--set",
-            f"data.root={tmp_path / 'ds'}",
-            "--set",
-            "model.pretrained=none",
-            "--set",
-            "data.label_column=fine_label",
-        ],
-        "no column 'fine_label'",
-        tmp_path,
-        import_seconds,
-    )
+    refused(hf_run(tmp_path / "ds", "data.label_column=fine_label"), "no column 'fine_label'", tmp_path, import_seconds)

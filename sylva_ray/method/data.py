@@ -211,9 +211,8 @@ def load_imagefolder_source(cfg: DataConfig) -> DataSource:
 @DATASETS.register("hf")
 def load_hf_source(cfg: DataConfig) -> DataSource:
     """A Hugging Face dataset saved to disk or as parquet (``method.hf_data``), held as uint8."""
-    from sylva_ray.method.hf_data import load_hf, read_table
+    from sylva_ray.method.hf_data import load_hf
 
-    rows = len(read_table(cfg.root or "", cfg.hf_split, (cfg.image_column, cfg.label_column)))
     images, labels, classes = load_hf(
         cfg.root or "",
         cfg.hf_split,
@@ -221,7 +220,7 @@ def load_hf_source(cfg: DataConfig) -> DataSource:
         cfg.label_column,
         cfg.image_size,
         default_cache_dir() if cfg.cache_decoded else None,
-        keep=max_samples_keep(rows, cfg),
+        choose_rows=lambda count: max_samples_keep(count, cfg),
     )
     return DataSource(name="hf", private=ArrayDataset(images, labels, len(classes), UINT8_MAX))
 

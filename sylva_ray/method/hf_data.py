@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -142,11 +142,13 @@ def load_hf(
     label_column: str,
     image_size: int,
     cache_dir: Optional[Path] = None,
-    keep: Optional[np.ndarray] = None,
+    choose_rows: Callable[[int], Optional[np.ndarray]] = lambda count: None,
     progress: bool = True,
 ) -> Decoded:
-    """(uint8 images, labels, class names) of the split's rows (``keep``: those positions only)."""
+    """(uint8 images, labels, class names) of the split's rows; ``choose_rows(row count)`` gives the
+    positions to keep (``data.max_samples``), None for all: the files are read once."""
     table = read_table(root, split, (image_column, label_column))
+    keep = choose_rows(len(table))
     rows = np.arange(len(table)) if keep is None else keep
     images_column = table.table.column(image_column)
     labels = np.asarray(table.table.column(label_column).to_numpy(zero_copy_only=False), dtype=np.int64)

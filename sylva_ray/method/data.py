@@ -198,12 +198,13 @@ def load_imagefolder_source(cfg: DataConfig) -> DataSource:
     """Any ``root/<class>/<image>`` tree, resized to ``data.image_size``, held as uint8
     (``method.image_folder``: parallel decoding, damaged files named, a cache of the arrays).
     With ``data.max_samples`` only the kept files are decoded (the same seeded choice as below)."""
-    from sylva_ray.method.image_folder import index_folder, load_folder
+    from sylva_ray.method.image_folder import load_folder
 
-    index = index_folder(cfg.root or "")
-    keep = max_samples_keep(len(index), cfg)
     images, labels, classes = load_folder(
-        cfg.root or "", cfg.image_size, default_cache_dir() if cfg.cache_decoded else None, keep=keep
+        cfg.root or "",
+        cfg.image_size,
+        default_cache_dir() if cfg.cache_decoded else None,
+        choose_rows=lambda count: max_samples_keep(count, cfg),
     )
     return DataSource(name="imagefolder", private=ArrayDataset(images, labels, len(classes), UINT8_MAX))
 

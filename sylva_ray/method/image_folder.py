@@ -169,11 +169,13 @@ def load_folder(
     image_size: int,
     cache_dir: Optional[Path] = None,
     progress: bool = True,
-    keep: Optional[np.ndarray] = None,
+    choose_rows: Callable[[int], Optional[np.ndarray]] = lambda count: None,
 ) -> Decoded:
     """(uint8 images, labels, class names) of an image folder, from the cache when it is current;
-    ``keep``: positions in the folder's order to decode (``data.max_samples``), None for all."""
+    ``choose_rows(file count)`` gives the positions in the folder's order to decode
+    (``data.max_samples``), None for all: the folder is walked once."""
     index = index_folder(root)
+    keep = choose_rows(len(index))
     if keep is not None:
         index = index.subset(keep)
     if len(index) == 0:

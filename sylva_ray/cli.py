@@ -6,7 +6,9 @@ sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup   side by side (sylva_ray/experiments/bench.py)
+sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking   side by side
+sylva-ray partition [config options]     the split among clients (sizes, classes, label skew), without training
+sylva-ray doctor [--address A] [--against RUN]   can a run of this configuration start here?
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
 launcher); that is the only reason for the imports inside the functions below.
@@ -55,6 +57,8 @@ def _config_from(
 
 #: Benches that cost a configuration without reading its data or weights (``--preset paper`` works here).
 PATH_FREE_BENCHES = frozenset({"memory", "clock"})
+#: Benches that take ``--repeats`` (besides ``startup``, which runs apart).
+REPEATED_BENCHES = frozenset({"tracking"})
 
 
 def _launch_overrides(args: argparse.Namespace) -> list[str]:
@@ -120,6 +124,14 @@ def _cmd_phase2(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     sys.stdout.write(_config_from(args).to_yaml())
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from sylva_ray.experiments.partition_view import show_partition
+
+    frame, _ = show_partition(_config_from(args), args.out)
+    sys.stdout.write(frame.round(3).to_string(index=False) + "\n")
     return 0
 
 
@@ -214,9 +226,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         frame = run_bench(args.which, cfg, args.out, run_dir=run_dir)
     else:
         cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
-        frame = run_bench(args.which, cfg, args.out)
+        options = {"repeats": args.repeats} if args.which in REPEATED_BENCHES else {}
+        frame = run_bench(args.which, cfg, args.out, **options)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from sylva_ray.experiments.doctor import run_doctor, to_text
+
+    cfg = _config_from(args, check_paths=False)  # the doctor checks this machine, not the data's paths
+    frame, code = run_doctor(cfg, args.address, args.against)
+    sys.stdout.write(to_text(frame) + "\n")
+    return code
 
 
 def _finished_run(run_dir: Path) -> tuple[Path, ExperimentConfig]:
@@ -278,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(show)
     show.set_defaults(handler=_cmd_config)
 
+    split = sub.add_parser(
+        "partition",
+        help="show how a configuration splits the data among clients (sizes, classes, label skew), without training",
+    )
+    _add_config_options(split)
+    split.add_argument("--out", help="folder for partition.json/.csv/.png (default runs/partition-<timestamp>-<name>)")
+    split.set_defaults(handler=_cmd_partition)
+
     compare = sub.add_parser(
         "compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots"
     )
@@ -318,11 +348,26 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         nargs="?",
         default="comm",
-        choices=["comm", "engine", "scale", "phase2", "estimator", "memory", "clock", "startup", "autoattack", "data"],
+        choices=[
+            "comm",
+            "engine",
+            "scale",
+            "phase2",
+            "estimator",
+            "memory",
+            "clock",
+            "startup",
+            "autoattack",
+            "data",
+            "tracking",
+        ],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(
-        "--repeats", type=int, default=2, help="startup: fresh processes per variant, run alternately (default 2)"
+        "--repeats",
+        type=int,
+        default=2,
+        help="startup: fresh processes per variant; tracking: runs per variant; run alternately (default 2)",
     )
     bench.add_argument(
         "--run",
@@ -331,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)
+
+    doctor = sub.add_parser(
+        "doctor", help="check that a run of this configuration can start here: libraries, cache, disk, Ray, GPUs"
+    )
+    _add_config_options(doctor)
+    doctor.add_argument(
+        "--address", help="check this running Ray cluster (host:port, ray://host:port or auto) instead of a local one"
+    )
+    doctor.add_argument(
+        "--against",
+        metavar="RUN",
+        help="a run directory: say whether its figures should repeat here (from its environment.json)",
+    )
+    doctor.set_defaults(handler=_cmd_doctor)
     return parser
 
 

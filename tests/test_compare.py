@@ -50,7 +50,9 @@ def test_compare_writes_the_table_plots_and_resumes(ray_cluster, tmp_path, capsy
     lora = frame[frame["algorithm"] == "sylva-no_phase2"].iloc[0]
     assert fat["upload_mb_per_round"] > 10 * lora["upload_mb_per_round"]
     assert pd.notna(fat["global_clean_acc"]) and pd.isna(lora["global_clean_acc"])
+    assert frame["env.cpu.model"].notna().all() and (frame["env.device"] == "cpu").all()
     md = (out / "comparison.md").read_text()
+    assert "Ran on: device cpu" in md
     assert "| fat | 2 |" in md and "## Relative to `fat`" in md and "36.4x" in md
     for plot in ("pareto.png", "accuracy_vs_upload.png", "per_client.png"):
         assert (out / plot).stat().st_size > 0

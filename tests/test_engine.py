@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from event_files import scalars, texts
 from safetensors.torch import load_file
 
 import sylva_ray
@@ -57,6 +58,29 @@ def test_end_to_end_run_directory(two_actor_run):
     assert summary["final"]["clean_acc"] > summary["sanity"]["majority_rate"]  # it learned something
     assert 0 <= on_disk["initial"]["robust_acc"] <= on_disk["initial"]["clean_acc"] <= 1  # the pre-trained reference
 
+    # live figures: the event files hold what rounds.csv and metrics.csv hold, one step per round
+    read = scalars(run_dir / "tb")
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    assert read["round/bytes_up"] == [(r + 1, pytest.approx(b)) for r, b in zip(rounds["round"], rounds["bytes_up"])]
+    evaluated = rounds.dropna(subset=["clean_acc"])
+    assert read["round/clean_acc"] == [
+        (r + 1, pytest.approx(a, rel=1e-6)) for r, a in zip(evaluated["round"], evaluated["clean_acc"])
+    ]
+    client0 = metrics[(metrics["client"] == 0) & metrics["robust_acc"].notna()]
+    assert read["client/robust_acc/000"] == [
+        (r + 1, pytest.approx(a, rel=1e-6)) for r, a in zip(client0["round"], client0["robust_acc"])
+    ]
+    assert scalars(run_dir / "tb" / "hparams")["final/clean_acc"][0][1] == pytest.approx(summary["final"]["clean_acc"])
+    # what it ran on, the split at a glance, the field's claim format
+    environment = json.loads((run_dir / on_disk["environment"]).read_text())
+    assert environment["device"] == "cpu" and environment["torch"]["version"] == torch.__version__
+    assert environment["cluster"]["nodes"] and environment["packages"]["peft"]
+    assert (run_dir / "partition.png").stat().st_size > 0
+    assert len(on_disk["partition"]["clients"]) == 4 and 0 < on_disk["partition"]["mean_hellinger"] < 1
+    claims = json.loads((run_dir / "robustbench.json").read_text())
+    assert claims["comparable_to_robustbench"] is False and claims["not_comparable_because"]
+    assert claims["client_mean"]["clean_acc"] == f"{100 * summary['final']['clean_acc']:.2f}"
+
 
 def test_same_seed_same_results_with_one_actor(two_actor_run, tmp_path):
     run_dir, _ = two_actor_run
@@ -79,6 +103,9 @@ def test_resume_equals_uninterrupted(two_actor_run, tmp_path):
     assert len(pd.read_csv(cut / "rounds.csv")) == 1 and not (cut / "summary.json").exists()
     resumed = resume(cut)
     pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(cut))
+    # the resumed session continues the same curves, no step twice
+    assert scalars(cut / "tb")["round/bytes_up"] == scalars(run_dir / "tb")["round/bytes_up"]
+    assert len(json.loads((cut / "environment.json").read_text())["resumed"]) == 1
     assert resumed["final"] == summary["final"]
     assert resume(cut)["final"] == summary["final"]  # a finished run just reports
 
@@ -158,14 +185,18 @@ def test_phase2_outputs_and_phase2_only_command(two_actor_run):
     assert games["zero_marginal_share"].between(0, 1).all() and (games["validation_samples"] > 0).all()
     assert (games["one_image_points"] == 100 / games["validation_samples"]).all()
     stages = json.loads((run_dir / "summary.json").read_text())["seconds_by_stage"]
-    assert set(stages) == {"pretraining", "phase1", "phase2_game", "tailoring", "protocol"}
+    assert set(stages) == {"pretraining", "phase1", "phase2_game", "tailoring", "protocol", "tracking"}
     assert all(stages[k] > 0 for k in ("phase1", "phase2_game", "tailoring", "protocol")) and stages["pretraining"] >= 0
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     out, again = phase2_only(run_dir, ["layer_selection.top_k=1"])
     assert out.parent == run_dir and out.name.startswith("phase2-")
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing of the old result rewritten
+    added = {p for p in run_dir.rglob("*") if p.is_file() and out not in p.parents} - set(before)
+    assert not added, added  # nor anything added to it (its event files included)
     assert (pd.read_csv(out / "shapley.csv").groupby("client")["selected"].sum() == 1).all()
+    assert "phase2/shapley" in texts(out / "tb") and (out / "environment.json").is_file()
+    assert json.loads((out / "robustbench.json").read_text())["client_mean"]["clean_acc"]
     assert again["phase1"] == summary["phase1"]
     assert again["seconds_by_stage"]["protocol"] > 0
     row = again["per_client"][0]

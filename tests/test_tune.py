@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from event_files import scalars
 
 from sylva_ray.base.config import ConfigError
 from sylva_ray.distributed.tune import (
@@ -74,6 +75,11 @@ def test_smoke_sweep_runs_reports_and_resumes(ray_cluster, tmp_path):
     # the pool is sized from the trial's bundles (1 client actor), not from the cluster (2 CPUs)
     for metrics in folder.glob("*/run/metrics.csv"):
         assert pd.read_csv(metrics)["actor_pid"].dropna().nunique() == 1
+    # each trial's run tracks itself; the table says what the trials ran on
+    assert len(list(folder.glob("*/run/tb/events.out.tfevents.*"))) == 2
+    trial = next(folder.glob("*/run")).parent  # Tune's own event files show the reports under the same names
+    assert {"ray/tune/bytes_up", "ray/tune/train_loss"} <= set(scalars(trial))
+    assert table["env.torch.version"].notna().all() and (table["env.device"] == "cpu").all()
     assert sweep.main(["--smoke-test", "--storage-path", str(tmp_path), "--resume", *gpu_share]) == 0
     again = pd.read_csv(folder / "trials.csv")
     assert sorted(again["trial"]) == sorted(table["trial"])

@@ -703,6 +703,23 @@ class OutputConfig:
 
 
 @dataclass(config=_STRICT)
+class TrackingConfig:
+    """Live metrics while a run runs: TensorBoard event files in the run directory, MLflow on request."""
+
+    tensorboard: Annotated[
+        bool, Field(description="write TensorBoard event files into RUN/tb/ (tensorboard --logdir runs/)")
+    ] = True
+    mlflow_uri: Annotated[
+        str,
+        Field(
+            description="MLflow tracking URI (e.g. file:///path/mlruns or http://host:5000); empty: no MLflow. "
+            "MLflow is not a dependency: pip install mlflow"
+        ),
+    ] = ""
+    mlflow_experiment: Annotated[str, Field(description="MLflow experiment name (empty: the experiment's name)")] = ""
+
+
+@dataclass(config=_STRICT)
 class ExperimentConfig:
     """The root: one experiment = one run directory."""
 
@@ -727,6 +744,7 @@ class ExperimentConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

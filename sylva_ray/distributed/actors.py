@@ -394,16 +394,19 @@ class DriverActor:
         log_level: int = logging.INFO,
         pretraining_seconds: float = 0.0,
         progress: bool = True,
+        track: bool = True,
     ) -> None:
         """``actors``: the client-actor handles (``start_client_actors``); ``log_level``: the main
         process's, so ``--log-level`` reaches every actor; ``pretraining_seconds``: the launcher's
         time to get the pre-trained weights (``summary.json`` ``seconds_by_stage``); ``progress``:
-        Phase 2's bars on or off, as the launcher's."""
+        Phase 2's bars on or off, as the launcher's; ``track``: live figures into ``run_dir``."""
         hide_unreserved_gpus()  # the driver reserves no GPU: it aggregates on the CPU
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         self.faults = FaultPlan()
         self.plan = plan
-        self.federation = Federation(cfg, Path(run_dir), RayExecutor(cfg, actors, self.faults), resume=resume)
+        self.federation = Federation(
+            cfg, Path(run_dir), RayExecutor(cfg, actors, self.faults), resume=resume, track=track
+        )
         self.federation.pretraining_seconds = pretraining_seconds
         # Phase 2's bars are drawn in the main process (Ray forwards tqdm_ray's updates to it).
         self.federation.progress_bar = tqdm_ray.tqdm if progress else SilentBar
@@ -443,6 +446,7 @@ class DriverActor:
             self.federation.executor.shutdown()
 
     def shutdown(self) -> None:
+        self.federation.close()
         self.federation.executor.shutdown()
 
 

@@ -49,6 +49,17 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
+def cluster_record() -> dict[str, Any]:
+    """The connected cluster as ``environment.json`` records it: each alive node's address and
+    resources (a run's actors may compute on other machines than the one that launched it)."""
+    nodes = [
+        {"address": node.get("NodeManagerAddress"), "resources": dict(node.get("Resources", {}))}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    return {"ray_version": ray.__version__, "nodes": nodes, "resources": ray.cluster_resources()}
+
+
 def request_bundles(bundles: list[dict[str, float]]) -> None:
     """Ask the autoscaler for room for ``bundles`` (an empty list withdraws the request)."""
     request_resources(bundles=bundles)

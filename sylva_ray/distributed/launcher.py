@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
@@ -32,16 +32,20 @@ from sylva_ray.distributed.connect import (
     connect,
 )
 from sylva_ray.distributed.placement import plan_pool
+from sylva_ray.engine.environment import ENVIRONMENT_FILE, environment_record, write_environment
 from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation
 from sylva_ray.engine.jobs import InProcessExecutor
 from sylva_ray.engine.phase2 import SilentBar
 from sylva_ray.engine.resolve import address_problem, build_config
+from sylva_ray.engine.robustbench import ROBUSTBENCH_FILE, robustbench_record
 from sylva_ray.engine.rundir import (
     load_run_config,
     new_unique_dir,
+    partition_summary,
     prepare_data,
     read_json,
     utc_stamp,
+    write_bookkeeping,
     write_config,
     write_json,
 )
@@ -52,6 +56,7 @@ from sylva_ray.engine.runner import (
     phase2_of,
     restore_tables,
 )
+from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.method.data import DataSource, load_source
 from sylva_ray.method.models import pretrained_backbone_state
 
@@ -86,12 +91,16 @@ def run(
         check_local_device(cfg)
         source, partition = prepare_data(cfg, run_dir, resume)
         executor = InProcessExecutor(cfg, source, partition)
+        record_environment(run_dir, lambda: environment_record(str(executor.worker.device)))
         log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
         federation = Federation(cfg, run_dir, executor, resume=resume)
         federation.pretraining_seconds = executor.worker.pretraining_seconds
         if not progress:
             federation.progress_bar = SilentBar
-        return drive(LocalSession(federation), cfg, run_dir, stop_after, progress)
+        try:
+            return drive(LocalSession(federation), cfg, run_dir, stop_after, progress)
+        finally:
+            federation.close()
 
     with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
         if faults:
@@ -138,6 +147,8 @@ def remote_federation(
     resume: bool = False,
     staged: Optional[StagedInputs] = None,
     progress: bool = True,
+    track: bool = True,
+    record_in: Optional[Path] = None,
 ) -> Iterator[DriverHandle]:
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
@@ -146,6 +157,9 @@ def remote_federation(
     policy on the nodes there are; the data and backbone are read and put in the object store
     (``staged`` when a Tune sweep already did) and the partition is written; then the client-actor
     pool is planned, waiting for an autoscaler if the cluster can grow (GPU nodes cost from here on).
+    ``track``: the run's live figures and ``environment.json`` go into ``run_dir`` (off when the
+    federation only serves a Phase 2 re-run); ``record_in``: where ``environment.json`` goes
+    instead (a Phase 2 re-run's own folder).
     """
     import ray
     from ray.util.placement_group import get_current_placement_group
@@ -199,10 +213,20 @@ def remote_federation(
             cfg, plan, staged.source, partition, staged.backbone, group, main_process_log_level()
         )
         driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg, str(run_dir), resume, actors, plan, main_process_log_level(), staged.pretraining_seconds, progress
+            cfg,
+            str(run_dir),
+            resume,
+            actors,
+            plan,
+            main_process_log_level(),
+            staged.pretraining_seconds,
+            progress,
+            track,
         )
         federation = DriverHandle(driver)
         federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
+        if track or record_in is not None:
+            record_environment(record_in or run_dir, lambda: cluster_environment(actors))
         if requested:
             release_request()  # the actors hold their resources now
         yield federation
@@ -275,9 +299,12 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
     (out / "phase1_run.txt").write_text(str(run_dir.resolve()) + "\n")
     if cfg.runtime.engine == "inprocess":
         source, partition = prepare_data(cfg, run_dir, resume=True)
-        result = phase2_of(Federation(cfg, run_dir, InProcessExecutor(cfg, source, partition), resume=True), out)
+        executor = InProcessExecutor(cfg, source, partition)
+        record_environment(out, lambda: environment_record(str(executor.worker.device)))
+        federation = Federation(cfg, run_dir, executor, resume=True, track=False)
+        result = phase2_of(federation, out)
     else:
-        with remote_federation(cfg, run_dir, resume=True) as federation:
+        with remote_federation(cfg, run_dir, resume=True, track=False, record_in=out) as federation:
             result = federation.phase2(out)
     phase1 = read_json(run_dir / "summary.json")["phase1"]
     summary = {
@@ -291,5 +318,34 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
         "seconds_by_stage": result["seconds_by_stage"],
         "per_client": result["per_client"],
     }
+    tracker = RunTracker(cfg, out)
+    tracker.log_phase2(result, out)
+    tracker.finish(summary)
+    summary["seconds_by_stage"] = {**summary["seconds_by_stage"], "tracking": tracker.seconds}
+    summary["environment"] = ENVIRONMENT_FILE
+    summary["partition"] = partition_summary(run_dir)
+    write_bookkeeping(out / ROBUSTBENCH_FILE, lambda: robustbench_record(cfg, summary))
     write_json(out / "summary.json", summary)
+    tracker.publish()
     return out, summary
+
+
+def cluster_environment(actors: list[Any]) -> dict[str, Any]:
+    """This process's record, the cluster's nodes, and what each client actor computes on (its
+    device, the GPUs it sees, its threads), read back from the actors themselves."""
+    import ray
+
+    from sylva_ray.distributed.capacity import cluster_record
+
+    runtimes = ray.get([actor.runtime.remote() for actor in actors])
+    device = runtimes[0]["device"] if runtimes else None
+    return environment_record(device, cluster_record(), client_actors=runtimes)
+
+
+def record_environment(folder: Path, make_record: Callable[[], dict[str, Any]]) -> None:
+    """``environment.json`` in ``folder``: a record *about* the run, so a failure to make it is a
+    warning, never the end of the run."""
+    try:
+        write_environment(folder, make_record())
+    except Exception as exc:  # noqa: BLE001 -- the run's results come first
+        log.warning("environment.json could not be written (%s: %s); the run goes on", type(exc).__name__, exc)

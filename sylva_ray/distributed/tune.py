@@ -32,9 +32,11 @@ from sylva_ray.distributed.connect import check_before_start, cluster_can_grow
 from sylva_ray.distributed.gpu_visibility import hide_unreserved_gpus
 from sylva_ray.distributed.launcher import remote_federation, stage_inputs
 from sylva_ray.distributed.placement import PlacementError, gpu_problem, total
+from sylva_ray.engine.environment import ENV_PREFIX, read_environment, repeat_fields
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import resolve_result_path, write_config
 from sylva_ray.engine.runner import complete
+from sylva_ray.engine.tracking import round_scalars
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +126,15 @@ def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]]
         for done in range(status["next_round"] + 1, status["rounds"] + 1):
             summary = federation.run_round()
             cumulative_up += int(summary["bytes_up"])
-            metrics = {k: summary[k] for k in ("clean_acc", "robust_acc", "train_loss") if k in summary}
-            metrics.update(round=done, bytes_up=summary["bytes_up"], cumulative_bytes_up=cumulative_up)
+            # The run's own round figures under the names its TensorBoard files use (round/<name>):
+            # Tune's event files show them as ray/tune/<name> beside them.
+            metrics: dict[str, Any] = round_scalars(summary)
+            metrics.update(round=done, cumulative_bytes_up=cumulative_up)
             if done == status["rounds"]:
                 final = complete(federation, cfg, run_dir)  # Phase 2 first: the last report scores the final models
                 metrics.update({f"final_{k}": v for k, v in final["final"].items()})
                 metrics.update({f"phase1_{k}": v for k, v in final["phase1"].items()})
+                metrics.update(repeat_fields(read_environment(run_dir) or {}))  # whether its figures repeat elsewhere
             staging = _checkpoint_dir(run_dir)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(staging)))
             shutil.rmtree(staging, ignore_errors=True)
@@ -344,6 +349,7 @@ def trials_table(results: Any) -> pd.DataFrame:
                 "trial": Path(result.path).name,
                 "status": "ERROR" if result.error else "OK",
                 "rounds_done": metrics.get("round"),
+                **{k: v for k, v in metrics.items() if k.startswith(ENV_PREFIX)},
                 **{
                     k: metrics.get(k)
                     for k in (

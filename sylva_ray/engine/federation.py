@@ -34,9 +34,12 @@ from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
 from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
 from sylva_ray.engine.clock import DEVICES_FILE, RoundPlan, SimulatedClock, clock_summary, plot_clock
+from sylva_ray.engine.environment import ENVIRONMENT_FILE
 from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome, WorkerInfo
-from sylva_ray.engine.rundir import plot_accuracy, write_json, write_table
+from sylva_ray.engine.robustbench import ROBUSTBENCH_FILE, robustbench_record
+from sylva_ray.engine.rundir import partition_summary, plot_accuracy, write_bookkeeping, write_json, write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
+from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.byzantine import (
@@ -173,9 +176,18 @@ class FederationState:
         )
 
 
-#: Fields a resume may change (``sylva-ray resume --address/--dashboard``): where the run executes,
-#: not what it computes; every other resolved field in config.yaml must be what the checkpoint was made with.
-RESUMABLE_FIELDS = frozenset({"runtime.address", "runtime.dashboard"})
+#: Fields a resume may change (``sylva-ray resume --address/--dashboard``, the trackers): where the
+#: run executes and who watches it, not what it computes; every other resolved field in config.yaml
+#: must be what the checkpoint was made with.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "runtime.address",
+        "runtime.dashboard",
+        "tracking.tensorboard",
+        "tracking.mlflow_uri",
+        "tracking.mlflow_experiment",
+    }
+)
 #: Dict-valued fields compared whole, as values.
 _OPAQUE = frozenset({"kwargs", "client_resources", "devices", "device_classes", "network_classes"})
 
@@ -227,7 +239,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 class Federation:
     """Phase 1 on any executor: one call per round, a checkpoint after each."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False, track: bool = True
+    ) -> None:
+        """``track``: write the run's live figures (``engine.tracking``) into ``run_dir``; off when
+        the federation only serves a Phase 2 re-run, whose figures go to its own folder."""
         load_plugins(cfg.runtime.plugins)  # the driver actor's process looks up your names too
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -281,6 +297,7 @@ class Federation:
                 fingerprint=identity,
             )
             write_json(self.run_dir / ADVERSARY_FILE, self.adversary_record())
+        self.tracker = RunTracker(cfg, self.run_dir, first_round=self.state.next_round) if track else None
         if self.clock is not None and not (self.run_dir / DEVICES_FILE).is_file():  # once: results are not rewritten
             write_table(self.run_dir / DEVICES_FILE, self.clock.devices_frame())
         if self.malicious:
@@ -418,6 +435,8 @@ class Federation:
             summary["offline"] = len(plan.offline)
         st.round_rows.append(summary)
         st.next_round = r + 1
+        if self.tracker is not None:  # before the checkpoint: a resume then purges, never misses, it
+            self.tracker.log_round(summary, [rows[c] for c in sorted(rows)])
         self._persist()
         log.info(
             "round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
@@ -521,6 +540,7 @@ class Federation:
             "participants": participants,
             "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
             "bytes_up": int(frame["bytes_up"].fillna(0).sum()),
+            "bytes_down": int(frame["bytes_down"].fillna(0).sum()) if "bytes_down" in frame else 0,
             "seconds": seconds,
         }
         for column in (
@@ -628,8 +648,24 @@ class Federation:
             # torch.cuda.max_memory_allocated of the largest job of each stage, this session (GPU runs only)
             "gpu_peak_mb_by_stage": dict(self.executor.gpu_peak_mb) or None,
             "per_client": phase2["per_client"] if phase2 else st.last_eval,
+            # What this run ran on (written by the launcher): whether its figures repeat elsewhere.
+            "partition": partition_summary(self.run_dir),
+            "environment": ENVIRONMENT_FILE if (self.run_dir / ENVIRONMENT_FILE).is_file() else None,
         }
         if below:
             log.warning("clients %s end below their majority-class rate (a collapsed model)", below)
+        if self.tracker is not None:
+            if phase2:
+                self.tracker.log_phase2(phase2, self.run_dir)
+            self.tracker.finish(summary)
+            summary["seconds_by_stage"]["tracking"] = self.tracker.seconds
+        write_bookkeeping(self.run_dir / ROBUSTBENCH_FILE, lambda: robustbench_record(cfg, summary))
         write_json(self.run_dir / "summary.json", summary)
+        if self.tracker is not None:
+            self.tracker.publish()  # the run's files, summary.json among them, to MLflow
         return summary
+
+    def close(self) -> None:
+        """Flush and close the trackers (a session that stops before ``finish``)."""
+        if self.tracker is not None:
+            self.tracker.close()

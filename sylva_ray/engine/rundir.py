@@ -3,7 +3,11 @@
 Layout (``runs/<UTC timestamp>-<name>/`` by default, or ``--out DIR``)::
 
     config.yaml        the resolved configuration (preset + file + overrides)
-    partition.json     per-client train/test indices into the private pool
+    partition.json     per-client train/test indices into the private pool, and each client's
+                       label distance from the pool (Hellinger, Jensen-Shannon)
+    partition.png      clients x classes label counts at a glance
+    environment.json   what the run ran on: versions, CPU, GPUs, the Ray cluster
+    tb/                TensorBoard event files (``tensorboard --logdir runs/``)
     metrics.csv        one row per round per client (accuracies, loss terms, bytes, seconds)
     rounds.csv         one row per round (client means)
     summary.json       final / phase1 means, communication totals, per-client rows
@@ -21,7 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import yaml
@@ -130,6 +134,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=float))
 
 
+def write_bookkeeping(path: Path, payload: Callable[[], dict[str, Any]]) -> None:
+    """A file *about* the results (``robustbench.json``, ``environment.json``): written like a result,
+    but a failure to make it is a warning, never the end of a run whose results are whole."""
+    try:
+        write_json(path, payload())
+    except Exception as exc:  # noqa: BLE001 -- the results come first
+        log.warning("%s could not be written (%s: %s); the results are unaffected", path.name, type(exc).__name__, exc)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -166,7 +179,63 @@ def prepare_data(
         return source, Partition.load(partition_path, expected_fingerprint=source.fingerprint())
     partition = make_partition(source, cfg.data, cfg.runtime.seed)
     partition.save(partition_path)
+    plot_partition(run_dir / PARTITION_PLOT, partition)
     return source, partition
+
+
+PARTITION_PLOT = "partition.png"
+#: Above this many clients the heat map drops its per-cell numbers (they would not be readable).
+ANNOTATED_CLIENTS_MAX = 30
+#: Figure size in inches: a base plus a share per class (width) or per client (height), capped.
+WIDTH_BASE, WIDTH_PER_CLASS, WIDTH_MIN = 1.5, 0.45, 4.5
+HEIGHT_BASE, HEIGHT_PER_CLIENT, HEIGHT_MAX = 1.2, 0.28, 12.0
+#: Font size of the per-cell counts and the per-client labels; the colour bar's gap from them.
+SMALL_FONT, COLORBAR_PAD = 7, 0.25
+
+
+def plot_partition(path: Path, partition: Partition) -> Optional[Path]:
+    """Clients x classes heat map of label counts, each client's size and its Hellinger distance
+    from the pool on the right: the split at a glance (a person would rather look)."""
+    info = partition.heterogeneity
+    if not info:
+        return None
+    import numpy as np
+
+    counts = np.asarray(info["class_counts"])
+    num_clients, num_classes = counts.shape
+    size = (
+        max(WIDTH_MIN, WIDTH_BASE + WIDTH_PER_CLASS * num_classes),
+        min(HEIGHT_MAX, HEIGHT_BASE + HEIGHT_PER_CLIENT * num_clients),
+    )
+    fig, ax = pyplot().subplots(figsize=size)
+    image = ax.imshow(counts, aspect="auto", cmap="viridis")
+    if num_clients <= ANNOTATED_CLIENTS_MAX:
+        for (row, col), value in np.ndenumerate(counts):
+            colour = "white" if value else "grey"
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=SMALL_FONT, color=colour)
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(num_classes))
+    ax.set_yticks(range(num_clients))
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(range(num_clients))
+    right.set_yticklabels([f"n={c['samples']}  H={c['hellinger']:.2f}" for c in info["clients"]], fontsize=SMALL_FONT)
+    ax.set_title(
+        f"labels per client (mean Hellinger {info['mean_hellinger']:.2f}, JS {info['mean_jensen_shannon']:.2f})",
+        fontsize=SMALL_FONT + 2,
+    )
+    fig.colorbar(image, ax=ax, pad=COLORBAR_PAD, label="samples")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def partition_summary(run_dir: Path) -> Optional[dict[str, Any]]:
+    """summary.json's ``partition`` block: the means and each client's size and distances."""
+    path = Path(run_dir) / "partition.json"
+    info = json.loads(path.read_text()).get("heterogeneity") if path.is_file() else None
+    if not info:
+        return None
+    return {k: info[k] for k in ("mean_hellinger", "mean_jensen_shannon", "clients")}
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:

@@ -25,6 +25,8 @@
 ``data``   an image source (ImageFolder, Hugging Face on disk) loaded three ways: torchvision's float32
            loader image by image (before), the uint8 parallel loader, and from its cache
            (``sylva_ray.experiments.data_bench``): seconds, pool bytes, peak traced memory.
+``tracking`` the same run with TensorBoard tracking off and on, alternately: wall seconds, the tracker's own
+           seconds and its event files' bytes (``sylva_ray.experiments.tracking_bench``).
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -51,9 +53,11 @@ from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.federation import sample_participants
 from sylva_ray.engine.resolve import build_config, load_config
 from sylva_ray.engine.rundir import new_unique_dir, prepare_data, resolve_result_path, utc_stamp, write_table
+from sylva_ray.engine.tracking import log_table
 from sylva_ray.experiments.autoattack_bench import bench_autoattack
 from sylva_ray.experiments.clock_bench import bench_clock
 from sylva_ray.experiments.data_bench import bench_data
+from sylva_ray.experiments.tracking_bench import bench_tracking
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
 from sylva_ray.method.data import load_source, make_partition
@@ -462,6 +466,7 @@ BENCHES = {
     "clock": bench_clock,
     "autoattack": bench_autoattack,
     "data": bench_data,
+    "tracking": bench_tracking,
 }
 
 
@@ -475,5 +480,6 @@ def run_bench(which: str, cfg: ExperimentConfig, out: Path | None = None, **opti
         out.mkdir(parents=True, exist_ok=True)
     frame = BENCHES[which](cfg, out, **options)
     write_table(out / f"bench_{which}.csv", frame)
+    log_table(out, f"bench_{which}", frame)
     log.info("bench %s written to %s", which, out / f"bench_{which}.csv")
     return frame

@@ -218,12 +218,17 @@ def _lookup_f(raw: dict[str, Any]) -> Any:
 
 
 def _request(value: Any, key: str) -> Any:
-    """What a manifest entry asks for: the base config without where the runs execute
-    (``RESUMABLE_FIELDS``: ``--address``, ``--dashboard`` may differ when a comparison resumes)."""
-    if key != "base_config" or not isinstance(value, dict) or not isinstance(value.get("runtime"), dict):
+    """What a manifest entry asks for: the base config without where the runs execute and who
+    watches them (``RESUMABLE_FIELDS``: ``--address``, ``--dashboard``, the trackers may differ
+    when a comparison resumes)."""
+    if key != "base_config" or not isinstance(value, dict):
         return value
-    launch = {field.split(".", 1)[1] for field in RESUMABLE_FIELDS}
-    return {**value, "runtime": {k: v for k, v in value["runtime"].items() if k not in launch}}
+    request = dict(value)
+    for dotted in RESUMABLE_FIELDS:
+        section, name = dotted.split(".", 1)
+        if isinstance(request.get(section), dict):
+            request[section] = {k: v for k, v in request[section].items() if k != name}
+    return request
 
 
 def check_manifest(out: Path, manifest: dict[str, Any]) -> None:

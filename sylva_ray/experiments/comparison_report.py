@@ -30,6 +30,7 @@ from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.storage import atomic_write_text
 from sylva_ray.engine.clock import SECONDS_PER_HOUR
+from sylva_ray.engine.environment import ENV_PREFIX, read_environment, repeat_fields
 from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
@@ -80,6 +81,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         )
     if summary is None:
         return row
+    row.update(repeat_fields(read_environment(spec.run_dir) or {}))  # whether its figures repeat elsewhere
     final = summary["final"]
     for metric in METRICS:
         row[metric] = final.get(f"{metric}_weighted", np.nan)
@@ -126,7 +128,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
 def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per algorithm, in the order the algorithms were asked for."""
     ok = frame[frame["status"] == "ok"]
-    numeric = [c for c in ok.columns if c not in TEXT_COLUMNS]
+    numeric = [c for c in ok.columns if c not in TEXT_COLUMNS and not c.startswith(ENV_PREFIX)]
     order = list(dict.fromkeys(frame["algorithm"]))
     grouped = ok.groupby("algorithm", sort=False)[numeric]
     means, stds = grouped.mean(), grouped.std(ddof=1)
@@ -351,6 +353,16 @@ def plot_per_client(out: Path, frame: pd.DataFrame) -> None:
     save_figure(fig, out / "per_client.png")
 
 
+def ran_on(frame: pd.DataFrame) -> str:
+    """What the runs ran on (the fields that decide whether figures repeat), one sentence."""
+    columns = [c for c in frame.columns if c.startswith(ENV_PREFIX)]
+    if not columns:
+        return ""
+    seen = {c.removeprefix(ENV_PREFIX): sorted({str(v) for v in frame[c].dropna()}) for c in columns}
+    parts = [f"{name} {' / '.join(values)}" for name, values in seen.items() if values]
+    return " Ran on: " + "; ".join(parts) + " (environment.json of each run)." if parts else ""
+
+
 def write_report(
     out: Path,
     specs: list[RunSpec],
@@ -378,7 +390,7 @@ def write_report(
         )
         + "Accuracies in % on each client's own test split, test-sample-weighted (mean ± std over seeds); "
         "'global' = the global model on the global test set (full-model FedAvg only). "
-        "Upload: all clients' bytes per round, as serialised (safetensors)."
+        "Upload: all clients' bytes per round, as serialised (safetensors)." + ran_on(frame)
     )
     if specs[0].threat is not None:
         from sylva_ray.experiments.threat_report import write_threat_report

@@ -344,6 +344,10 @@ def bench_startup(
     write_csv(out / "bench_startup_imports.csv", role_costs(config_file_out, repeats))
     summary = summarize(run_frame)
     write_csv(out / "bench_startup.csv", summary)
+    # Last, once every child has been measured: the event writer imports torch into this process.
+    from sylva_ray.engine.tracking import log_table
+
+    log_table(out, "bench_startup", summary)
     log.info("bench startup written to %s", out / "bench_startup.csv")
     return summary
 

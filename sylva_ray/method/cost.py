@@ -34,7 +34,7 @@ fragmentation: keep 20% headroom (``HEADROOM``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,40 @@ class StepFlopCounter(FlopCounterMode):
         self.mod_tracker = _NoModuleTracking()
 
 
+def synthetic_step(
+    model: torch.nn.Module,
+    cfg: ExperimentConfig,
+    batch: int,
+    image_shape: Sequence[int],
+    num_classes: int,
+    precision: str,
+    device: torch.device,
+) -> tuple[LocalStep, torch.Tensor]:
+    """The training loop's own step (``training.local_step``) of ``cfg``'s algorithm on ``model``,
+    for a batch of ``batch`` synthetic images: its context and the batch's labels (every class in
+    turn). What a step costs depends on shapes, not on pixels: the FLOP count and the doctor's
+    timed step both build it here, so both measure the step a client runs."""
+    labels = torch.arange(batch) % num_classes
+    data = ArrayDataset(np.zeros((batch, *image_shape), dtype=np.float32), labels.numpy(), num_classes)
+    objective = algorithm_for(cfg).objective(data)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = shared_parameters(model) if objective.uses_anchor else None
+    anchor = {k: v.detach().clone() for k, v in local.items()} if local is not None else None
+    step = LocalStep(
+        model,
+        objective,
+        objective.attack(model, 0),
+        make_optimizer(trainable, cfg.train),
+        trainable,
+        cfg.train,
+        precision,
+        device,
+        local,
+        anchor,
+    )
+    return step, labels
+
+
 #: FLOPs do not depend on the dtype, and autocast has no meta device: the count runs in fp32.
 FLOP_COUNT_PRECISION = "fp32"
 
@@ -162,24 +196,7 @@ def count_step_flops(model: torch.nn.Module, cfg: ExperimentConfig, batch: int, 
     on which kernel the machine picked.
     """
     device = torch.device("meta")
-    labels = torch.arange(batch) % num_classes
-    data = ArrayDataset(np.zeros((batch, *image_shape), dtype=np.float32), labels.numpy(), num_classes)
-    objective = algorithm_for(cfg).objective(data)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    local = shared_parameters(model) if objective.uses_anchor else None
-    anchor = {k: v.detach().clone() for k, v in local.items()} if local is not None else None
-    ctx = LocalStep(
-        model,
-        objective,
-        objective.attack(model, 0),
-        make_optimizer(trainable, cfg.train),
-        trainable,
-        cfg.train,
-        FLOP_COUNT_PRECISION,
-        device,
-        local,
-        anchor,
-    )
+    ctx, labels = synthetic_step(model, cfg, batch, image_shape, num_classes, FLOP_COUNT_PRECISION, device)
     model.train()
     with StepFlopCounter() as counter:
         local_step(ctx, torch.rand(batch, *image_shape, device=device), labels, attack_seed=0, dropout_seed=0)

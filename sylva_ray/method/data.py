@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import numpy_rng
 from sylva_ray.base.storage import atomic_write_text, default_cache_dir
 from sylva_ray.method.cifar import read_split
+from sylva_ray.method.heterogeneity import heterogeneity
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,8 @@ class Partition:
     train: list[np.ndarray]
     test: list[np.ndarray]
     fingerprint: str
+    #: ``method.heterogeneity.heterogeneity`` of the split (None in partitions written before it was kept).
+    heterogeneity: Optional[dict[str, Any]] = None
 
     @property
     def num_clients(self) -> int:
@@ -360,6 +363,7 @@ class Partition:
         return json.dumps(
             {
                 "fingerprint": self.fingerprint,
+                **({"heterogeneity": self.heterogeneity} if self.heterogeneity is not None else {}),
                 "clients": [{"train": tr.tolist(), "test": te.tolist()} for tr, te in zip(self.train, self.test)],
             }
         )
@@ -376,6 +380,7 @@ class Partition:
             train=[np.asarray(c["train"], dtype=np.int64) for c in payload["clients"]],
             test=[np.asarray(c["test"], dtype=np.int64) for c in payload["clients"]],
             fingerprint=payload["fingerprint"],
+            heterogeneity=payload.get("heterogeneity"),
         )
 
 
@@ -391,7 +396,12 @@ def make_partition(source: DataSource, cfg: DataConfig, seed: int) -> Partition:
         n_test = min(max(1, math.ceil(cfg.test_fraction * len(share))), len(share) - 1)
         test.append(np.sort(shuffled[:n_test]))
         train.append(np.sort(shuffled[n_test:]))
-    return Partition(train=train, test=test, fingerprint=source.fingerprint())
+    return Partition(
+        train=train,
+        test=test,
+        fingerprint=source.fingerprint(),
+        heterogeneity=heterogeneity(source.private.labels, shares, source.private.num_classes),
+    )
 
 
 @dataclass

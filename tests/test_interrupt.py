@@ -16,9 +16,12 @@ import pytest
 from sylva_ray.distributed.launcher import run
 from sylva_ray.engine.resolve import load_config
 
-#: A short run with enough rounds to be interrupted in the middle.
+#: A short run with enough rounds to be interrupted in the middle: a smoke round takes about two
+#: seconds, so the rounds after the first leave a window of over ten seconds for Ctrl-C to land in,
+#: even when a loaded CI machine wakes this test's polling loop late (with 3 rounds it once arrived
+#: after the run had ended, and the test failed with exit status 0).
 OVERRIDES = [
-    "federation.rounds=3",
+    "federation.rounds=8",
     "layer_selection.enabled=false",
     "evaluation.autoattack=false",
     "evaluation.sanity_checks=false",

@@ -85,7 +85,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = _launch_overrides(args)
     cfg = _config_from(args, overrides)
-    check_before_start(cfg)  # before the run directory exists
+    check_before_start(cfg, torch_free=True)  # before the run directory exists; this process stays torch-free
     run_dir = create_run_dir(cfg, args.out)
     log.info("run directory: %s", run_dir)
     args.interrupted = lambda: _interrupted_run(run_dir)

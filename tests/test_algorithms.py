@@ -17,14 +17,10 @@ from sylva_ray.base.config import ConfigError
 from sylva_ray.distributed.launcher import run
 from sylva_ray.engine.federation import FederationState
 from sylva_ray.engine.resolve import build_config, load_config
-from sylva_ray.method.algorithms import (
-    ALGORITHMS,
-    CalibratedLogits,
-    algorithm_for,
-    parse_algorithm,
-)
+from sylva_ray.method.algorithms import ALGORITHMS, algorithm_for, parse_algorithm
 from sylva_ray.method.losses import calfat_loss, class_prior, mart_loss
 from sylva_ray.method.models import decode_state
+from sylva_ray.method.objectives import CalibratedLogits
 
 TINY = [
     "runtime.engine=inprocess",

@@ -195,7 +195,8 @@ def test_phase2_sends_each_clients_coalitions_to_one_actor(ray_cluster, tmp_path
     it ends; summary rows stay free of machine-dependent fields."""
     import ray
 
-    from sylva_ray.distributed.actors import RayExecutor, start_client_actors
+    from sylva_ray.distributed.actors import start_client_actors
+    from sylva_ray.distributed.executor import RayExecutor
     from sylva_ray.engine.rundir import prepare_data
     from sylva_ray.method.models import pretrained_backbone_state
 
@@ -392,8 +393,8 @@ def test_an_actor_that_cannot_start_stops_the_run_with_one_line(ray_cluster, tmp
     its clients after retries."""
     import ray
 
-    from sylva_ray.distributed.actors import RayExecutor
     from sylva_ray.distributed.client_actor import ClientActor
+    from sylva_ray.distributed.executor import RayExecutor
     from sylva_ray.distributed.launcher import stage_inputs
     from sylva_ray.distributed.placement import ActorStartError
     from sylva_ray.engine.rundir import prepare_data
@@ -403,9 +404,11 @@ def test_an_actor_that_cannot_start_stops_the_run_with_one_line(ray_cluster, tmp
     source, partition = prepare_data(cfg, tmp_path, resume=False)
     staged = stage_inputs(cfg, source)
     actors = [
-        ClientActor.options(num_cpus=1, max_restarts=3).remote(cfg, staged.source, partition, staged.backbone, 1, 0.0),
         ClientActor.options(num_cpus=1, max_restarts=3).remote(
-            broken, staged.source, partition, staged.backbone, 1, 0.0
+            cfg, staged.source, partition, [staged.backbone], 1, 0.0
+        ),
+        ClientActor.options(num_cpus=1, max_restarts=3).remote(
+            broken, staged.source, partition, [staged.backbone], 1, 0.0
         ),
     ]
     executor = RayExecutor(cfg, actors)
@@ -421,7 +424,7 @@ def test_an_actor_that_cannot_start_stops_the_run_with_one_line(ray_cluster, tmp
 
 
 def test_cuda_allocation_failures_are_named_and_others_are_not():
-    from sylva_ray.distributed.client_actor import as_gpu_memory_error
+    from sylva_ray.distributed.client_host import as_gpu_memory_error
 
     cfg = load_config("smoke")
     oom = as_gpu_memory_error(
@@ -524,7 +527,7 @@ def test_the_engine_bench_legs_compute_where_the_plain_loop_does():
 
 
 def test_deterministic_training_on_a_gpu_refuses_layers_without_a_deterministic_backward():
-    from sylva_ray.engine.preflight import determinism_problems, meta_model
+    from sylva_ray.engine.model_checks import determinism_problems, meta_model
 
     resnet = load_config("smoke", overrides=["model.name=resnet18", "runtime.deterministic=true"])
     model, problems = meta_model(resnet)

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from sylva_ray.cli import _launch_overrides, build_parser, main
-from sylva_ray.distributed.client_actor import tensors_of
-from sylva_ray.distributed.launcher import shareable_state
+from sylva_ray.distributed.client_host import tensors_of
+from sylva_ray.distributed.staging import shareable_state
 from sylva_ray.engine.client import ClientWorker
 from sylva_ray.engine.federation import largest_first
 from sylva_ray.engine.resolve import load_config
 from sylva_ray.experiments.startup import COLUMNS, VARIANTS
 from sylva_ray.method.data import load_source, make_partition
 
-HEAVY = ("timm", "torchvision", "peft", "transformers", "torchattacks", "sklearn", "pandas", "matplotlib")
+HEAVY = ("torch", "timm", "torchvision", "peft", "transformers", "torchattacks", "sklearn", "pandas", "matplotlib")
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -35,10 +35,12 @@ def loaded_after(statement: str) -> set[str]:
     [
         # The main process resolves the config without the model libraries.
         ("from sylva_ray.engine.resolve import load_config; load_config('smoke')", set()),
-        # The driver actor's module: its round loop and tables, no model library.
-        ("import sylva_ray.distributed.actors", {"pandas"}),
-        # A client actor's module: no tables or plots (timm, peft, torchattacks load when it builds the model).
-        ("import sylva_ray.distributed.client_actor", set()),
+        # The launching process of a Ray run: no torch at all (test_torch_free_launcher runs one).
+        ("import sylva_ray.distributed.launcher, sylva_ray.distributed.actors, sylva_ray.cli", {"pandas"}),
+        # The driver actor's round loop and tables: torch, but no model library.
+        ("import sylva_ray.distributed.executor, sylva_ray.engine.federation", {"torch", "pandas"}),
+        # A client actor's host: no tables or plots (timm, peft, torchattacks load when it builds the model).
+        ("import sylva_ray.distributed.client_host", {"torch"}),
     ],
 )
 def test_each_process_imports_only_what_it_uses(statement, allowed):

@@ -13,7 +13,6 @@ from sylva_ray.base.config import (
     ModelConfig,
     TrainConfig,
 )
-from sylva_ray.method.algorithms import SylvaObjective
 from sylva_ray.method.data import load_source
 from sylva_ray.method.models import (
     Role,
@@ -23,6 +22,7 @@ from sylva_ray.method.models import (
     personal_state,
     shared_state,
 )
+from sylva_ray.method.objectives import SylvaObjective
 from sylva_ray.method.training import adversarial_round, benign_finetune, evaluate
 
 CPU = torch.device("cpu")

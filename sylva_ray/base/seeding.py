@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import zlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a torch generator is made: config checks never need it
+    import torch
 
 #: Seeds are cut to 63 bits so they fit torch.manual_seed and numpy alike.
 _SEED_BITS = 63
@@ -36,6 +38,8 @@ def numpy_rng(base_seed: int, *keys: int | str) -> np.random.Generator:
 
 
 def torch_generator(seed: int) -> torch.Generator:
+    import torch
+
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
@@ -50,6 +54,8 @@ def torch_seeded(seed: int) -> Iterator[None]:
     process-wide lock, so a seeded block in another thread cannot draw from the same generator
     meanwhile (the draws, and so the results, do not depend on how threads interleave).
     """
+    import torch
+
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

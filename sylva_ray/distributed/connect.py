@@ -3,7 +3,8 @@
 check_before_start(cfg)   every check a run can make before a run directory exists or Ray
                           starts: the engine's preflight (model, data, weights), this
                           machine's CPUs and CUDA for a one-machine run, and a TCP probe of
-                          ``--address`` (seconds, instead of Ray's minutes of retries)
+                          ``--address`` (seconds, instead of Ray's minutes of retries);
+                          torch-free on request (``sylva-ray run``: the model checks in a child)
 connect(address, dashboard)  ``ray.init``: join a cluster, or start a local one (dashboard opt-in)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Optional
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
@@ -22,12 +24,25 @@ CONNECT_PROBE_TIMEOUT_S = 3.0
 NO_HOST_ADDRESSES = (None, "auto", "local")
 
 
-def check_before_start(cfg: ExperimentConfig, *, data: bool = True) -> None:
-    """Refuse a run that cannot work, before any work: ``ConfigError`` or ``ConnectionError``."""
-    check_local_device(cfg)
-    local = cfg.runtime.engine == "ray" and runs_on_this_machine_only(cfg)
-    preflight(cfg, data=data, local_cpus=(os.cpu_count() or 1) if local else None)
-    if cfg.runtime.engine == "ray" and cfg.runtime.address not in NO_HOST_ADDRESSES:
+def check_before_start(cfg: ExperimentConfig, *, data: bool = True, torch_free: bool = False) -> None:
+    """Refuse a run that cannot work, before any work: ``ConfigError`` or ``ConnectionError``.
+
+    ``torch_free``: this process launches a Ray run and should not load torch (``sylva-ray run``):
+    the model-side checks then run in a child process while this one checks the data
+    (``engine.preflight``) -- unless this process holds torch already, where a child would only
+    import it again (a sweep, a comparison, a notebook, the tests)."""
+    ray_engine = cfg.runtime.engine == "ray"
+    if not ray_engine:
+        check_local_device(cfg)
+    here = runs_on_this_machine_only(cfg)
+    preflight(
+        cfg,
+        data=data,
+        local_cpus=(os.cpu_count() or 1) if ray_engine and here else None,
+        cuda_here=ray_engine and here,
+        torch_free=torch_free and ray_engine and "torch" not in sys.modules,
+    )
+    if ray_engine and cfg.runtime.address not in NO_HOST_ADDRESSES:
         probe_address(cfg.runtime.address)  # type: ignore[arg-type]
 
 

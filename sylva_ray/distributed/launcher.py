@@ -5,25 +5,26 @@ actor, drive it.
     resume(run_dir)               continue from the run's last checkpoint, with the run's own config
     phase2_only(run_dir, ...)     Phase 2 alone on a finished run, into a new sub-folder
 
-The client actors are started here, as soon as the inputs are staged, so that their imports and
-model builds overlap the driver's start. The driver actor is pinned to this node (the run
-directory is on this node's disk); the engine's runner (``engine.runner.drive``) calls it round by
-round, then Phase 2, then the summary. With ``runtime.engine = inprocess`` the same
-``Federation`` runs here without Ray. No math here.
+A Ray run's launching process holds no torch, timm or peft: configuration, the checks that need
+none, the data (numpy), the partition and the run directory stay here; the model checks run in a
+short-lived child (``engine.preflight``), the driver actor stages the pre-trained weights while
+the client actors import torch, and the client actors build their models. The driver actor is
+pinned to this node (the run directory is on this node's disk); the engine's runner
+(``engine.runner.drive``) calls it round by round, then Phase 2, then the summary. With
+``runtime.engine = inprocess`` the same ``Federation`` runs here without Ray (and with torch).
+No math here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-import torch
-
-from sylva_ray.base.config import ConfigError, ExperimentConfig, apply_overrides
+from sylva_ray.base.config import ConfigError, ExperimentConfig, ModelConfig, apply_overrides
 from sylva_ray.base.storage import remove_orphaned_temp_files
 from sylva_ray.distributed.connect import (
     check_before_start,
@@ -33,12 +34,10 @@ from sylva_ray.distributed.connect import (
 )
 from sylva_ray.distributed.placement import plan_pool
 from sylva_ray.engine.environment import ENVIRONMENT_FILE, environment_record, write_environment
-from sylva_ray.engine.federation import CHECKPOINT_NAME, Federation
-from sylva_ray.engine.jobs import InProcessExecutor
-from sylva_ray.engine.phase2 import SilentBar
 from sylva_ray.engine.resolve import address_problem, build_config
 from sylva_ray.engine.robustbench import ROBUSTBENCH_FILE, robustbench_record
 from sylva_ray.engine.rundir import (
+    CHECKPOINT_NAME,
     load_run_config,
     new_unique_dir,
     partition_summary,
@@ -49,26 +48,18 @@ from sylva_ray.engine.rundir import (
     write_config,
     write_json,
 )
-from sylva_ray.engine.runner import (
-    LocalSession,
-    check_resumable,
-    drive,
-    phase2_of,
-    restore_tables,
-)
+from sylva_ray.engine.runner import check_resumable, drive, restore_tables
 from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.method.data import DataSource, load_source
-from sylva_ray.method.models import pretrained_backbone_state
 
 if TYPE_CHECKING:  # imported when a Ray run starts: an in-process run never loads Ray
     from sylva_ray.distributed.actors import DriverHandle
+    from sylva_ray.engine.federation import Federation
 
 log = logging.getLogger(__name__)
-
-#: torch dtypes numpy also has (bf16 weights travel as tensors).
-NUMPY_DTYPES = frozenset(
-    {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool}
-)
+#: ``model.pretrained`` value for a backbone at its seeded random init: nothing to stage, since every
+#: client draws the same init itself (``method.models.seeded_create``), and the driver needs no timm.
+NO_PRETRAINED_WEIGHTS = "none"
 
 
 def run(
@@ -88,14 +79,13 @@ def run(
     if not resume:
         write_config(run_dir, cfg)
     if cfg.runtime.engine == "inprocess":
+        from sylva_ray.engine.runner import LocalSession
+
         check_local_device(cfg)
-        source, partition = prepare_data(cfg, run_dir, resume)
-        executor = InProcessExecutor(cfg, source, partition)
-        record_environment(run_dir, lambda: environment_record(str(executor.worker.device)))
-        log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
-        federation = Federation(cfg, run_dir, executor, resume=resume)
-        federation.pretraining_seconds = executor.worker.pretraining_seconds
+        federation = local_federation(cfg, run_dir, resume, record_in=run_dir)
         if not progress:
+            from sylva_ray.engine.phase2 import SilentBar
+
             federation.progress_bar = SilentBar
         try:
             return drive(LocalSession(federation), cfg, run_dir, stop_after, progress)
@@ -109,6 +99,22 @@ def run(
         return drive(federation, cfg, run_dir, stop_after, progress)
 
 
+def local_federation(
+    cfg: ExperimentConfig, run_dir: Path, resume: bool, record_in: Path, track: bool = True
+) -> Federation:
+    """The in-process engine's federation (torch in this process): data, weights and clients here."""
+    from sylva_ray.engine.federation import Federation
+    from sylva_ray.engine.jobs import InProcessExecutor
+
+    source, partition = prepare_data(cfg, run_dir, resume)
+    executor = InProcessExecutor(cfg, source, partition)
+    record_environment(record_in, lambda: environment_record(str(executor.worker.device)))
+    log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
+    federation = Federation(cfg, run_dir, executor, resume=resume, track=track)
+    federation.pretraining_seconds = executor.worker.pretraining_seconds
+    return federation
+
+
 @dataclass(frozen=True)
 class StagedInputs:
     """The data and the pre-trained backbone, read once where the run starts and shared through
@@ -120,24 +126,16 @@ class StagedInputs:
 
 
 def stage_inputs(cfg: ExperimentConfig, source: Optional[DataSource] = None) -> StagedInputs:
-    """Load the data (unless given) and resolve the pre-trained weights here; ``ray.put`` both once."""
+    """Load the data (unless given) and get the pre-trained weights in this process; ``ray.put`` both
+    once. For a Tune sweep, whose trials share them (this process then holds torch); a run's own
+    launcher leaves the weights to its driver actor (``remote_federation``)."""
     import ray
 
+    from sylva_ray.distributed.staging import staged_backbone
+
     source = source if source is not None else load_source(cfg.data)
-    started = time.perf_counter()
-    backbone = pretrained_backbone_state(cfg.model, cfg.data, source)
-    seconds = time.perf_counter() - started
-    log.info("pre-trained weights ready in %.1fs", seconds)
-    return StagedInputs(
-        source=ray.put(source), backbone=ray.put(shareable_state(backbone)), pretraining_seconds=seconds
-    )
-
-
-def shareable_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Tensors as numpy arrays where numpy has the dtype: Ray hands numpy arrays to every actor on
-    a node as read-only views of the one copy in its object store, where a pickled tensor would
-    be unpickled into a private copy per actor (ViT-B/16: 330 MB each, at start-up)."""
-    return {k: v.numpy() if v.dtype in NUMPY_DTYPES else v for k, v in state.items()}
+    backbone, seconds = staged_backbone(cfg, source)
+    return StagedInputs(source=ray.put(source), backbone=ray.put(backbone), pretraining_seconds=seconds)
 
 
 @contextlib.contextmanager
@@ -153,13 +151,14 @@ def remote_federation(
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
 
-    What runs here, in the main process, before the driver starts, cheapest check first: the GPU
-    policy on the nodes there are; the data and backbone are read and put in the object store
-    (``staged`` when a Tune sweep already did) and the partition is written; then the client-actor
-    pool is planned, waiting for an autoscaler if the cluster can grow (GPU nodes cost from here on).
-    ``track``: the run's live figures and ``environment.json`` go into ``run_dir`` (off when the
-    federation only serves a Phase 2 re-run); ``record_in``: where ``environment.json`` goes
-    instead (a Phase 2 re-run's own folder).
+    What runs here, in the main process (which holds no torch), cheapest check first: the GPU
+    policy on the nodes there are; the data is read, put in the object store once and the partition
+    written (``staged`` when a Tune sweep already did, weights included). Then the driver actor
+    starts and stages the pre-trained weights while the client-actor pool is planned (waiting for
+    an autoscaler if the cluster can grow: GPU nodes cost from here on) and the client actors start
+    and import torch; last, the driver takes the actors over. ``track``: the run's live figures and
+    ``environment.json`` go into ``run_dir`` (off when the federation only serves a Phase 2
+    re-run); ``record_in``: where ``environment.json`` goes instead (a Phase 2 re-run's own folder).
     """
     import ray
     from ray.util.placement_group import get_current_placement_group
@@ -184,47 +183,46 @@ def remote_federation(
     )
 
     connect(cfg.runtime.address, cfg.runtime.dashboard)
-    check_local_device(cfg)
     group = get_current_placement_group()  # set inside a Tune trial: everything goes into its bundles
     if group is None:
         check_gpus(cfg, alive_nodes())
-    # Data and weights next: a bad folder or weight file fails here, before GPU nodes are paid for.
+    # The data next: a bad folder fails here, before GPU nodes are paid for.
     if staged is None:
         source, partition = prepare_data(cfg, run_dir, resume)
-        staged = stage_inputs(cfg, source)
+        source_ref = ray.put(source)
     else:
         _, partition = prepare_data(cfg, run_dir, resume, source=ray.get(staged.source))
-    requested = False
+        source_ref = staged.source
     if group is not None:
-        bundles = bundles_of(group)  # fixed by the trial; without GPUs in them, the GPU share is moot
-        plan = plan_pool(
-            bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True
-        )
-        check_trial_gpus(cfg, plan, group)  # the sweep checked the GPUs alive at its start; these are where it runs
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
     else:
-        plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
         where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    driver, actors = None, []
+    log_level = main_process_log_level()
+    driver, actors, requested = None, [], False
     try:
-        # The client actors first (they import torch, timm, peft and build their models), the driver
-        # beside them: its start overlaps their imports rather than preceding them.
-        actors = start_client_actors(
-            cfg, plan, staged.source, partition, staged.backbone, group, main_process_log_level()
-        )
         driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg,
-            str(run_dir),
-            resume,
-            actors,
-            plan,
-            main_process_log_level(),
-            staged.pretraining_seconds,
-            progress,
-            track,
+            cfg, str(run_dir), resume, log_level, progress, track
         )
+        if staged is not None:
+            backbone_ref, pretraining_seconds = staged.backbone, staged.pretraining_seconds
+        elif cfg.model.pretrained == NO_PRETRAINED_WEIGHTS:  # every client draws the same seeded init itself
+            backbone_ref, pretraining_seconds = None, 0.0
+        else:  # the driver gets the weights (torch, timm) while the pool is planned and the clients import
+            backbone_ref, pretraining_seconds = driver.stage_backbone.options(num_returns=2).remote(
+                source_ref, absolute_paths(cfg.model)
+            )
+        if group is not None:
+            bundles = bundles_of(group)  # fixed by the trial; without GPUs in them, the GPU share is moot
+            plan = plan_pool(
+                bundles, cfg.runtime.client_resources, cfg.data.num_clients, len(bundles), drop_gpu_without_gpus=True
+            )
+            check_trial_gpus(cfg, plan, group)  # the sweep checked the GPUs alive at its start; these are where it runs
+        else:
+            plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
+        actors = start_client_actors(cfg, plan, source_ref, partition, backbone_ref, group, log_level)
+        # The driver and its actors are up here, or the first error (the weights', an actor's) surfaces.
+        ray.get(driver.start.remote(actors, plan, pretraining_seconds))
         federation = DriverHandle(driver)
-        federation.status  # noqa: B018 -- the driver and its actors are up (or their error surfaces) here
         if track or record_in is not None:
             record_environment(record_in or run_dir, lambda: cluster_environment(actors))
         if requested:
@@ -298,11 +296,9 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
     write_config(out, cfg)
     (out / "phase1_run.txt").write_text(str(run_dir.resolve()) + "\n")
     if cfg.runtime.engine == "inprocess":
-        source, partition = prepare_data(cfg, run_dir, resume=True)
-        executor = InProcessExecutor(cfg, source, partition)
-        record_environment(out, lambda: environment_record(str(executor.worker.device)))
-        federation = Federation(cfg, run_dir, executor, resume=True, track=False)
-        result = phase2_of(federation, out)
+        from sylva_ray.engine.runner import phase2_of
+
+        result = phase2_of(local_federation(cfg, run_dir, resume=True, record_in=out, track=False), out)
     else:
         with remote_federation(cfg, run_dir, resume=True, track=False, record_in=out) as federation:
             result = federation.phase2(out)
@@ -330,16 +326,28 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
     return out, summary
 
 
+def absolute_paths(model: ModelConfig) -> ModelConfig:
+    """``model.checkpoint`` and ``model.cache_dir`` resolved against this process's working folder,
+    for the driver actor that reads them from Ray's (the run's config.yaml keeps what was given)."""
+    return dataclasses.replace(
+        model,
+        checkpoint=str(Path(model.checkpoint).resolve()) if model.checkpoint else model.checkpoint,
+        cache_dir=str(Path(model.cache_dir).resolve()) if model.cache_dir else model.cache_dir,
+    )
+
+
 def cluster_environment(actors: list[Any]) -> dict[str, Any]:
     """This process's record, the cluster's nodes, and what each client actor computes on (its
-    device, the GPUs it sees, its threads), read back from the actors themselves."""
+    device, the GPUs it sees, its threads, torch's build), read back from the actors themselves:
+    this process holds no torch."""
     import ray
 
     from sylva_ray.distributed.capacity import cluster_record
 
     runtimes = ray.get([actor.runtime.remote() for actor in actors])
     device = runtimes[0]["device"] if runtimes else None
-    return environment_record(device, cluster_record(), client_actors=runtimes)
+    compute = ray.get(actors[0].compute_record.remote()) if actors else {"torch": None, "gpus": []}
+    return environment_record(device, cluster_record(), client_actors=runtimes, compute=compute)
 
 
 def record_environment(folder: Path, make_record: Callable[[], dict[str, Any]]) -> None:

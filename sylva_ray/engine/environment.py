@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 import sylva_ray
 from sylva_ray.base.storage import atomic_write_text
 
@@ -121,8 +119,10 @@ def source_revision() -> dict[str, Any]:
 
 def torch_record() -> dict[str, Any]:
     """torch's build and how it computes here: vector ISA, threads, CUDA and cuDNN versions."""
+    import torch
+
     return {
-        "version": torch.__version__,
+        "version": str(torch.__version__),  # a TorchVersion: plain text travels to processes without torch
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -134,6 +134,8 @@ def torch_record() -> dict[str, Any]:
 
 def gpu_records() -> list[dict[str, Any]]:
     """Each visible GPU's model, memory and compute capability (empty without CUDA)."""
+    import torch
+
     if not torch.cuda.is_available():
         return []
     gpus = []
@@ -150,15 +152,25 @@ def gpu_records() -> list[dict[str, Any]]:
     return gpus
 
 
+def compute_record() -> dict[str, Any]:
+    """torch's record and the visible GPUs of this process: the part of the environment that only
+    a process holding torch can read."""
+    return {"torch": torch_record(), "gpus": gpu_records()}
+
+
 def environment_record(
     device: Optional[str] = None,
     cluster: Optional[dict[str, Any]] = None,
     client_actors: Optional[list[dict[str, Any]]] = None,
     argv: Optional[list[str]] = None,
+    compute: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The record of this process's environment; ``device``: where the clients compute, as they
-    report it; ``client_actors``: each actor's own runtime (Ray engine)."""
-    gpus = gpu_records()
+    report it; ``client_actors``: each actor's own runtime (Ray engine); ``compute``: torch's
+    record and the GPUs where the clients compute (``compute_record``), as a client actor read
+    them -- a Ray run's launching process holds no torch -- or, by default, this process's."""
+    compute = compute if compute is not None else compute_record()
+    gpus = compute["gpus"]
     return {
         "command": " ".join(argv if argv is not None else sys.argv),
         "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -173,7 +185,7 @@ def environment_record(
             "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         },
-        "torch": torch_record(),
+        "torch": compute["torch"],
         "device": device,
         "gpus": gpus,
         "gpu_driver": _probe(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if gpus else None,

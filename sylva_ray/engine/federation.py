@@ -37,7 +37,14 @@ from sylva_ray.engine.clock import DEVICES_FILE, RoundPlan, SimulatedClock, cloc
 from sylva_ray.engine.environment import ENVIRONMENT_FILE
 from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome, WorkerInfo
 from sylva_ray.engine.robustbench import ROBUSTBENCH_FILE, robustbench_record
-from sylva_ray.engine.rundir import partition_summary, plot_accuracy, write_bookkeeping, write_json, write_table
+from sylva_ray.engine.rundir import (
+    CHECKPOINT_NAME,
+    partition_summary,
+    plot_accuracy,
+    write_bookkeeping,
+    write_json,
+    write_table,
+)
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.method.aggregation import aggregate
@@ -59,7 +66,6 @@ from sylva_ray.method.update_space import RoundContext
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
-CHECKPOINT_NAME = "checkpoint.pt"
 ADVERSARY_FILE = "adversary.json"
 
 

@@ -42,6 +42,9 @@ from sylva_ray.method.data import DataSource, Partition, load_source, make_parti
 
 log = logging.getLogger(__name__)
 
+#: The federation's checkpoint in RUN/checkpoints/ (``engine.federation`` writes it).
+CHECKPOINT_NAME = "checkpoint.pt"
+
 
 class RunDirectoryError(FileExistsError):
     """The requested run directory would overwrite earlier results."""

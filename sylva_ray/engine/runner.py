@@ -10,22 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
-from sylva_ray.engine.federation import (
-    CHECKPOINT_NAME,
-    Federation,
-    FederationState,
-    config_fingerprint,
-    fingerprint_differences,
-    partition_fingerprint,
-)
-from sylva_ray.engine.phase2 import run_phase2
 from sylva_ray.engine.rundir import write_table
+
+if TYPE_CHECKING:  # the federation (torch) loads where it runs: driving a driver actor needs no torch
+    from sylva_ray.engine.federation import Federation, FederationState
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +60,8 @@ class LocalSession:
 
 def phase2_of(federation: Federation, out_dir: Path) -> dict[str, Any]:
     """Phase 2 on a federation's final global adapter and client states, results into ``out_dir``."""
+    from sylva_ray.engine.phase2 import run_phase2
+
     st = federation.state
     if not st.last_eval:
         raise RuntimeError("Phase 2 needs a finished Phase 1 (no evaluation recorded yet)")
@@ -114,6 +110,14 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Federation
     """Before anything starts: the checkpoint is readable and belongs to *this* config (a hand-edited
     config.yaml would otherwise overwrite results with another experiment's), the partition is
     readable. Returns the checkpoint's state, or None when the run has none yet."""
+    from sylva_ray.engine.federation import (
+        CHECKPOINT_NAME,
+        FederationState,
+        config_fingerprint,
+        fingerprint_differences,
+        partition_fingerprint,
+    )
+
     partition = run_dir / "partition.json"
     if partition.is_file():
         try:

@@ -203,30 +203,34 @@ def measure(
 
 #: What each kind of process does before it can work (``bench_startup_imports.csv``), as Python
 #: statements run in a fresh interpreter: (imports, untimed setup, init). The Ray run's main process
-#: imports, then checks the config (timm's meta model, the digits via scikit-learn), loads the data
-#: and resolves the weights; the driver imports its round loop (its init waits on the actors); a
-#: client actor imports, then builds its model; the plain loop does all of that in one process.
+#: imports no torch, then checks the config (timm's meta model in a child process while it loads the
+#: digits via scikit-learn) and splits the data; the driver imports its round loop and stages the
+#: pre-trained weights; a client actor imports, then builds its model; the plain loop does all of that
+#: in one process.
 _WORKLOAD = "from sylva_ray.engine.resolve import load_config; cfg = load_config(config_file=CONFIG)"
+_SOURCE = _WORKLOAD + "; from sylva_ray.method.data import load_source, make_partition; source = load_source(cfg.data)"
 _INPUTS = (
-    _WORKLOAD + "; from sylva_ray.method.data import load_source, make_partition; "
-    "from sylva_ray.method.models import pretrained_backbone_state; source = load_source(cfg.data); "
+    _SOURCE + "; from sylva_ray.method.models import pretrained_backbone_state; "
     "partition = make_partition(source, cfg.data, cfg.runtime.seed); "
     "state = pretrained_backbone_state(cfg.model, cfg.data, source)"
 )
 _TIMM = "from sylva_ray.method.models import timm_library; timm_library()"
 ROLES = {
     "main process (ray run)": (
-        "import ray, sklearn.datasets, sylva_ray.distributed.launcher, sylva_ray.engine.preflight; " + _TIMM,
+        "import ray, sklearn.datasets, sylva_ray.distributed.launcher, sylva_ray.engine.preflight",
         _WORKLOAD,
         "import pathlib, tempfile; from sylva_ray.distributed.connect import check_before_start; "
-        "from sylva_ray.engine.rundir import prepare_data; "
-        "from sylva_ray.method.models import pretrained_backbone_state; check_before_start(cfg); "
-        "source, partition = prepare_data(cfg, pathlib.Path(tempfile.mkdtemp()), False); "
-        "pretrained_backbone_state(cfg.model, cfg.data, source)",
+        "from sylva_ray.engine.rundir import prepare_data; check_before_start(cfg, torch_free=True); "
+        "source, partition = prepare_data(cfg, pathlib.Path(tempfile.mkdtemp()), False)",
     ),
-    "driver actor": ("import ray, sylva_ray.distributed.actors", "", ""),
+    "driver actor": (
+        "import ray, sylva_ray.distributed.actors, sylva_ray.distributed.executor, sylva_ray.distributed.staging, "
+        "sylva_ray.engine.federation",
+        _SOURCE,
+        "from sylva_ray.distributed.staging import staged_backbone; staged_backbone(cfg, source)",
+    ),
     "client actor": (
-        "import ray, peft, torchattacks, sylva_ray.distributed.client_actor; " + _TIMM,
+        "import ray, peft, torchattacks, sylva_ray.distributed.client_host; " + _TIMM,
         _INPUTS,
         "from sylva_ray.engine.client import ClientWorker; ClientWorker(cfg, source, partition, state)",
     ),

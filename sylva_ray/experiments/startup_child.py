@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     engine = ["runtime.engine=inprocess"] if args.variant == "plain" else [f"runtime.num_actors={args.actors}"]
     cfg = load_config(config_file=args.config, overrides=engine)
-    check_before_start(cfg)
+    check_before_start(cfg, torch_free=args.variant == "ray")  # as `sylva-ray run` does
     run_dir = create_run_dir(cfg, args.out)
     write_config(run_dir, cfg)
 

@@ -21,10 +21,9 @@ public; this one is our documented choice (``federation.balltree_k`` sets k).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from sylva_ray.base.config import FederationConfig
 from sylva_ray.base.registry import Registry
@@ -38,15 +37,21 @@ from sylva_ray.method.update_space import (
     on_updates,
 )
 
+if TYPE_CHECKING:  # torch loads where tensors are handled: checking a config never needs it
+    import torch
+
+
 #: (client states, sample counts, config, round context) -> (aggregate, each client's weight in it)
 Aggregator = Callable[
-    [Sequence[State], Sequence[int], FederationConfig, RoundContext], tuple[dict[str, torch.Tensor], np.ndarray]
+    [Sequence[State], Sequence[int], FederationConfig, RoundContext], tuple[dict[str, "torch.Tensor"], np.ndarray]
 ]
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i * state_i, key by key, in float64 then cast back (weights are normalised here)."""
+    import torch
+
     keys = check_same_keys(states)
     w = np.asarray(weights, dtype=np.float64)
     if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:

@@ -15,18 +15,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
-from torch import nn
-
 from sylva_ray.base.config import AttackConfig
 from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import torch_seeded
 
-if TYPE_CHECKING:  # torchattacks is imported where an attack is built, not by every process
+if TYPE_CHECKING:  # torch and torchattacks load where an attack is built: checking a config needs neither
+    import torch
+    from torch import nn
     from torchattacks.attack import Attack
 
 Role = Literal["train", "eval"]
-AttackFactory = Callable[[nn.Module, AttackConfig, Role, int, int], "Attack"]
+AttackFactory = Callable[["nn.Module", AttackConfig, Role, int, int], "Attack"]
 ATTACKS: Registry[AttackFactory] = Registry("attack")
 log = logging.getLogger(__name__)
 
@@ -138,6 +137,8 @@ def perturb(attack: Attack, images: torch.Tensor, labels: torch.Tensor, seed: in
     torchattacks switches the model to eval mode for the attack and restores the previous mode.
     Attacks run in fp32 with gradients enabled, even if the caller is inside ``torch.no_grad()``.
     """
+    import torch
+
     if images.dtype != torch.float32:
         raise TypeError(f"attacks run in fp32; got {images.dtype}")
     with torch_seeded(seed), torch.enable_grad():

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
 from sylva_ray.base.config import AdversaryConfig, ExperimentConfig
 from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.method.update_space import flatten_state, numpy_global_seed, unflatten_like
 
-State = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:  # torch loads where tensors are handled: checking a config never needs it
+    import torch
+
+State = Mapping[str, "torch.Tensor"]
 OWN, COLLUDING, DATA = "own", "colluding", "data"
 
 

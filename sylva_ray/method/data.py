@@ -23,11 +23,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from sylva_ray.base.config import DataConfig
 from sylva_ray.base.registry import Registry
@@ -35,6 +33,9 @@ from sylva_ray.base.seeding import numpy_rng
 from sylva_ray.base.storage import atomic_write_text, default_cache_dir
 from sylva_ray.method.cifar import read_split
 from sylva_ray.method.heterogeneity import heterogeneity
+
+if TYPE_CHECKING:  # tensors are made where a batch is: loading and splitting data need no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ class PartitionError(ValueError):
 
 
 @dataclass
-class ArrayDataset(Dataset):
-    """Images (N, C, H, W) and integer labels (N,); a ``torch.utils.data.Dataset`` too (``ds[i]``
-    is ``(image tensor in [0, 1], label)``, so ``DataLoader(ds)`` works).
+class ArrayDataset:
+    """Images (N, C, H, W) and integer labels (N,); a map-style dataset for torch (``ds[i]`` is
+    ``(image tensor in [0, 1], label)``, so ``DataLoader(ds)`` works) without subclassing torch's
+    ``Dataset``: the process that launches a Ray run loads and splits data without importing torch.
 
     ``images`` holds what was decoded: uint8 pixels (or digits' 0..16 levels) with ``pixel_scale``
     saying what divides them into [0, 1], or float32 already in [0, 1] (``pixel_scale=1``). Code
@@ -92,6 +94,8 @@ class ArrayDataset(Dataset):
 def unit_pixels(images: np.ndarray, pixel_scale: float) -> torch.Tensor:
     """Stored pixels as float32 in [0, 1]: ``images / pixel_scale`` in float32, exactly what a pool
     decoded to float32 would hold (one correctly rounded division either way)."""
+    import torch
+
     if pixel_scale == 1.0 and images.dtype == np.float32:
         return torch.from_numpy(np.ascontiguousarray(images))
     return torch.from_numpy(images.astype(np.float32) / np.float32(pixel_scale))

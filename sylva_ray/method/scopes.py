@@ -13,21 +13,17 @@ dict (``models.encode_state``), so communication is counted the same way.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Mapping, Protocol
 
 from sylva_ray.base.config import LoRAConfig
-from sylva_ray.method.models import (
-    PixelSpaceModel,
-    add_lora,
-    load_adapter_state,
-    personal_state,
-    shared_state,
-)
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # the model code (torch, peft) loads where a model is built: naming a scope needs none
+    import torch
+    from torch import nn
+
+    from sylva_ray.method.models import PixelSpaceModel
+
+State = dict[str, "torch.Tensor"]
 
 
 class ModelScope(Protocol):
@@ -46,15 +42,23 @@ class LoRAScope:
     global_form = False
 
     def wrap(self, base: PixelSpaceModel, lora: LoRAConfig) -> nn.Module:
+        from sylva_ray.method.models import add_lora
+
         return add_lora(base, lora)
 
     def shared(self, model: nn.Module) -> State:
+        from sylva_ray.method.models import shared_state
+
         return shared_state(model)  # type: ignore[arg-type]
 
     def personal(self, model: nn.Module) -> State:
+        from sylva_ray.method.models import personal_state
+
         return personal_state(model)  # type: ignore[arg-type]
 
     def load(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        from sylva_ray.method.models import load_adapter_state
+
         load_adapter_state(model, state)  # type: ignore[arg-type]
 
 
@@ -88,6 +92,8 @@ class LocalScope(LoRAScope):
         return {}
 
     def personal(self, model: nn.Module) -> State:
+        from sylva_ray.method.models import personal_state, shared_state
+
         return {**shared_state(model), **personal_state(model)}  # type: ignore[arg-type]
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
 from sylva_ray.base.config import FederationConfig
 
-State = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:  # torch loads where tensors are handled: checking a config never needs it
+    import torch
+
+State = Mapping[str, "torch.Tensor"]
 #: pre-aggregation steps; mixing ones leave no per-client weight
 PRE_AGGREGATIONS = ("clipping", "nnm", "bucketing")
 MIXING = frozenset({"nnm", "bucketing"})
@@ -59,12 +61,16 @@ def check_same_keys(states: Sequence[State]) -> list[str]:
 
 def flatten_state(state: State) -> np.ndarray:
     """One vector per client, keys in sorted order so every client lines up."""
+    import torch
+
     return np.concatenate([state[k].detach().cpu().to(torch.float64).reshape(-1).numpy() for k in sorted(state)])
 
 
 def unflatten_like(vector: np.ndarray, template: State) -> dict[str, torch.Tensor]:
     """``flatten_state``'s inverse: cut a vector key by key (sorted order) into the template's
     shapes and dtypes."""
+    import torch
+
     expected = sum(tensor.numel() for tensor in template.values())
     if len(vector) != expected:
         raise ValueError(f"vector has {len(vector)} entries, the template {expected}")

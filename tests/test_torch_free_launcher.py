@@ -75,3 +75,37 @@ def test_a_refusal_without_torch_is_one_line_naming_the_field(override, named, t
     assert len(errors) == 1 and named in done.stderr, done.stderr[-4000:]
     assert "Traceback" not in done.stderr and "blocked:" not in done.stderr
     assert not out.exists() and not Path(tmp_path / "runs").exists()
+
+
+def test_the_model_check_child_names_the_field_and_lists_every_problem():
+    """The child's verdict and this process's data problems, in one refusal."""
+    from sylva_ray.base.config import ConfigError
+    from sylva_ray.engine.preflight import preflight
+    from sylva_ray.engine.resolve import load_config
+
+    cfg = load_config("smoke", overrides=["lora.target_modules=[no_such_layer]", "data.num_clients=5000"])
+    with pytest.raises(ConfigError) as caught:
+        preflight(cfg, torch_free=True)
+    assert "lora.target_modules" in str(caught.value) and "data.num_clients" in str(caught.value)
+
+
+def test_a_failure_while_the_child_checks_ends_the_child(monkeypatch):
+    from sylva_ray.engine import preflight as module
+    from sylva_ray.engine.resolve import load_config
+
+    started = []
+
+    class Recorded(module.ModelChecks):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug while loading the data")
+
+    monkeypatch.setattr(module, "ModelChecks", Recorded)
+    monkeypatch.setattr(module, "data_problems", broken)
+    with pytest.raises(RuntimeError, match="a bug while loading"):
+        module.preflight(load_config("smoke"), torch_free=True)
+    [child] = started
+    assert child.process.wait(timeout=30) != 0  # killed, not left to finish its checks

@@ -42,7 +42,12 @@ def preflight(
     ``runtime.device=cuda`` needs CUDA on this machine; ``torch_free``: this process must not load
     torch (it launches a Ray run), so the model-side checks run in a child meanwhile."""
     child = ModelChecks(cfg, cuda_here) if torch_free else None
-    data_side = data_problems(cfg, local_memory=local_cpus is not None) if data else []
+    try:
+        data_side = data_problems(cfg, local_memory=local_cpus is not None) if data else []
+    except BaseException:  # a bug or Ctrl-C here: the child's verdict is moot
+        if child is not None:
+            child.process.kill()
+        raise
     if child is not None:
         problems = child.problems()
     else:
@@ -55,8 +60,8 @@ def preflight(
 
 
 class ModelChecks:
-    """``engine.model_checks`` in a child process, started at once: it imports torch, timm and peft
-    and builds the meta model while this process loads and splits the data, and is gone before any
+    """``engine.model_checks`` in a child process, started at once: it imports torch and timm and
+    builds the meta model while this process loads and splits the data, and is gone before any
     client actor starts."""
 
     def __init__(self, cfg: ExperimentConfig, cuda_here: bool) -> None:

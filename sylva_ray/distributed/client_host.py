@@ -23,7 +23,7 @@ from ray.experimental import tqdm_ray
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.precision import configure_runtime, runtime_flags
 from sylva_ray.distributed.actor_common import ACTOR_LOG_FORMAT, BYTES_PER_MB, GPU_PEAK_METRIC
-from sylva_ray.distributed.gpu_visibility import CUDA_VISIBLE_DEVICES, hide_unreserved_gpus
+from sylva_ray.distributed.gpu_visibility import CUDA_VISIBLE_DEVICES
 from sylva_ray.distributed.placement import GPUMemoryError, cuda_memory_fraction
 from sylva_ray.engine.client import ClientWorker
 from sylva_ray.engine.environment import compute_record
@@ -106,8 +106,8 @@ class ClientHost:
     ) -> None:
         """``backbone``: ``[reference]`` to the staged pre-trained weights, one level deep so that
         Ray starts this process before they exist: its imports (above) overlap their staging;
-        ``[None]``: no pre-trained weights, the worker draws the run's seeded init itself."""
-        hide_unreserved_gpus()  # first: CUDA reads the variable once, when it starts in this process
+        ``[None]``: no pre-trained weights, the worker draws the run's seeded init itself. The actor
+        shell (``client_actor.ClientActor``) has hidden unreserved GPUs before this module loaded."""
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
         # Before anything touches CUDA: cuBLAS reads its workspace setting once per process.
         configure_runtime(cfg.runtime.precision, cfg.runtime.deterministic)

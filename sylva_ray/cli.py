@@ -6,8 +6,10 @@ sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking   side by side
+sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking|pretrain
 sylva-ray partition [config options]     the split among clients (sizes, classes, label skew), without training
+sylva-ray room [--seeds N] [config options]   pooled vs local-only training: does the data leave room to help?
+sylva-ray study [--settings iid,alpha0.1,shift,...] [--algorithms ...] [--seeds N]   compare over heterogeneity kinds
 sylva-ray doctor [--address A] [--against RUN]   can a run of this configuration start here?
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
@@ -165,6 +167,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     log.info("comparison written to %s", out)
     sys.stdout.write((out / ("threat.md" if threat is not None else "comparison.md")).read_text())
+    return 0
+
+
+def _cmd_room(args: argparse.Namespace) -> int:
+    from sylva_ray.base.config import ConfigError
+    from sylva_ray.engine.resolve import raw_config
+    from sylva_ray.experiments.room import check_room
+
+    raw = raw_config(args.preset, args.config_file, args.overrides)
+    try:
+        rates = [float(x) for x in _comma_list(args.lrs)] if args.lrs else None
+    except ValueError:
+        raise ConfigError(f"--lrs {args.lrs!r}: give comma-separated numbers, e.g. --lrs 0.05,0.01") from None
+    result = check_room(raw, args.seeds, Path(args.out) if args.out else None, args.threshold, rates)
+    sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "setting"}, indent=2, default=str) + "\n")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from sylva_ray.engine.resolve import raw_config
+    from sylva_ray.engine.rundir import resolve_result_path, utc_stamp
+    from sylva_ray.experiments.study import run_study
+
+    out = resolve_result_path(args.out or Path("runs") / f"study-{utc_stamp()}")
+    raw = raw_config(args.preset, args.config_file, _launch_overrides(args))
+    args.interrupted = lambda: (
+        f"interrupted; finished runs are kept in {out}: the same command with --out {out} goes on"
+    )
+    run_study(
+        raw,
+        _comma_list(args.settings),
+        _comma_list(args.algorithms),
+        args.seeds,
+        out,
+        baseline=args.baseline or None,
+        actors_per_run=args.actors_per_run,
+        max_parallel=args.max_parallel,
+    )
+    sys.stdout.write((out / "study.md").read_text())
     return 0
 
 
@@ -335,6 +376,50 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
     )
+    room = sub.add_parser(
+        "room",
+        help="pooled vs local-only adversarial training on a configuration's split: does the data leave "
+        "collaboration room to help? (no federated method is run)",
+    )
+    _add_config_options(room)
+    room.add_argument("--seeds", type=int, default=1, help="seeds: runtime.seed, +1, ... (default 1)")
+    room.add_argument(
+        "--threshold", type=float, default=5.0, help="robust points pooled must gain over local (default 5)"
+    )
+    room.add_argument(
+        "--lrs", help="comma-separated learning rates; each arm is judged at its best (default: train.lr alone)"
+    )
+    room.add_argument("--out", help="folder for room.csv/.json (new; default runs/room-<timestamp>-<name>)")
+    room.set_defaults(handler=_cmd_room, preset="shift")
+
+    study = sub.add_parser(
+        "study", help="compare the same algorithms and seeds over kinds of heterogeneity; write study.csv/.md/.png"
+    )
+    _add_config_options(study)
+    study.add_argument(
+        "--settings",
+        default="iid,alpha1.0,alpha0.1,shift,shift+alpha0.5",
+        help="comma-separated settings, each '+'-joined parts: iid, alpha<A>, shift (default: the five of docs "
+        "results/benchmark.md)",
+    )
+    study.add_argument(
+        "--algorithms",
+        default="sylva,sylva-no_phase2,fedavg_lora_at,local_at,fat",
+        help="comma-separated algorithm names (default: sylva,sylva-no_phase2,fedavg_lora_at,local_at,fat)",
+    )
+    study.add_argument("--seeds", type=int, default=3, help="seeds per algorithm and setting (default 3)")
+    study.add_argument(
+        "--baseline", default="local_at", help="algorithm the paired differences are taken against ('' for none)"
+    )
+    study.add_argument(
+        "--out", help="study folder (new, or an earlier study to resume); default runs/study-<timestamp>"
+    )
+    study.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    study.add_argument("--actors-per-run", type=int, default=1, help="client actors per run")
+    study.add_argument("--max-parallel", type=int, help="cap on runs at once")
+    study.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the local cluster")
+    study.set_defaults(handler=_cmd_study, preset="shift")
+
     threat = compare.add_argument_group(
         "threat sweep", "any of these runs algorithms x aggregations x (behaviour x fraction) x seeds instead"
     )
@@ -360,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
             "autoattack",
             "data",
             "tracking",
+            "pretrain",
         ],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")

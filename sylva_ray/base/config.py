@@ -97,6 +97,29 @@ class DataConfig:
             "files, their sizes and times, and image_size) so the next run on the same data starts at once"
         ),
     ] = True
+    shift: Annotated[
+        Literal["none", "rotation", "stroke", "invert", "contrast", "noise", "blur", "mixed"],
+        Field(
+            description="feature shift: each client's images go through its domain's transform (rotation, stroke "
+            "width, contrast inversion, contrast, noise, blur, or mixed: one kind per domain); none: off; the public "
+            "slice is never shifted (docs explanation/benchmark.md)"
+        ),
+    ] = "none"
+    shift_strength: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="the strongest domain's level; rotation: 1 = 270 degrees, so 4 domains are the quarter turns",
+        ),
+    ] = 1.0
+    shift_domains: Annotated[
+        int, Field(ge=1, description="number of domains; domain 0 is untouched, the levels evenly spaced up to it")
+    ] = 4
+    shift_assignment: Annotated[
+        Literal["round_robin", "random"],
+        Field(description="how clients are dealt to domains: client c to domain c mod D, or a seeded shuffle"),
+    ] = "round_robin"
     synthetic_num_samples: Annotated[int, Field(ge=1, description="synthetic: total samples")] = 800
     synthetic_num_classes: Annotated[int, Field(ge=2, description="synthetic: number of classes")] = 10
     synthetic_image_size: Annotated[int, Field(ge=2, description="synthetic: square image size")] = 8
@@ -775,6 +798,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "federation": {"rounds": 2},
         "layer_selection": {"finetune_steps": 5, "coalition_steps": 3},
         "evaluation": {"autoattack_max_samples": 16, "sanity_samples": 16, "sanity_long_steps": 20},
+    },
+    # Clients that need each other (docs explanation/benchmark.md): 20 clients of ~63 digits each,
+    # IID labels, each client's strokes thinned or thickened by its domain (Morpho-MNIST's
+    # perturbations at 4 levels from -0.75 to +0.75): the setting `sylva-ray room` chose.
+    "shift": {
+        "name": "shift",
+        "data": {
+            "num_clients": 20,
+            "partition": "iid",
+            "shift": "stroke",
+            "shift_strength": 0.75,
+            "shift_domains": 4,
+        },
     },
     # The paper's scale: CIFAR-10 from a local folder, ImageNet ViT-B/16 from timm, CalFAT/SFAT attack.
     "paper": {

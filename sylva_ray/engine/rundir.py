@@ -238,7 +238,8 @@ def partition_summary(run_dir: Path) -> Optional[dict[str, Any]]:
     info = json.loads(path.read_text()).get("heterogeneity") if path.is_file() else None
     if not info:
         return None
-    return {k: info[k] for k in ("mean_hellinger", "mean_jensen_shannon", "clients")}
+    kept = ("mean_hellinger", "mean_jensen_shannon", "mean_feature_distance", "clients")
+    return {k: info[k] for k in kept if k in info}
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:

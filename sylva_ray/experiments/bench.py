@@ -27,6 +27,8 @@
            (``sylva_ray.experiments.data_bench``): seconds, pool bytes, peak traced memory.
 ``tracking`` the same run with TensorBoard tracking off and on, alternately: wall seconds, the tracker's own
            seconds and its event files' bytes (``sylva_ray.experiments.tracking_bench``).
+``pretrain`` embedded pre-training of the default pico ViT and of its 8-block variant on the public slice,
+           one after the other into a fresh cache: seconds, parameters, the ratio.
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -67,6 +69,7 @@ from sylva_ray.method.models import (
     add_lora,
     count_parameters,
     create_backbone,
+    embedded_weights,
     encode_state,
     full_model_nbytes,
     resolve_device,
@@ -456,6 +459,42 @@ def bench_memory(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: ``bench pretrain``'s backbones: the embedded default and its deep variant (``method.timm_models``).
+PRETRAIN_MODELS = ("vit_pico_patch4_16", "vit_pico_deep_patch4_16")
+
+
+def bench_pretrain(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
+    """Embedded pre-training of each pico ViT on the configuration's public slice, into a fresh
+    cache (nothing reused), one after the other in this process: seconds, parameters, ratio to the
+    first, and the pre-trained model's clean accuracy on the first client's test split."""
+    source = load_source(cfg.data)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for name in PRETRAIN_MODELS:
+            model_cfg = dataclasses.replace(cfg.model, name=name, cache_dir=cache, pretrained="embedded")
+            started = time.perf_counter()
+            state = embedded_weights(model_cfg, cfg.data, source, seed=0)
+            seconds = time.perf_counter() - started
+            trial = dataclasses.replace(cfg, model=model_cfg)
+            worker = ClientWorker(trial, source, make_partition(source, cfg.data, cfg.runtime.seed), state)
+            clean = worker.evaluate(0, worker.initial_state(), worker.initial_adapter).clean_acc
+            rows.append(
+                {
+                    "model": name,
+                    "blocks": len(worker.player_names()),
+                    "parameters": int(sum(v.numel() for v in state.values())),
+                    "public_samples": len(source.public) if source.public is not None else 0,
+                    "epochs": model_cfg.pretrain_epochs,
+                    "threads": torch.get_num_threads(),
+                    "seconds": seconds,
+                    "client0_clean_acc": clean,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["seconds_vs_first"] = frame["seconds"] / frame["seconds"].iloc[0]
+    return frame
+
+
 BENCHES = {
     "comm": bench_comm,
     "engine": bench_engine,
@@ -467,6 +506,7 @@ BENCHES = {
     "autoattack": bench_autoattack,
     "data": bench_data,
     "tracking": bench_tracking,
+    "pretrain": bench_pretrain,
 }
 
 

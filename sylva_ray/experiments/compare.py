@@ -286,19 +286,16 @@ def execute_one(spec: RunSpec, lock: threading.Lock) -> dict[str, Any]:
     return summary
 
 
-def run_comparison(
+def prepare_comparison(
     base_raw: dict[str, Any],
     algorithms: list[str],
     seeds: int,
     out: Path,
     reference: Optional[str] = None,
     actors_per_run: int = 1,
-    max_parallel: Optional[int] = None,
     threat: Optional[ThreatGrid] = None,
-) -> pd.DataFrame:
-    """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots.
-
-    ``threat``: sweep malicious fraction x behaviour x aggregation (``ThreatGrid``) as well."""
+) -> list[RunSpec]:
+    """Check the request and plan its runs, every error before any run starts; claim ``out``."""
     out = Path(out)
     if reference is not None and threat is not None:
         raise ConfigError("--reference applies to an algorithm comparison, not to a threat sweep; drop it")
@@ -319,25 +316,26 @@ def run_comparison(
             "threat": dataclasses.asdict(threat),
         }
     check_manifest(out, manifest)
+    return specs
+
+
+def execute_runs(
+    specs: list[RunSpec], actors_per_run: int = 1, max_parallel: Optional[int] = None, desc: str = "compare runs"
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Run (in parallel where the cluster allows), resume or skip each planned run: summaries and
+    errors by the run's index in ``specs``. One failed run never loses the others' results."""
     engine = specs[0].cfg.runtime.engine
     if engine == "ray":
         connect(specs[0].cfg.runtime.address, specs[0].cfg.runtime.dashboard)
     parallel, requested = run_parallelism(specs[0].cfg, actors_per_run, max_parallel)
     if max_parallel is not None:
         parallel = max(1, min(parallel, max_parallel))
-    log.info(
-        "compare: %d runs (%d algorithms x %d seeds), %d at a time, into %s",
-        len(specs),
-        len(algorithms),
-        seeds,
-        parallel,
-        out,
-    )
+    log.info("%s: %d runs, %d at a time", desc, len(specs), parallel)
 
     summaries: dict[int, dict[str, Any]] = {}
     errors: dict[int, str] = {}
     lock = threading.Lock()
-    with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(specs), desc="compare runs") as bar:
+    with ThreadPoolExecutor(max_workers=parallel) as pool, tqdm(total=len(specs), desc=desc) as bar:
         futures = {pool.submit(execute_one, spec, lock): index for index, spec in enumerate(specs)}
         for future in as_completed(futures):
             index = futures[future]
@@ -357,6 +355,26 @@ def run_comparison(
             bar.update(1)
     if requested:
         release_request()
+    return summaries, errors
+
+
+def run_comparison(
+    base_raw: dict[str, Any],
+    algorithms: list[str],
+    seeds: int,
+    out: Path,
+    reference: Optional[str] = None,
+    actors_per_run: int = 1,
+    max_parallel: Optional[int] = None,
+    threat: Optional[ThreatGrid] = None,
+) -> pd.DataFrame:
+    """Plan, run (in parallel where the cluster allows), then write the comparison tables and plots.
+
+    ``threat``: sweep malicious fraction x behaviour x aggregation (``ThreatGrid``) as well."""
+    out = Path(out)
+    specs = prepare_comparison(base_raw, algorithms, seeds, out, reference, actors_per_run, threat)
+    log.info("compare: %d algorithms x %d seeds into %s", len(algorithms), seeds, out)
+    summaries, errors = execute_runs(specs, actors_per_run, max_parallel)
     frame = write_report(out, specs, summaries, errors, reference)
     if errors:
         raise RuntimeError(

@@ -32,7 +32,8 @@ from sylva_ray.base.registry import Registry
 from sylva_ray.base.seeding import numpy_rng
 from sylva_ray.base.storage import atomic_write_text, default_cache_dir
 from sylva_ray.method.cifar import read_split
-from sylva_ray.method.heterogeneity import heterogeneity
+from sylva_ray.method.heterogeneity import feature_distances, heterogeneity
+from sylva_ray.method.shift import shift_client_images, shift_record
 
 if TYPE_CHECKING:  # tensors are made where a batch is: loading and splitting data need no torch
     import torch
@@ -358,6 +359,8 @@ class Partition:
     fingerprint: str
     #: ``method.heterogeneity.heterogeneity`` of the split (None in partitions written before it was kept).
     heterogeneity: Optional[dict[str, Any]] = None
+    #: ``method.shift.shift_record``: each client's feature-shift domain (None: no shift).
+    shift: Optional[dict[str, Any]] = None
 
     @property
     def num_clients(self) -> int:
@@ -368,6 +371,7 @@ class Partition:
             {
                 "fingerprint": self.fingerprint,
                 **({"heterogeneity": self.heterogeneity} if self.heterogeneity is not None else {}),
+                **({"shift": self.shift} if self.shift is not None else {}),
                 "clients": [{"train": tr.tolist(), "test": te.tolist()} for tr, te in zip(self.train, self.test)],
             }
         )
@@ -385,11 +389,13 @@ class Partition:
             test=[np.asarray(c["test"], dtype=np.int64) for c in payload["clients"]],
             fingerprint=payload["fingerprint"],
             heterogeneity=payload.get("heterogeneity"),
+            shift=payload.get("shift"),
         )
 
 
 def make_partition(source: DataSource, cfg: DataConfig, seed: int) -> Partition:
-    """Split the private pool among clients, then each client's share into its train/test split."""
+    """Split the private pool among clients, then each client's share into its train/test split;
+    with ``data.shift``, deal the clients to their feature-shift domains (``method.shift``)."""
     if cfg.num_clients > len(source.private):
         raise PartitionError(f"data.num_clients={cfg.num_clients} exceeds the {len(source.private)} private samples")
     rng = numpy_rng(seed, "partition")
@@ -400,12 +406,27 @@ def make_partition(source: DataSource, cfg: DataConfig, seed: int) -> Partition:
         n_test = min(max(1, math.ceil(cfg.test_fraction * len(share))), len(share) - 1)
         test.append(np.sort(shuffled[:n_test]))
         train.append(np.sort(shuffled[n_test:]))
-    return Partition(
-        train=train,
-        test=test,
-        fingerprint=source.fingerprint(),
-        heterogeneity=heterogeneity(source.private.labels, shares, source.private.num_classes),
+    shift = shift_record(
+        cfg.shift,
+        cfg.shift_strength,
+        cfg.shift_domains,
+        cfg.shift_assignment,
+        seed,
+        cfg.num_clients,
+        numpy_rng(seed, "shift-domains"),
     )
+    partition = Partition(train=train, test=test, fingerprint=source.fingerprint(), shift=shift)
+    info = heterogeneity(source.private.labels, shares, source.private.num_classes)
+    if shift is not None:
+        features = feature_distances(
+            [client_data(source, partition, c) for c in range(partition.num_clients)], source.private.num_classes
+        )
+        for client, distance in zip(info["clients"], features["feature_distance"]):
+            client["feature_distance"] = distance
+            client["domain"] = shift["client_domain"][client["client"]]
+        info["mean_feature_distance"] = features["mean_feature_distance"]
+    partition.heterogeneity = info
+    return partition
 
 
 @dataclass
@@ -433,17 +454,44 @@ def client_labels(source: DataSource, partition: Partition, client_id: int) -> t
 
 
 def client_data(source: DataSource, partition: Partition, client_id: int) -> ClientData:
+    """A client's train and test splits, through its feature-shift domain when the partition has one."""
     return ClientData(
         client_id=client_id,
-        train=source.private.subset(partition.train[client_id]),
-        test=source.private.subset(partition.test[client_id]),
+        train=_client_split(source, partition, client_id, "train"),
+        test=_client_split(source, partition, client_id, "test"),
     )
+
+
+def _client_split(source: DataSource, partition: Partition, client_id: int, split: str) -> ArrayDataset:
+    indices = (partition.train if split == "train" else partition.test)[client_id]
+    rows = source.private.subset(indices)
+    if partition.shift is None:
+        return rows
+    images, scale = shift_client_images(rows.images, rows.pixel_scale, partition.shift, client_id, split)
+    return ArrayDataset(images, rows.labels, rows.num_classes, scale)
 
 
 def global_test_set(source: DataSource, partition: Partition) -> ArrayDataset:
     """The FAT-paper convention's test set: the dataset's official test split when it has one
-    (CIFAR), else the union of every client's test split in pool order (digits, imagefolder)."""
+    (CIFAR), else the union of every client's test split in pool order (digits, imagefolder);
+    under a feature shift, each client's test images as its domain sees them, client by client
+    (an official test split belongs to no domain and stays as it is)."""
     if source.official_test is not None:
         return source.official_test
+    if partition.shift is not None:
+        return concatenate([client_data(source, partition, c).test for c in range(partition.num_clients)])
     indices = np.sort(np.concatenate([np.asarray(t, dtype=np.int64) for t in partition.test]))
     return source.private.subset(indices)
+
+
+def concatenate(parts: list[ArrayDataset]) -> ArrayDataset:
+    """One dataset of several (a pooled training set, a global test set): float32 in [0, 1] unless
+    every part shares one stored scale and dtype."""
+    scales = {p.pixel_scale for p in parts}
+    dtypes = {p.images.dtype for p in parts}
+    if len(scales) == 1 and len(dtypes) == 1:
+        images, scale = np.concatenate([p.images for p in parts]), parts[0].pixel_scale
+    else:
+        images = np.concatenate([p.images.astype(np.float32) / np.float32(p.pixel_scale) for p in parts])
+        scale = 1.0
+    return ArrayDataset(images, np.concatenate([p.labels for p in parts]), parts[0].num_classes, scale)

@@ -119,18 +119,30 @@ def test_noise_is_seeded_per_client_and_split_and_repeats():
 # --- partitions ------------------------------------------------------------------------------------
 
 
-def test_clients_are_dealt_to_domains_and_the_record_survives_a_round_trip(tmp_path):
-    cfg, source, partition = _setup()
+def test_clients_are_dealt_to_domains_round_robin_or_shuffled():
+    _, _, partition = _setup()
     assert partition.shift["client_domain"] == [c % 4 for c in range(8)]
     assert [d["level"] for d in partition.shift["domains"]] == pytest.approx([0, 1 / 3, 2 / 3, 1], abs=1e-6)
+    random = _setup("data.shift_assignment=random")[2].shift["client_domain"]
+    assert sorted(random) == sorted(partition.shift["client_domain"]) and random != partition.shift["client_domain"]
+
+
+#: Every kind once, noise and a bilinear 135-degree turn among them: what a round trip could lose.
+EVERY_KIND = ["data.shift=mixed", "data.shift_domains=7", "data.shift_strength=0.5"]
+
+
+def test_a_saved_record_redoes_every_clients_images_exactly(tmp_path):
+    cfg, source, partition = _setup(*EVERY_KIND)
+    assert {d["kind"] for d in partition.shift["domains"]} == set(SHIFT_KINDS) - {"mixed"}
     partition.save(tmp_path / "partition.json")
     loaded = Partition.load(tmp_path / "partition.json", expected_fingerprint=source.fingerprint())
+    fresh = make_partition(source, cfg.data, cfg.runtime.seed)  # another process would make this one
     for client in range(8):
-        before, after = client_data(source, partition, client), client_data(source, loaded, client)
-        np.testing.assert_array_equal(before.train.images, after.train.images)
-        np.testing.assert_array_equal(before.test.images, after.test.images)
-    random = _setup("data.shift_assignment=random")[2].shift["client_domain"]
-    assert sorted(random) == sorted(partition.shift["client_domain"])
+        before = client_data(source, fresh, client)
+        for other in (partition, loaded):
+            after = client_data(source, other, client)
+            np.testing.assert_array_equal(before.train.images, after.train.images)
+            np.testing.assert_array_equal(before.test.images, after.test.images)
 
 
 def test_a_shifted_client_sees_its_own_pool_rows_turned():
@@ -154,15 +166,21 @@ def test_the_public_slice_and_the_pretraining_key_ignore_the_shift():
     assert embedded_cache_key(cfg.model, cfg.data, 10) == embedded_cache_key(plain_cfg.model, plain_cfg.data, 10)
 
 
-def test_the_global_test_set_holds_every_clients_shifted_test_split():
-    _, source, partition = _setup()
+def test_the_global_test_set_holds_every_clients_shifted_test_split_in_pool_order():
+    _, source, partition = _setup(*EVERY_KIND)
     pooled = global_test_set(source, partition)
-    parts = [client_data(source, partition, c).test for c in range(8)]
-    assert len(pooled) == sum(len(p) for p in parts)
-    np.testing.assert_array_equal(pooled.labels, np.concatenate([p.labels for p in parts]))
-    np.testing.assert_allclose(
-        pooled.pixels().numpy(), np.concatenate([p.pixels().numpy() for p in parts]), rtol=0, atol=0
-    )
+    _, _, plain = _setup("data.shift=none")
+    unshifted = global_test_set(source, plain)
+    np.testing.assert_array_equal(pooled.labels, unshifted.labels)  # the same rows, in pool order
+    owner = {int(i): c for c in range(8) for i in partition.test[c]}
+    order = np.sort(np.concatenate(partition.test))
+    for position in (0, 1, len(order) // 2, len(order) - 1):  # each row as its own client sees it
+        client = owner[int(order[position])]
+        row = int(np.flatnonzero(partition.test[client] == order[position])[0])
+        expected = client_data(source, partition, client).test.pixels(row)
+        assert torch.equal(pooled.pixels(position), expected)
+    first = {owner[int(i)] for i in order[:32]}
+    assert len(first) > 3  # the attacked first samples mix the clients
 
 
 def test_feature_distances_see_the_shift_and_not_the_label_skew():
@@ -277,12 +295,17 @@ def test_paired_difference_pairs_by_seed():
 
 @pytest.fixture(scope="module")
 def shift_runs(ray_cluster, tmp_path_factory):
+    """The preset as it is (two actors), and every kind of shift with one and with two actors."""
     folder = tmp_path_factory.mktemp("shift")
     runs = {}
-    for actors in (1, 2):
-        run_dir = folder / f"actors{actors}"
+    for name, overrides in (
+        ("preset", ["runtime.num_actors=2"]),
+        (1, [*EVERY_KIND, "runtime.num_actors=1"]),
+        (2, [*EVERY_KIND, "runtime.num_actors=2"]),
+    ):
+        run_dir = folder / str(name)
         run_dir.mkdir()
-        runs[actors] = (run_dir, run(_shift_cfg(f"runtime.num_actors={actors}"), run_dir))
+        runs[name] = (run_dir, run(_shift_cfg(*overrides), run_dir))
     return runs
 
 
@@ -292,7 +315,7 @@ def _metrics(run_dir):
 
 
 def test_the_shift_preset_runs_end_to_end_and_records_its_domains(shift_runs):
-    run_dir, summary = shift_runs[2]
+    run_dir, summary = shift_runs["preset"]
     assert summary["phase2"] and np.isfinite(summary["final"]["robust_acc"])
     partition = json.loads((run_dir / "partition.json").read_text())
     assert partition["shift"]["kind"] == "stroke" and len(partition["shift"]["client_domain"]) == 8
@@ -366,3 +389,24 @@ def test_a_study_runs_each_setting_and_sets_them_side_by_side(ray_cluster, tmp_p
     assert "fedavg_lora_at" in text and "Minus `local_at`" in text and (tmp_path / "study" / "study.png").is_file()
     with pytest.raises(ConfigError, match="other arguments"):
         run_study(raw, ["iid"], ["local_at"], 1, tmp_path / "study")
+
+
+def test_failed_runs_stay_in_the_csv_and_out_of_the_tables(tmp_path):
+    from sylva_ray.experiments.study import write_study
+
+    failed = pd.DataFrame({"algorithm": ["a"], "seed": [0], "status": ["failed"], "error": ["boom"], "setting": ["s"]})
+    write_study(tmp_path, [failed], ["s"], ["a"], None)  # nothing finished: no table to write, no error
+    assert (tmp_path / "study.csv").is_file() and not (tmp_path / "study.md").exists()
+    finished = pd.DataFrame(
+        {
+            "algorithm": ["a", "b", "a"],
+            "seed": [0, 0, 1],
+            "status": ["ok", "ok", "failed"],
+            "clean_acc_unweighted": [0.9, 0.8, np.nan],
+            "robust_acc_unweighted": [0.5, 0.4, np.nan],
+            "setting": ["s", "s", "s"],
+        }
+    )
+    write_study(tmp_path, [finished], ["s"], ["a", "b"], "b")
+    text = (tmp_path / "study.md").read_text()
+    assert "| a | 90.0 / 50.0 |" in text and "+10.0 / +10.0" in text

@@ -114,7 +114,12 @@ class DataConfig:
         ),
     ] = 1.0
     shift_domains: Annotated[
-        int, Field(ge=1, description="number of domains; domain 0 is untouched, the levels evenly spaced up to it")
+        int,
+        Field(
+            ge=1,
+            description="number of domains; levels evenly spaced from untouched (stroke: -strength) up to the "
+            "strength (one domain: the strength); mixed repeats its 7 kinds beyond 7 domains",
+        ),
     ] = 4
     shift_assignment: Annotated[
         Literal["round_robin", "random"],

@@ -98,7 +98,7 @@ def data_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str
             return problems
     try:
         source = load_source(cfg.data)
-        make_partition(source, cfg.data, cfg.runtime.seed)
+        make_partition(source, cfg.data, cfg.runtime.seed, describe=False)
     except (FileNotFoundError, UnsafeDataFile, PartitionError, DamagedImage) as exc:
         return [str(exc)]
     return []

@@ -217,7 +217,7 @@ def _lookup_f(raw: dict[str, Any]) -> Any:
     return raw.get("federation", {}).get("byzantine_f")
 
 
-def _request(value: Any, key: str) -> Any:
+def request_of(value: Any, key: str) -> Any:
     """What a manifest entry asks for: the base config without where the runs execute and who
     watches them (``RESUMABLE_FIELDS``: ``--address``, ``--dashboard``, the trackers may differ
     when a comparison resumes)."""
@@ -236,7 +236,7 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     path = out / MANIFEST
     if path.is_file():
         previous = yaml.safe_load(path.read_text())
-        changed = sorted(k for k in manifest if _request(previous.get(k), k) != _request(manifest[k], k))
+        changed = sorted(k for k in manifest if request_of(previous.get(k), k) != request_of(manifest[k], k))
         if changed:
             raise ConfigError(
                 f"--out {str(out)!r} holds a comparison with other {changed}; use a new --out, "

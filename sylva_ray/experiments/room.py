@@ -138,17 +138,18 @@ def split_distances(cfg: ExperimentConfig, source: DataSource, partition: Partit
 
 
 def pooled_split(source: DataSource, clients: list[ClientData]) -> tuple[DataSource, Partition]:
-    """A pool whose client 0 holds every client's train split (as each client sees it) and whose
-    clients 1..K hold client 0..K-1's test splits: one model trained on the first, scored on the rest.
-    The public slice stays, so the pooled model starts from the same pre-trained weights."""
-    train = concatenate([c.train for c in clients])
+    """A pool whose clients 0..K-1 hold the K clients' test splits and whose client K holds every
+    client's train split (each as its client sees it): one model trained as client K, scored as
+    each client under that client's own id, so its attacks draw the local arm's seeds. The public
+    slice stays, so the pooled model starts from the same pre-trained weights."""
     tests = [c.test for c in clients]
-    pool = concatenate([train, *tests])
-    bounds = np.cumsum([len(train)] + [len(t) for t in tests])
+    train = concatenate([c.train for c in clients])
+    pool = concatenate([*tests, train])
+    bounds = np.cumsum([0] + [len(t) for t in tests])
     empty = np.zeros(0, dtype=np.int64)
     partition = Partition(
-        train=[np.arange(bounds[0])] + [empty] * len(tests),
-        test=[empty] + [np.arange(bounds[k], bounds[k + 1]) for k in range(len(tests))],
+        train=[empty] * len(tests) + [np.arange(bounds[-1], bounds[-1] + len(train))],
+        test=[np.arange(bounds[k], bounds[k + 1]) for k in range(len(tests))] + [empty],
         fingerprint="pooled",
     )
     return DataSource(name="pooled", private=pool, public=source.public), partition
@@ -163,10 +164,12 @@ def pooled_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=steps))
 
 
-def _trained_state(worker: ClientWorker, client_id: int, epochs: int, seed_key: int) -> Any:
+def _trained_state(worker: ClientWorker, client_id: int, rounds: int) -> Any:
+    """``rounds`` calls of the engine's own local round (each ``train.local_epochs`` epochs), as a
+    federation's client makes them, with nothing received."""
     state = worker.initial_state()
-    for epoch in range(epochs):
-        state = worker.train(client_id, state, {}, round_index=seed_key + epoch).state
+    for round_index in range(rounds):
+        state = worker.train(client_id, state, {}, round_index=round_index).state
     return state
 
 
@@ -176,7 +179,6 @@ def measure_seed(cfg: ExperimentConfig, progress: bool = True) -> tuple[pd.DataF
     source = load_source(cfg.data)
     partition = make_partition(source, cfg.data, cfg.runtime.seed)
     clients = _clients(source, partition)
-    epochs = cfg.federation.rounds * cfg.train.local_epochs
     local_worker = ClientWorker(cfg, source, partition)
     rows = []
     bar = tqdm(
@@ -184,15 +186,16 @@ def measure_seed(cfg: ExperimentConfig, progress: bool = True) -> tuple[pd.DataF
     )
     local_results = []
     for client in range(len(clients)):
-        state = _trained_state(local_worker, client, epochs, 0)
+        state = _trained_state(local_worker, client, cfg.federation.rounds)
         local_results.append(local_worker.evaluate(client, state, {}))
         bar.update(1)
     pooled_source, pooled_partition = pooled_split(source, clients)
     pooled_worker = ClientWorker(pooled_config(cfg), pooled_source, pooled_partition)
-    pooled_state = _trained_state(pooled_worker, 0, epochs, 0)
+    pooled_id = len(clients)
+    pooled_state = _trained_state(pooled_worker, pooled_id, cfg.federation.rounds)
     bar.update(1)
     for client, local in enumerate(local_results):
-        pooled = pooled_worker.evaluate(client + 1, pooled_state, {})
+        pooled = pooled_worker.evaluate(client, pooled_state, {})
         bar.update(1)
         rows.append(
             {

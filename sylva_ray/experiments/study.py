@@ -35,7 +35,7 @@ from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.base.storage import atomic_write_text
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import write_table
-from sylva_ray.experiments.compare import execute_runs, prepare_comparison
+from sylva_ray.experiments.compare import execute_runs, prepare_comparison, request_of
 from sylva_ray.experiments.comparison_report import write_report
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,12 @@ def plot_study(path: Path, frame: pd.DataFrame, settings: list[str], algorithms:
 
 
 def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """A study folder belongs to one request; where the runs execute and who watches them
+    (``compare``'s resumable fields: the address, the dashboard, the trackers) may change."""
     path = out / MANIFEST
     if path.is_file():
-        if yaml.safe_load(path.read_text()) != manifest:
+        previous = yaml.safe_load(path.read_text())
+        if {k: request_of(v, k) for k, v in previous.items()} != {k: request_of(v, k) for k, v in manifest.items()}:
             raise ConfigError(
                 f"--out {str(out)!r} holds a study with other arguments; use a new --out, or repeat the original "
                 "arguments to resume it"
@@ -190,12 +193,16 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
 def write_study(
     out: Path, frames: list[pd.DataFrame], settings: list[str], algorithms: list[str], baseline: Optional[str]
 ) -> pd.DataFrame:
-    """``study.csv``, ``study.md`` and ``study.png`` of the runs so far."""
+    """``study.csv`` (every run, failed ones with their error) and ``study.md``/``study.png`` of the
+    runs that finished."""
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "setting", table.pop("setting"))
     write_table(out / "study.csv", table)
-    atomic_write_text(out / "study.md", markdown(table, settings, algorithms, baseline))
-    plot_study(out / "study.png", table, settings, algorithms)
+    finished = table[table["status"] == "ok"] if "status" in table else table.iloc[:0]
+    if finished.empty or not set(FIGURES.values()) <= set(finished.columns):
+        return table
+    atomic_write_text(out / "study.md", markdown(finished, settings, algorithms, baseline))
+    plot_study(out / "study.png", finished, settings, algorithms)
     return table
 
 
@@ -226,7 +233,16 @@ def run_study(
         except ConfigError as exc:
             raise ConfigError(f"--settings entry {setting!r}: {exc}") from None
     out = Path(out)
-    check_manifest(out, {"settings": settings, "algorithms": algorithms, "seeds": seeds, "base_config": base_raw})
+    check_manifest(
+        out,
+        {
+            "settings": settings,
+            "algorithms": algorithms,
+            "seeds": seeds,
+            "actors_per_run": actors_per_run,
+            "base_config": base_raw,
+        },
+    )
     frames = []
     base_seed = int(base_raw.get("runtime", {}).get("seed", 0))
     for k in range(seeds):  # seed by seed: a study stopped early holds whole seeds of every setting

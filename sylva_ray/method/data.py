@@ -393,9 +393,11 @@ class Partition:
         )
 
 
-def make_partition(source: DataSource, cfg: DataConfig, seed: int) -> Partition:
+def make_partition(source: DataSource, cfg: DataConfig, seed: int, describe: bool = True) -> Partition:
     """Split the private pool among clients, then each client's share into its train/test split;
-    with ``data.shift``, deal the clients to their feature-shift domains (``method.shift``)."""
+    with ``data.shift``, deal the clients to their feature-shift domains (``method.shift``).
+    ``describe``: measure the clients' image distances under a shift (a pass over every image; the
+    pre-start check, which only asks whether the split can be made, leaves it out)."""
     if cfg.num_clients > len(source.private):
         raise PartitionError(f"data.num_clients={cfg.num_clients} exceeds the {len(source.private)} private samples")
     rng = numpy_rng(seed, "partition")
@@ -417,7 +419,7 @@ def make_partition(source: DataSource, cfg: DataConfig, seed: int) -> Partition:
     )
     partition = Partition(train=train, test=test, fingerprint=source.fingerprint(), shift=shift)
     info = heterogeneity(source.private.labels, shares, source.private.num_classes)
-    if shift is not None:
+    if shift is not None and describe:
         features = feature_distances(
             [client_data(source, partition, c) for c in range(partition.num_clients)], source.private.num_classes
         )
@@ -474,14 +476,16 @@ def _client_split(source: DataSource, partition: Partition, client_id: int, spli
 def global_test_set(source: DataSource, partition: Partition) -> ArrayDataset:
     """The FAT-paper convention's test set: the dataset's official test split when it has one
     (CIFAR), else the union of every client's test split in pool order (digits, imagefolder);
-    under a feature shift, each client's test images as its domain sees them, client by client
-    (an official test split belongs to no domain and stays as it is)."""
+    under a feature shift, each client's test images as its domain sees them, in the same pool
+    order, so that the first samples (the attacked subsets) mix every client as they do without a
+    shift (an official test split belongs to no domain and stays as it is)."""
     if source.official_test is not None:
         return source.official_test
-    if partition.shift is not None:
-        return concatenate([client_data(source, partition, c).test for c in range(partition.num_clients)])
-    indices = np.sort(np.concatenate([np.asarray(t, dtype=np.int64) for t in partition.test]))
-    return source.private.subset(indices)
+    indices = np.concatenate([np.asarray(t, dtype=np.int64) for t in partition.test])
+    if partition.shift is None:
+        return source.private.subset(np.sort(indices))
+    by_client = concatenate([client_data(source, partition, c).test for c in range(partition.num_clients)])
+    return by_client.subset(np.argsort(indices, kind="stable"))
 
 
 def concatenate(parts: list[ArrayDataset]) -> ArrayDataset:

@@ -82,28 +82,36 @@ def feature_distances(clients: Sequence[Any], num_classes: int) -> dict[str, Any
     by the client's class shares. Conditioning on the class keeps label skew out of it: under label
     skew alone the distance is sampling noise only (a few hundredths for digits), under a feature
     shift it is the shift. ``clients``: objects with ``train`` and ``test`` ``ArrayDataset``s (a
-    client's whole share, as for the label distances).
+    client's whole share, as for the label distances). One client's images are converted at a time;
+    what is kept is each client's per-class sums, so memory does not grow with the pool.
     """
-    shares = [_unit_images_and_labels(client) for client in clients]
-    side = shares[0][0].shape[1:]
-    sums = np.zeros((num_classes, *side))
-    counts = np.zeros(num_classes)
-    for images, labels in shares:
-        np.add.at(sums, labels, images)
-        counts += np.bincount(labels, minlength=num_classes)
-    pool_means = sums / np.maximum(counts, 1)[:, None, None, None]
+    sums, counts = [], []
+    for client in clients:
+        class_sums, class_counts = _class_sums(client, num_classes)
+        sums.append(class_sums)
+        counts.append(class_counts)
+    pool_counts = np.sum(counts, axis=0)
+    pool_means = np.sum(sums, axis=0) / np.maximum(pool_counts, 1)[:, None]
     per_client = []
-    for images, labels in shares:
-        present = np.bincount(labels, minlength=num_classes)
-        total = 0.0
-        for cls in np.flatnonzero(present):
-            client_mean = images[labels == cls].mean(axis=0)
-            total += present[cls] / len(labels) * float(np.mean((client_mean - pool_means[cls]) ** 2))
-        per_client.append(round(float(np.sqrt(total)), DIGITS))
+    for class_sums, class_counts in zip(sums, counts):
+        held = np.flatnonzero(class_counts)
+        client_means = class_sums[held] / class_counts[held, None]
+        squared = np.mean((client_means - pool_means[held]) ** 2, axis=1)
+        weights = class_counts[held] / class_counts.sum()
+        per_client.append(round(float(np.sqrt(np.sum(weights * squared))), DIGITS))
     return {"feature_distance": per_client, "mean_feature_distance": round(float(np.mean(per_client)), DIGITS)}
 
 
-def _unit_images_and_labels(client: Any) -> tuple[np.ndarray, np.ndarray]:
+def _class_sums(client: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's per-class sums of its flattened images (float64, pixels in [0, 1]) and class counts."""
     parts = (client.train, client.test)
-    images = np.concatenate([p.images.astype(np.float64) / p.pixel_scale for p in parts])
-    return images, np.concatenate([p.labels for p in parts])
+    size = int(np.prod(parts[0].images.shape[1:]))
+    sums = np.zeros((num_classes, size))
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for part in parts:
+        flat = part.images.reshape(len(part.images), size)
+        for cls in np.unique(part.labels):
+            rows = flat[part.labels == cls]
+            sums[cls] += rows.sum(axis=0, dtype=np.float64) / part.pixel_scale
+            counts[cls] += len(rows)
+    return sums, counts

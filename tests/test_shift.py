@@ -410,3 +410,20 @@ def test_failed_runs_stay_in_the_csv_and_out_of_the_tables(tmp_path):
     write_study(tmp_path, [finished], ["s"], ["a", "b"], "b")
     text = (tmp_path / "study.md").read_text()
     assert "| a | 90.0 / 50.0 |" in text and "+10.0 / +10.0" in text
+
+
+def test_the_pretraining_bench_trains_both_pico_vits_into_a_fresh_cache(tmp_path):
+    from sylva_ray.base.storage import default_cache_dir
+    from sylva_ray.experiments.bench import run_bench
+
+    before = (
+        sorted((default_cache_dir() / "pretrained").glob("*")) if (default_cache_dir() / "pretrained").exists() else []
+    )
+    frame = run_bench("pretrain", _shift_cfg("model.pretrain_epochs=1"), tmp_path / "bench")
+    assert list(frame["blocks"]) == [4, 8] and frame["parameters"].iloc[1] > 1.9 * frame["parameters"].iloc[0]
+    assert (frame["seconds"] > 0).all() and frame["seconds_vs_first"].iloc[0] == 1.0
+    assert (tmp_path / "bench" / "bench_pretrain.csv").is_file()
+    after = (
+        sorted((default_cache_dir() / "pretrained").glob("*")) if (default_cache_dir() / "pretrained").exists() else []
+    )
+    assert after == before  # nothing was cached or reused

@@ -188,7 +188,7 @@ def _cmd_room(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from sylva_ray.engine.resolve import raw_config
     from sylva_ray.engine.rundir import resolve_result_path, utc_stamp
-    from sylva_ray.experiments.study import run_study
+    from sylva_ray.experiments.study import DEFAULT_ALGORITHMS, DEFAULT_SETTINGS, run_study
 
     out = resolve_result_path(args.out or Path("runs") / f"study-{utc_stamp()}")
     raw = raw_config(args.preset, args.config_file, _launch_overrides(args))
@@ -197,8 +197,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     )
     run_study(
         raw,
-        _comma_list(args.settings),
-        _comma_list(args.algorithms),
+        _comma_list(args.settings) if args.settings is not None else list(DEFAULT_SETTINGS),
+        _comma_list(args.algorithms) if args.algorithms is not None else list(DEFAULT_ALGORITHMS),
         args.seeds,
         out,
         baseline=args.baseline or None,
@@ -398,13 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(study)
     study.add_argument(
         "--settings",
-        default="iid,alpha1.0,alpha0.1,shift,shift+alpha0.5",
+        default=None,
         help="comma-separated settings, each '+'-joined parts: iid, alpha<A>, shift (default: the five of docs "
         "results/benchmark.md)",
     )
     study.add_argument(
         "--algorithms",
-        default="sylva,sylva-no_phase2,fedavg_lora_at,local_at,fat",
+        default=None,
         help="comma-separated algorithm names (default: sylva,sylva-no_phase2,fedavg_lora_at,local_at,fat)",
     )
     study.add_argument("--seeds", type=int, default=3, help="seeds per algorithm and setting (default 3)")

@@ -60,7 +60,7 @@ def _config_from(
 #: Benches that cost a configuration without reading its data or weights (``--preset paper`` works here).
 PATH_FREE_BENCHES = frozenset({"memory", "clock"})
 #: Benches that take ``--repeats`` (besides ``startup``, which runs apart).
-REPEATED_BENCHES = frozenset({"tracking"})
+REPEATED_BENCHES = frozenset({"tracking", "transfer"})
 
 
 def _launch_overrides(args: argparse.Namespace) -> list[str]:
@@ -72,7 +72,11 @@ def _launch_overrides(args: argparse.Namespace) -> list[str]:
 def _report(run_dir: object, summary: dict) -> int:
     final = summary["final"]
     figures = [f"clean {final['clean_acc']:.4f}", f"PGD {final['robust_acc']:.4f}"]
-    for key, name in (("autoattack_acc", "AutoAttack"), ("strongest_attack_acc", "strongest attack")):
+    for key, name in (
+        ("autoattack_acc", "AutoAttack"),
+        ("transfer_worst_acc", "worst transfer attack"),
+        ("strongest_attack_acc", "strongest attack"),
+    ):
         if key in final:
             figures.append(f"{name} {final[key]:.4f} ± {final[f'{key}_se']:.4f} (n={final[f'{key}_samples']})")
     log.info("final client means: %s (%s)", ", ".join(figures), run_dir)
@@ -446,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
             "data",
             "tracking",
             "pretrain",
+            "transfer",
         ],
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
@@ -453,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=2,
-        help="startup: fresh processes per variant; tracking: runs per variant; run alternately (default 2)",
+        help="startup: fresh processes per variant; tracking, transfer: runs per variant; run alternately (default 2)",
     )
     bench.add_argument(
         "--run",

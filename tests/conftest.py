@@ -83,7 +83,9 @@ def ray_cluster(pytestconfig: pytest.Config):
 
 
 #: Fixtures that run whole (small) experiments: a test using one is ``slow`` like the fixture.
-EXPERIMENT_FIXTURES = frozenset({"runs", "smoke_run", "two_actor_run", "interrupted_run", "scenarios", "shift_runs"})
+EXPERIMENT_FIXTURES = frozenset(
+    {"runs", "smoke_run", "two_actor_run", "interrupted_run", "scenarios", "shift_runs", "transfer_runs"}
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

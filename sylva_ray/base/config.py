@@ -582,6 +582,22 @@ class EvaluationConfig:
             description="accuracy slack for the ordering checks (seeded attacks still differ by a sample or two)",
         ),
     ] = 0.02
+    transfer: Annotated[
+        list[Literal["public", "global", "peers"]],
+        Field(
+            description="transfer attacks on the final models, crafted on: public (the pre-trained backbone with a "
+            "head fit on public data), global (the final global adapter with another participant's head), peers "
+            "(every other client's final model); [] = off (docs explanation/threat-model.md)"
+        ),
+    ] = field(default_factory=list)
+    transfer_attacks: Annotated[
+        list[Literal["pgd", "mifgsm"]],
+        Field(
+            min_length=1,
+            description="attacks crafted on each transfer source at attack.eps: pgd (attack.eval_steps iterations), "
+            "mifgsm (momentum iterative FGSM, made for transfer)",
+        ),
+    ] = field(default_factory=lambda: ["pgd", "mifgsm"])
 
 
 #: The edge mix every preset starts from (docs howto/clock.md).

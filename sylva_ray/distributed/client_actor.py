@@ -56,8 +56,8 @@ class ClientActor:
     def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
         return self.host.train(job, global_payload, round_index, fault)
 
-    def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
-        return self.host.evaluate(job, adapter_payload)
+    def evaluate(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
+        return self.host.evaluate(job, adapter_payload, models_payload)
 
     def coalition(self, job: Job, adapter_payload: bytes) -> Outcome:
         return self.host.coalition(job, adapter_payload)
@@ -65,5 +65,5 @@ class ClientActor:
     def tailor(self, job: Job, adapter_payload: bytes) -> Outcome:
         return self.host.tailor(job, adapter_payload)
 
-    def protocol(self, job: Job, adapter_payload: bytes) -> Outcome:
-        return self.host.protocol(job, adapter_payload)
+    def protocol(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
+        return self.host.protocol(job, adapter_payload, models_payload)

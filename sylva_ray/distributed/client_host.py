@@ -39,6 +39,7 @@ from sylva_ray.engine.jobs import (
     run_train_job,
     worker_info,
 )
+from sylva_ray.engine.transfer import FinalModels, decode_models
 from sylva_ray.method.data import DataSource, Partition
 from sylva_ray.method.models import decode_state
 
@@ -131,6 +132,7 @@ class ClientHost:
         with self._guard(None, "start-up (building the model)"):
             self.worker = ClientWorker(cfg, source, partition, backbone_state)
         self._decoded: tuple[Optional[str], dict[str, torch.Tensor]] = (None, {})
+        self._decoded_models: tuple[Optional[str], Optional[FinalModels]] = (None, None)
 
     def runtime(self) -> dict[str, Any]:
         """What this process computes on and with which flags: the device, the GPUs it sees, its
@@ -156,6 +158,15 @@ class ClientHost:
         if self._decoded[0] != key:
             self._decoded = (key, decode_state(payload))
         return self._decoded[1]
+
+    def _models(self, payload: Optional[bytes]) -> Optional[FinalModels]:
+        """Decode each broadcast of the final models (the transfer sources) once per actor."""
+        if payload is None:
+            return None
+        key = payload_key(payload)
+        if self._decoded_models[0] != key:
+            self._decoded_models = (key, decode_models(payload))
+        return self._decoded_models[1]
 
     @contextlib.contextmanager
     def _guard(self, client_id: Optional[int], job: str) -> Iterator[None]:
@@ -204,9 +215,17 @@ class ClientHost:
         outcome.metrics["actor_node"] = ray.get_runtime_context().get_node_id()
         return outcome
 
-    def evaluate(self, job: Job, adapter_payload: bytes) -> Outcome:
+    def evaluate(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
         return self._measured(
-            job.client_id, "evaluation", lambda: run_eval_job(self.worker, job, self._adapter(adapter_payload))
+            job.client_id,
+            "evaluation",
+            lambda: run_eval_job(
+                self.worker,
+                job,
+                self._adapter(adapter_payload),
+                self._decoded[0] or "",
+                self._models(models_payload),
+            ),
         )
 
     def coalition(self, job: Job, adapter_payload: bytes) -> Outcome:
@@ -225,7 +244,7 @@ class ClientHost:
             lambda: run_tailor_job(self.worker, job, self._adapter(adapter_payload), self._decoded[0] or ""),
         )
 
-    def protocol(self, job: Job, adapter_payload: bytes) -> Outcome:
+    def protocol(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
         """The final-model protocol; its metrics become the client's row in summary.json, so the
         executor takes the GPU peak out again (into ``gpu_peak_mb_by_stage``). One bar per job,
         drawn in the main process, names the attack this client is under."""
@@ -233,6 +252,11 @@ class ClientHost:
             job.client_id,
             "Phase 2 protocol",
             lambda: run_protocol_job(
-                self.worker, job, self._adapter(adapter_payload), self._decoded[0] or "", progress=tqdm_ray.tqdm
+                self.worker,
+                job,
+                self._adapter(adapter_payload),
+                self._decoded[0] or "",
+                progress=tqdm_ray.tqdm,
+                models=self._models(models_payload),
             ),
         )

@@ -127,9 +127,15 @@ class RayExecutor:
 
         return self._run(jobs, submit, self.cfg.federation.round_timeout_s, stage="train")
 
-    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
+    def evaluate(
+        self, jobs: Sequence[Job], adapter_payload: bytes, models_payload: Optional[bytes] = None
+    ) -> list[Outcome]:
+        """``models_payload``: every participant's final model (the transfer sources), one copy in
+        the object store for every job, like the adapter."""
         payload_ref = ray.put(adapter_payload)
-        return self._run(jobs, lambda actor, job: actor.evaluate.remote(job, payload_ref), None, stage="evaluation")
+        models_ref = ray.put(models_payload)
+        submit = lambda actor, job: actor.evaluate.remote(job, payload_ref, models_ref)  # noqa: E731
+        return self._run(jobs, submit, None, stage="evaluation")
 
     def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         """Phase 2 coalition evaluations of every client at once; a client's jobs go to one actor
@@ -143,11 +149,18 @@ class RayExecutor:
         submit = lambda actor, job: actor.tailor.remote(job, payload_ref)  # noqa: E731
         return self._run(jobs, submit, None, affinity=True, on_done=on_done, stage="tailoring")
 
-    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
+    def protocol(
+        self,
+        jobs: Sequence[Job],
+        adapter_payload: bytes,
+        on_done: OnDone = None,
+        models_payload: Optional[bytes] = None,
+    ) -> list[Outcome]:
         """The final-model protocol of every tailored model on whichever actor is free (no affinity):
         its attacks are most of Phase 2's time, and the caller orders the jobs largest first."""
         payload_ref = ray.put(adapter_payload)
-        submit = lambda actor, job: actor.protocol.remote(job, payload_ref)  # noqa: E731
+        models_ref = ray.put(models_payload)
+        submit = lambda actor, job: actor.protocol.remote(job, payload_ref, models_ref)  # noqa: E731
         return self._run(jobs, submit, None, on_done=on_done, stage="protocol")
 
     def home_actor(self, client_id: int) -> int:

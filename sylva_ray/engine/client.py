@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
+from torch import nn
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.plugins import load_plugins
@@ -35,6 +36,7 @@ from sylva_ray.method.data import (
 )
 from sylva_ray.method.layer_selection import LayerGame, fuse, player_prefixes
 from sylva_ray.method.models import (
+    PixelSpaceModel,
     build_pretrained_model,
     full_model_nbytes,
     resolve_device,
@@ -46,8 +48,10 @@ from sylva_ray.method.training import (
     adversarial_round,
     evaluate,
 )
+from sylva_ray.method.transfer import fit_linear_head
 
 if TYPE_CHECKING:
+    from sylva_ray.engine.transfer import FinalModels, TransferSource
     from sylva_ray.method.layer_selection import LayerGame
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,9 @@ class ClientWorker:
         self._global_test: Optional[ArrayDataset] = None
         self._last_data: Optional[ClientData] = None
         self._games: OrderedDict[tuple[int, str], "LayerGame"] = OrderedDict()
+        self._backbone_state = backbone_state  # the public transfer source is rebuilt from it
+        self._public: Optional[PixelSpaceModel] = None
+        self._public_heads: dict[Optional[int], tuple[State, str]] = {}
 
     def data(self, client_id: int) -> ClientData:
         """The client's train/test split, copied out of the pool; only the last one is kept.
@@ -184,11 +191,17 @@ class ClientWorker:
         return ClientUpdate(client_id, upload, len(data), metrics, new_state)
 
     def evaluate(
-        self, client_id: int, state: ClientState, adapter: Mapping[str, torch.Tensor], protocol: bool = False
+        self,
+        client_id: int,
+        state: ClientState,
+        adapter: Mapping[str, torch.Tensor],
+        protocol: bool = False,
+        transfer: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> EvalResult:
         """The client's personalised model (given shared tensors + its personal ones) on its own test split;
         ``GLOBAL_TEST_CLIENT`` scores the given (global) model on the global test set.
-        ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well."""
+        ``protocol``: the final-model protocol (AutoAttack + gradient-masking checks) as well;
+        ``transfer``: images crafted on other models for it to score (``engine.transfer``)."""
         self._load(adapter, state)
         data = self.global_test() if client_id == GLOBAL_TEST_CLIENT else self.data(client_id).test
         return evaluate(
@@ -199,7 +212,62 @@ class ClientWorker:
             seed=derive_seed(self.cfg.runtime.seed, "eval", "global" if client_id == GLOBAL_TEST_CLIENT else client_id),
             device=self.device,
             protocol=self.cfg.evaluation if protocol else None,
+            transfer=transfer,
         )
+
+    # --- transfer sources --------------------------------------------------------------------------
+    def source_model(
+        self,
+        source: "TransferSource",
+        models: "FinalModels",
+        adapter: Mapping[str, torch.Tensor],
+        adapter_key: str,
+        tailored: bool,
+    ) -> tuple[nn.Module, str]:
+        """A transfer source's model on this worker, and what it is (``transfer.csv``'s
+        ``source_detail``). ``tailored``: the final models are Phase 2's (each on its fused model),
+        else Phase 1's (this worker's model with the participant's personal tensors loaded)."""
+        if source.kind == "public":
+            return self.public_model(source.attacker)
+        attacker = int(source.attacker)  # type: ignore[arg-type]
+        state = ClientState(personal=models.personal[attacker])
+        if not tailored:
+            self._load(adapter, state)
+            what = "the global adapter with" if source.kind == "global" else "the final model:"
+            return self.model, f"client {attacker}'s Phase-1 {what} its personal tensors"
+        game = self.game(attacker, state, adapter, adapter_key)
+        if source.kind == "global":
+            return game.load_tailored({}), f"the merged global adapter with client {attacker}'s Phase-1 head"
+        tuned = models.tuned.get(attacker, {})
+        return game.load_tailored(tuned), f"client {attacker}'s final model (Phase 2: tailored layers + head)"
+
+    def public_model(self, attacker: Optional[int]) -> tuple[nn.Module, str]:
+        """The pre-trained model anyone can download, with a head an outsider has: the embedded
+        pre-training's own head; for hub, checkpoint or random weights a linear head fit on the data
+        source's public share, or, where there is none, on the attacking participant's train split."""
+        cfg = self.cfg
+        if self._public is None:
+            self._public = build_pretrained_model(cfg.model, cfg.data, self.source, self._backbone_state)
+            self._public.to(self.device).eval()
+        if cfg.model.pretrained == "embedded":
+            return self._public, "the pre-trained model and its pre-training head (public share)"
+        public = self.source.public
+        key = None if public is not None and len(public) else attacker
+        if key not in self._public_heads:
+            head = self._public.backbone.get_classifier()
+            if not isinstance(head, nn.Linear):
+                raise ValueError(
+                    f"evaluation.transfer=public fits a linear head; {cfg.model.name}'s classifier is "
+                    f"{type(head).__name__}: drop 'public' from evaluation.transfer"
+                )
+            data = public if key is None else self.data(int(key)).train
+            where = "the public share" if key is None else f"client {key}'s train split"
+            where += f" ({len(data)} images)"
+            state = fit_linear_head(self._public, head, data, cfg.train.eval_batch_size, self.device)
+            self._public_heads[key] = (state, f"the pre-trained backbone with a linear head fit on {where}")
+        state, detail = self._public_heads[key]
+        self._public.backbone.get_classifier().load_state_dict(state)
+        return self._public, detail
 
     # --- Phase 2 ---------------------------------------------------------------------------------
     def game(

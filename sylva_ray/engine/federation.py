@@ -47,6 +47,8 @@ from sylva_ray.engine.rundir import (
 )
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.engine.tracking import RunTracker
+from sylva_ray.engine.transfer import encode_models, plan_sources
+from sylva_ray.engine.transfer_report import victim_figures, write_transfer_outputs
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.byzantine import (
@@ -60,7 +62,7 @@ from sylva_ray.method.byzantine import (
 )
 from sylva_ray.method.models import damaged_file_message, decode_state, encode_state
 from sylva_ray.method.robust_aggregation import SELECTING, aggregation_problem
-from sylva_ray.method.sanity import sanity_warnings
+from sylva_ray.method.sanity import sanity_warnings, transfer_warnings
 from sylva_ray.method.update_space import RoundContext
 
 log = logging.getLogger(__name__)
@@ -260,6 +262,7 @@ class Federation:
         # The malicious set is a function of the seed and the fraction: fixed for the whole run, the
         # same across aggregation rules and algorithms, and recorded where a reader looks for it.
         self.malicious = frozenset(malicious_clients(cfg.data.num_clients, cfg.adversary.fraction, cfg.runtime.seed))
+        self.transfer_rows: list[dict[str, Any]] = []  # the final protocol's transfer.csv (Phase 1's models)
         self.byzantine_f = tolerated_f(cfg)
         #: Set by whoever resolved the pre-trained weights (the launcher, or the in-process worker).
         self.pretraining_seconds = 0.0
@@ -417,6 +420,8 @@ class Federation:
             st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
             # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
             st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
+            if protocol and cfg.evaluation.transfer:
+                st.warnings += transfer_warnings(st.last_eval, self.transfer_rows, cfg.evaluation, "final (transfer)")
             if protocol and self.algorithm.scope.global_form and cfg.evaluation.global_test:
                 st.global_eval = self._evaluate_global()
                 st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
@@ -515,8 +520,22 @@ class Federation:
         """Each client's personalised model (global adapter + its personal tensors) on its own test split."""
         st = self.state
         clients = largest_first(range(self.cfg.data.num_clients), self.info.num_train)
-        jobs = [Job(c, st.client_states[c], protocol=protocol) for c in clients]
-        results = sorted(self.executor.evaluate(jobs, encode_state(st.global_adapter)), key=lambda o: o.client_id)
+        kinds = self.cfg.evaluation.transfer if protocol else []
+        has_global = bool(st.global_adapter)
+        jobs = [
+            Job(c, st.client_states[c], protocol=protocol, transfer=plan_sources(kinds, c, clients, has_global))
+            for c in clients
+        ]
+        payload = encode_state(st.global_adapter)
+        if kinds:  # every participant's final model, broadcast once: the transfer sources
+            models = encode_models({c: state.personal for c, state in st.client_states.items()})
+            outcomes = self.executor.evaluate(jobs, payload, models_payload=models)
+        else:
+            outcomes = self.executor.evaluate(jobs, payload)
+        results = sorted(outcomes, key=lambda o: o.client_id)
+        if kinds:
+            self.transfer_rows = [row for o in results if o.ok for row in o.transfer]
+            write_transfer_outputs(self.run_dir, self.transfer_rows)
         evaluation = []
         for outcome in results:
             if not outcome.ok:
@@ -524,12 +543,14 @@ class Federation:
                 continue
             row = rows.setdefault(outcome.client_id, {"round": r, "client": outcome.client_id, "participated": False})
             majority = self.info.majority_rates[outcome.client_id]
-            row.update(outcome.metrics, majority_rate=majority, eval_attempts=outcome.attempts)
+            transfer = victim_figures(outcome.transfer)
+            row.update(outcome.metrics, **transfer, majority_rate=majority, eval_attempts=outcome.attempts)
             evaluation.append(
                 {
                     "client": outcome.client_id,
                     "num_train": self.info.num_train[outcome.client_id],
                     **outcome.metrics,
+                    **transfer,
                     "majority_rate": majority,
                     "malicious": outcome.client_id in self.malicious,
                 }

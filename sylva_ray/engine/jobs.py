@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.seeding import derive_seed, torch_seeded
 from sylva_ray.engine.client import ClientState, ClientWorker
+from sylva_ray.engine.transfer import FinalModels, TransferSource, craft_for_victim, decode_models, transfer_rows
 from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
 from sylva_ray.method.models import decode_state, encode_state
-from sylva_ray.method.training import protocol_stages
+from sylva_ray.method.training import TRANSFER_STAGE, protocol_stages
 
 State = dict[str, torch.Tensor]
 
@@ -42,6 +43,7 @@ class Job:
     tuned: Optional[bytes] = None  # Phase 2's protocol: the tailored tensors (layers + head), serialised
     no_tuning: bool = False  # Phase 2's tailoring: leave the fused model as it is (selection ``none``)
     show_progress: bool = True  # Phase 2's protocol: a bar naming the attack in progress
+    transfer: list[TransferSource] = field(default_factory=list)  # the final protocol: who crafts for this victim
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Outcome:
     num_samples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
+    transfer: list[dict[str, Any]] = field(default_factory=list)  # transfer.csv's rows of this victim
 
     @property
     def ok(self) -> bool:
@@ -87,10 +90,18 @@ class ClientExecutor(Protocol):
 
     def info(self) -> WorkerInfo: ...
     def train(self, jobs: Sequence[Job], global_payload: bytes, round_index: int) -> list[Outcome]: ...
-    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]: ...
+    def evaluate(
+        self, jobs: Sequence[Job], adapter_payload: bytes, models_payload: Optional[bytes] = None
+    ) -> list[Outcome]: ...
     def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
     def tailor(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
-    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]: ...
+    def protocol(
+        self,
+        jobs: Sequence[Job],
+        adapter_payload: bytes,
+        on_done: OnDone = None,
+        models_payload: Optional[bytes] = None,
+    ) -> list[Outcome]: ...
     def shutdown(self) -> None: ...
 
 
@@ -134,9 +145,48 @@ def run_train_job(worker: ClientWorker, job: Job, global_adapter: State, round_i
     )
 
 
-def run_eval_job(worker: ClientWorker, job: Job, adapter: State) -> Outcome:
-    result = worker.evaluate(job.client_id, job.state, adapter, protocol=job.protocol)
-    return Outcome(client_id=job.client_id, metrics=result.as_dict())
+def run_eval_job(
+    worker: ClientWorker, job: Job, adapter: State, adapter_key: str = "", models: Optional[FinalModels] = None
+) -> Outcome:
+    """An evaluation; with ``job.transfer`` (Phase 1's final protocol) the transfer attacks are
+    crafted first, on the participants' final models in ``models``, then scored with the rest."""
+    crafted, details = _craft(worker, job, adapter, adapter_key, models, tailored=False)
+    result = worker.evaluate(job.client_id, job.state, adapter, protocol=job.protocol, transfer=crafted)
+    return Outcome(
+        client_id=job.client_id,
+        metrics=result.as_dict(),
+        transfer=transfer_rows(job.client_id, job.transfer, result, details),
+    )
+
+
+def _craft(
+    worker: ClientWorker,
+    job: Job,
+    adapter: State,
+    adapter_key: str,
+    models: Optional[FinalModels],
+    tailored: bool,
+    on_stage: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The job's transfer attacks, crafted on the victim's attacked subset (nothing without sources)."""
+    if not job.transfer:
+        return {}, {}
+    if models is None:
+        raise ValueError(f"client {job.client_id}: transfer sources without the final models' payload")
+    on_stage(TRANSFER_STAGE)
+    test = worker.data(job.client_id).test  # kept here: building a source may load another client's data
+    most = worker.cfg.attack.eval_max_samples
+    limit = len(test) if most is None else min(len(test), most)  # the evaluation attack's subset
+    images, labels = test.pixels(slice(0, limit)), torch.from_numpy(test.labels[:limit])
+    details: dict[str, str] = {}
+
+    def source_model(source: TransferSource) -> torch.nn.Module:
+        model, details[source.label] = worker.source_model(source, models, adapter, adapter_key, tailored)
+        return model
+
+    cfg, classes = worker.cfg, worker.source.num_classes
+    crafted = craft_for_victim(cfg, classes, worker.device, job.client_id, job.transfer, source_model, images, labels)
+    return crafted, details
 
 
 def payload_key(payload: bytes) -> str:
@@ -159,7 +209,12 @@ def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: 
 
 
 def run_protocol_job(
-    worker: ClientWorker, job: Job, adapter: State, adapter_key: str, progress: Optional[Callable[..., Any]] = None
+    worker: ClientWorker,
+    job: Job,
+    adapter: State,
+    adapter_key: str,
+    progress: Optional[Callable[..., Any]] = None,
+    models: Optional[FinalModels] = None,
 ) -> Outcome:
     """Phase 2: the final-model protocol on the client's tailored model (any worker can run it: the
     fused model is rebuilt from the global adapter where this worker has not played the game).
@@ -179,11 +234,17 @@ def run_protocol_job(
             bar.set_description(f"client {job.client_id}: {name}")
 
     try:
-        result = game.evaluate_tailored(decode_state(job.tuned or b""), worker.data(job.client_id).test, on_stage)
+        test = worker.data(job.client_id).test
+        crafted, details = _craft(worker, job, adapter, adapter_key, models, tailored=True, on_stage=on_stage)
+        result = game.evaluate_tailored(decode_state(job.tuned or b""), test, on_stage, transfer=crafted)
     finally:
         if bar is not None:
             bar.close()
-    return Outcome(client_id=job.client_id, metrics=result.as_dict())
+    return Outcome(
+        client_id=job.client_id,
+        metrics=result.as_dict(),
+        transfer=transfer_rows(job.client_id, job.transfer, result, details),
+    )
 
 
 def _each(jobs: Sequence[Job], run: Callable[[Job], Outcome], on_done: OnDone) -> list[Outcome]:
@@ -212,9 +273,12 @@ class InProcessExecutor:
         adapter = decode_state(global_payload)
         return [run_train_job(self.worker, job, adapter, round_index) for job in jobs]
 
-    def evaluate(self, jobs: Sequence[Job], adapter_payload: bytes) -> list[Outcome]:
-        adapter = decode_state(adapter_payload)
-        return [run_eval_job(self.worker, job, adapter) for job in jobs]
+    def evaluate(
+        self, jobs: Sequence[Job], adapter_payload: bytes, models_payload: Optional[bytes] = None
+    ) -> list[Outcome]:
+        adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        models = decode_models(models_payload) if models_payload is not None else None
+        return [run_eval_job(self.worker, job, adapter, key, models) for job in jobs]
 
     def coalitions(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
@@ -224,10 +288,19 @@ class InProcessExecutor:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
         return _each(jobs, lambda job: run_tailor_job(self.worker, job, adapter, key), on_done)
 
-    def protocol(self, jobs: Sequence[Job], adapter_payload: bytes, on_done: OnDone = None) -> list[Outcome]:
+    def protocol(
+        self,
+        jobs: Sequence[Job],
+        adapter_payload: bytes,
+        on_done: OnDone = None,
+        models_payload: Optional[bytes] = None,
+    ) -> list[Outcome]:
         adapter, key = decode_state(adapter_payload), payload_key(adapter_payload)
+        models = decode_models(models_payload) if models_payload is not None else None
         bar = functools.partial(tqdm, leave=False)  # the attack in progress, under the protocol's bar
-        return _each(jobs, lambda job: run_protocol_job(self.worker, job, adapter, key, progress=bar), on_done)
+        return _each(
+            jobs, lambda job: run_protocol_job(self.worker, job, adapter, key, progress=bar, models=models), on_done
+        )
 
     def shutdown(self) -> None:
         pass

@@ -37,8 +37,10 @@ from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.jobs import Job, Outcome
 from sylva_ray.engine.rundir import write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
+from sylva_ray.engine.transfer import encode_models, plan_sources
+from sylva_ray.engine.transfer_report import victim_figures, write_transfer_outputs
 from sylva_ray.method.models import encode_state
-from sylva_ray.method.sanity import sanity_warnings
+from sylva_ray.method.sanity import sanity_warnings, transfer_warnings
 from sylva_ray.method.shapley import ShapleyResult, flatness, make_estimator, select_players, ties_at_cut
 from sylva_ray.method.training import protocol_stages
 
@@ -276,15 +278,35 @@ def run_phase2(
     ready = sorted((c for c, o in tailored.items() if o.ok), key=lambda c: -protocol_cost(before[c]))
     show = progress is not SilentBar  # the per-client bars (attack in progress) follow the stage bars
     attacks = ", ".join(protocol_stages(cfg.attack, cfg.evaluation))
+    kinds, has_global = cfg.evaluation.transfer, bool(global_adapter)
     protocol_jobs = [
-        Job(c, states[c], players=selected[c], tuned=tailored[c].upload, show_progress=show) for c in ready
+        Job(
+            c,
+            states[c],
+            players=selected[c],
+            tuned=tailored[c].upload,
+            show_progress=show,
+            transfer=plan_sources(kinds, c, ready, has_global),
+        )
+        for c in ready
     ]
+    # Every tailored model, broadcast once: the transfer sources (the peers among them).
+    models = (
+        encode_models({c: states[c].personal for c in ready}, {c: tailored[c].upload for c in ready}) if kinds else None
+    )
     scored = _with_bar(
         progress,
         f"final protocol ({attacks})",
         protocol_jobs,
-        lambda on_done: executor.protocol(protocol_jobs, payload, on_done),
+        lambda on_done: (
+            executor.protocol(protocol_jobs, payload, on_done, models_payload=models)
+            if kinds
+            else executor.protocol(protocol_jobs, payload, on_done)
+        ),
     )
+    transfer = [row for o in scored.values() if o.ok for row in o.transfer]
+    if kinds:
+        write_transfer_outputs(out_dir, transfer)
     seconds_by_stage["protocol"] = time.perf_counter() - stage_started
     _log_stage("final protocol", seconds_by_stage["protocol"], f"{len(protocol_jobs)} clients: {attacks}")
 
@@ -295,7 +317,7 @@ def run_phase2(
         if client in results:
             outcome = scored.get(client) or tailored[client]
             if outcome.ok:
-                row.update(outcome.metrics)
+                row.update(outcome.metrics, **victim_figures(outcome.transfer))
                 atomic_write_bytes(
                     out_dir / "models" / f"phase2_client_{client:04d}.safetensors",
                     tailored[client].upload,  # type: ignore[arg-type]
@@ -339,9 +361,10 @@ def run_phase2(
     plot_before_after(out_dir, per_client_frame)
     honest, malicious = split_by_malicious(per_client_frame)
     means = client_means(honest)
-    warnings = sanity_warnings(
-        [row for row in per_client if "phase2_error" not in row], cfg.evaluation, "phase 2 (final)"
-    )
+    scored_rows = [row for row in per_client if "phase2_error" not in row]
+    warnings = sanity_warnings(scored_rows, cfg.evaluation, "phase 2 (final)")
+    if kinds:
+        warnings += transfer_warnings(scored_rows, transfer, cfg.evaluation, "phase 2 (final, transfer)")
     seconds = time.perf_counter() - started
     log.info(
         "phase 2: %d clients, %d layers, %d coalition evaluations, clean %.4f robust %.4f, %.1fs",

@@ -13,6 +13,12 @@ ACCURACY_COUNTS = {
     "robust_acc": "num_robust",
     "autoattack_acc": "num_autoattack",
     "strongest_attack_acc": "num_strongest",
+    "strongest_whitebox_acc": "num_strongest",
+    # the transfer attacks (engine.transfer_report.FIGURES), on the evaluation attack's subset
+    "transfer_public_acc": "num_transfer",
+    "transfer_global_acc": "num_transfer",
+    "transfer_peers_acc": "num_transfer",
+    "transfer_worst_acc": "num_transfer",
 }
 
 

@@ -29,6 +29,8 @@
            seconds and its event files' bytes (``sylva_ray.experiments.tracking_bench``).
 ``pretrain`` embedded pre-training of the default pico ViT and of its 8-block variant on the public slice,
            one after the other into a fresh cache: seconds, parameters, the ratio.
+``transfer`` the final protocol on the same tailored models with the transfer attacks off and on,
+           alternately: its seconds and the ratio (``sylva_ray.experiments.transfer_bench``).
 ``startup`` cold start and memory in fresh processes: the plain loop vs the Ray engine with 1 and 2
            client actors; its own module (``sylva_ray.experiments.startup``), which imports no torch.
 Every table is also written as CSV under ``--out`` (default ``runs/bench-<which>-<timestamp>``).
@@ -60,6 +62,7 @@ from sylva_ray.experiments.autoattack_bench import bench_autoattack
 from sylva_ray.experiments.clock_bench import bench_clock
 from sylva_ray.experiments.data_bench import bench_data
 from sylva_ray.experiments.tracking_bench import bench_tracking
+from sylva_ray.experiments.transfer_bench import bench_transfer
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.cost import algorithm_needs_benign, estimate_actor_memory
 from sylva_ray.method.data import load_source, make_partition
@@ -507,6 +510,7 @@ BENCHES = {
     "data": bench_data,
     "tracking": bench_tracking,
     "pretrain": bench_pretrain,
+    "transfer": bench_transfer,
 }
 
 

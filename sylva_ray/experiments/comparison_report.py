@@ -5,6 +5,9 @@ Columns of ``comparison.csv`` (one row per algorithm x seed), accuracies in [0, 
     *_client_std                                      weighted std over clients
     *_unweighted                                      plain client means
     global_clean_acc, global_robust_acc, global_autoattack_acc   global model on the global test set
+    strongest_whitebox_acc, transfer_public_acc, transfer_global_acc, transfer_peers_acc, transfer_worst_acc
+                                                      with evaluation.transfer (docs explanation/threat-model.md);
+                                                      each with *_unweighted and *_se (of the client mean)
     upload_mb_per_round, upload_mb_per_client_round, total_upload_mb, total_mb (up + down), wall_s
     majority_rate                                     the constant majority-class predictor's accuracy
     sanity_warnings                                   count of failed gradient-masking checks
@@ -35,6 +38,14 @@ from sylva_ray.engine.rundir import read_json, write_table
 
 MB = 1e6
 METRICS = ("clean_acc", "robust_acc", "autoattack_acc", "strongest_attack_acc")
+#: The transfer attacks' figures (evaluation.transfer), and the white-box-only strongest beside them.
+TRANSFER_METRICS = (
+    "strongest_whitebox_acc",
+    "transfer_public_acc",
+    "transfer_global_acc",
+    "transfer_peers_acc",
+    "transfer_worst_acc",
+)
 #: comparison.csv columns that are labels, not figures to average over seeds
 TEXT_COLUMNS = frozenset(
     {"algorithm", "seed", "run_dir", "status", "error", "scope", "base_algorithm", "aggregation", "behaviour"}
@@ -91,6 +102,11 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
     for metric in ("autoattack_acc", "strongest_attack_acc"):  # how far each seed's figure can be trusted
         row[f"{metric}_samples"] = final.get(f"{metric}_samples", np.nan)
         row[f"{metric}_se"] = final.get(f"{metric}_weighted_se", np.nan)
+    for metric in TRANSFER_METRICS:
+        if metric in final:
+            row[metric] = final.get(f"{metric}_weighted", np.nan)
+            row[f"{metric}_unweighted"] = final[metric]
+            row[f"{metric}_se"] = final.get(f"{metric}_se", np.nan)
     comm = summary["communication"]
     rounds = max(1, int(comm["rounds"]))
     clients = max(1, len(summary.get("per_client", [])))
@@ -198,6 +214,7 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
         ]
         cells.append(str(int(agg.loc[algorithm, "sanity_warnings_mean"] * agg.loc[algorithm, "seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += transfer_markdown(agg)
     floor = agg["majority_rate_mean"].mean()
     if "autoattack_acc_samples_mean" in agg and agg["autoattack_acc_samples_mean"].notna().any():
         lines += [
@@ -230,6 +247,25 @@ def markdown(agg: pd.DataFrame, relative: Optional[pd.DataFrame], reference: Opt
             lines.append(f"| {algorithm} | {ratio} | {' | '.join(cells)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def transfer_markdown(agg: pd.DataFrame) -> list[str]:
+    """The transfer attacks' table (runs with evaluation.transfer only): client means, sample-weighted."""
+    if "transfer_worst_acc_mean" not in agg:
+        return []
+    lines = [
+        "",
+        "Transfer attacks (crafted on the source, scored on each victim's own test split; per source its "
+        "stronger attack, peers: mean over peers):",
+        "",
+        "| algorithm | white-box strongest | public | global | peers | worst transfer | strongest (all) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    columns = ("strongest_whitebox_acc", *TRANSFER_METRICS[1:], "strongest_attack_acc")
+    for algorithm in agg.index:
+        cells = [_pm(agg, algorithm, c) if f"{c}_mean" in agg else "-" for c in columns]
+        lines.append(f"| {algorithm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 #: Matplotlib's ten default colours; beyond ten algorithms the marker (and bar hatch) changes too,

@@ -52,6 +52,21 @@ def build_trades_kl(model: nn.Module, cfg: AttackConfig, role: Role, num_classes
     return torchattacks.TPGD(model, eps=cfg.eps, alpha=step, steps=steps)
 
 
+#: MI-FGSM's momentum decay: Dong et al. (CVPR 2018, "Boosting Adversarial Attacks with Momentum")
+#: found mu = 1.0 best for transfer to other models, and it is torchattacks' default.
+MI_FGSM_DECAY = 1.0
+
+
+@ATTACKS.register("mifgsm")
+def build_mifgsm(model: nn.Module, cfg: AttackConfig, role: Role, num_classes: int, seed: int) -> Attack:
+    """Momentum iterative FGSM (Dong et al. 2018), an attack made to transfer: ``steps`` iterations of
+    step eps / steps from the clean image, as in its paper, so the last step can reach the ball's edge."""
+    import torchattacks
+
+    steps, _ = _steps(cfg, role)
+    return torchattacks.MIFGSM(model, eps=cfg.eps, alpha=cfg.eps / steps, steps=steps, decay=MI_FGSM_DECAY)
+
+
 #: The reference AutoAttack's "standard" strength; other values make it a lighter, custom run.
 REFERENCE_ITERATIONS, REFERENCE_SQUARE_QUERIES, REFERENCE_TARGETS = 100, 5000, 9
 

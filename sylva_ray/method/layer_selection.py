@@ -179,15 +179,24 @@ class LayerGame:
             if k.startswith(head) or any(k.startswith(prefix) for prefix in chosen)
         }
 
-    def evaluate_tailored(
-        self, tuned: State, test: ArrayDataset, on_stage: Optional[Callable[[str], None]] = None
-    ) -> EvalResult:
-        """The final-model protocol on the test split for the fused model with ``tuned`` loaded
-        (``on_stage``: told which attack starts, for a progress bar)."""
+    def load_tailored(self, tuned: State) -> nn.Module:
+        """The fused model with ``tuned`` (tailored layers + head) loaded: the client's final model."""
         self.model.load_state_dict(self.fused_state)
         self.model.load_state_dict(dict(tuned), strict=False)
+        return self.model
+
+    def evaluate_tailored(
+        self,
+        tuned: State,
+        test: ArrayDataset,
+        on_stage: Optional[Callable[[str], None]] = None,
+        transfer: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> EvalResult:
+        """The final-model protocol on the test split for the fused model with ``tuned`` loaded
+        (``on_stage``: told which attack starts, for a progress bar; ``transfer``: images crafted
+        on other models for it to score, ``training.evaluate``)."""
         return evaluate(
-            self.model,
+            self.load_tailored(tuned),
             test,
             self.cfg.attack,
             self.cfg.train.eval_batch_size,
@@ -195,6 +204,7 @@ class LayerGame:
             device=self.device,
             protocol=self.cfg.evaluation,
             on_stage=on_stage,
+            transfer=transfer,
         )
 
 

@@ -90,3 +90,43 @@ def sanity_warnings(rows: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, wh
     for message in warnings:
         log.warning("SANITY CHECK FAILED -- %s", message)
     return warnings
+
+
+def transfer_warnings(
+    clients: Iterable[Mapping[str, Any]], transfer: Iterable[Mapping[str, Any]], cfg: EvaluationConfig, where: str
+) -> list[str]:
+    """A transfer attack that beats the white-box PGD on the same victims and images: a classic sign
+    of gradient masking (the victim's own gradients mislead its attacker; a smooth stand-in's do not).
+
+    ``clients``: per-client rows (``robust_acc`` on ``num_robust`` images, the same images every
+    transfer attack was scored on); ``transfer``: ``transfer.csv``'s rows. Pooled per (source kind,
+    attack) over every (victim, source) pair, each pair against its victim's PGD, with
+    ``sanity_tolerance``; the victims whose own pairs beat their PGD are named."""
+    robust = {
+        int(r["client"]): float(r["robust_acc"]) for r in clients if "client" in r and r.get("robust_acc") is not None
+    }
+    pairs: dict[tuple[str, str], list[tuple[int, float, int]]] = {}
+    for row in transfer:
+        if int(row["victim"]) in robust and int(row["samples"]):
+            key = (str(row["kind"]), str(row["attack"]))
+            pairs.setdefault(key, []).append((int(row["victim"]), float(row["accuracy"]), int(row["samples"])))
+    tol = cfg.sanity_tolerance
+    warnings: list[str] = []
+    for (kind, attack), scored in sorted(pairs.items()):
+        total = sum(n for _, _, n in scored)
+        transfer_acc = sum(acc * n for _, acc, n in scored) / total
+        pgd_acc = sum(robust[victim] * n for victim, _, n in scored) / total
+        if transfer_acc >= pgd_acc - tol:
+            continue
+        by_victim: dict[int, list[float]] = {}
+        for victim, acc, _ in scored:
+            by_victim.setdefault(victim, []).append(acc)
+        named = sorted(v for v, accs in by_victim.items() if sum(accs) / len(accs) < robust[v] - tol)
+        warnings.append(
+            f"{where}: {attack} crafted on the {kind} source(s) leaves accuracy {transfer_acc:.3f} < white-box PGD "
+            f"{pgd_acc:.3f} on the same {total} images (clients {named}): a transfer attack beats the white-box "
+            "one (gradient masking?)"
+        )
+    for message in warnings:
+        log.warning("SANITY CHECK FAILED -- %s", message)
+    return warnings

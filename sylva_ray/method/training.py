@@ -287,7 +287,10 @@ class EvalResult:
     ``strongest_attack_acc`` (with AutoAttack only): on the images PGD and AutoAttack both attacked,
     the share that survived every attack run on them at the threat model's eps (PGD, AutoAttack, and
     on the first ``sanity_samples`` the long PGD; not the large-eps check, which is another radius):
-    never above any one of them on those images.
+    never above any one of them on those images. With transfer attacks (``evaluate(transfer=...)``)
+    an image counts as robust only if it also survived every one of them, and the white-box-only
+    figure is ``strongest_whitebox_acc``; ``transfer_acc``: each transfer attack's accuracy on the
+    evaluation attack's subset (the same images as ``robust_acc``), by its label.
     """
 
     clean_acc: float
@@ -305,16 +308,44 @@ class EvalResult:
     num_sanity: Optional[int] = None
     strongest_attack_acc: Optional[float] = None
     num_strongest: Optional[int] = None
+    strongest_whitebox_acc: Optional[float] = None
+    transfer_acc: Optional[dict[str, float]] = None
     clean_loss: Optional[float] = None  # mean cross-entropy on all of the split (the layer game's ce value)
     robust_loss: Optional[float] = None  # mean cross-entropy under the evaluation attack, on its subset
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None}
+        """The scalar figures (``transfer_acc`` is a table of its own: ``engine.transfer``)."""
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None and not isinstance(v, dict)}
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample correctness of ``logits`` (empty for no samples)."""
     return logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)
+
+
+def adversarial_images(
+    model: nn.Module,
+    attack: Attack,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Adversarial images (on the CPU) crafted on ``model``, batch by batch, each seeded by its index:
+    the white-box attacks score them on the same model, the transfer attacks on another one."""
+    out = []
+    for index, start in enumerate(range(0, len(labels), batch_size)):
+        x, y = images[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
+        out.append(perturb(attack, x, y, derive_seed(seed, "eval-attack", index)).cpu())
+    return torch.cat(out) if out else images[:0].clone()
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The model's logits (on the CPU) without gradients: scoring never differentiates the model."""
+    with torch.no_grad():
+        out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _attacked_logits(
@@ -326,14 +357,9 @@ def _attacked_logits(
     seed: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """The model's logits (on the CPU) on the adversarial images, batch by batch, each seeded by its index."""
-    out = []
-    for index, start in enumerate(range(0, len(labels), batch_size)):
-        x, y = images[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
-        adversarial = perturb(attack, x, y, derive_seed(seed, "eval-attack", index))
-        with torch.no_grad():
-            out.append(model(adversarial).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """The model's logits on the adversarial images crafted on itself (a white-box attack)."""
+    adversarial = adversarial_images(model, attack, images, labels, batch_size, seed, device)
+    return logits_of(model, adversarial, batch_size, device)
 
 
 def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
@@ -348,11 +374,13 @@ def protocol_stages(attack_cfg: AttackConfig, protocol: Optional[EvaluationConfi
         stages.append(AUTOATTACK_STAGE)
     if protocol is not None and protocol.sanity_checks:
         stages.append(SANITY_STAGE)
+    if protocol is not None and protocol.transfer:
+        stages.insert(0, TRANSFER_STAGE)  # crafted on the sources before the victim is scored
     return stages
 
 
 #: Stage names of the final protocol (``protocol_stages``).
-AUTOATTACK_STAGE, SANITY_STAGE = "AutoAttack", "sanity attacks"
+AUTOATTACK_STAGE, SANITY_STAGE, TRANSFER_STAGE = "AutoAttack", "sanity attacks", "transfer attacks"
 
 
 def evaluate(
@@ -364,6 +392,7 @@ def evaluate(
     device: torch.device,
     protocol: Optional[EvaluationConfig] = None,
     on_stage: Optional[Callable[[str], None]] = None,
+    transfer: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> EvalResult:
     """Clean accuracy on all of ``data``; robust accuracy under the evaluation attack.
 
@@ -373,9 +402,13 @@ def evaluate(
     gradient-masking attacks (long PGD, PGD at a large eps) on the first ``sanity_samples``.
     Always in full fp32 (``precision.fp32_evaluation``): a lower-precision attack overstates robustness.
     ``on_stage(name)`` is called as each attack stage starts (a progress bar's "attack in progress").
+    ``transfer``: adversarial images crafted on other models (``method.transfer``) for the
+    evaluation attack's subset, by label; this model only scores them, without gradients.
     """
     with fp32_evaluation(device):
-        return _evaluate(model, data, attack_cfg, batch_size, seed, device, protocol, on_stage or (lambda _: None))
+        return _evaluate(
+            model, data, attack_cfg, batch_size, seed, device, protocol, on_stage or (lambda _: None), transfer or {}
+        )
 
 
 def _evaluate(
@@ -387,18 +420,12 @@ def _evaluate(
     device: torch.device,
     protocol: Optional[EvaluationConfig],
     on_stage: Callable[[str], None],
+    transfer: Mapping[str, torch.Tensor],
 ) -> EvalResult:
     model.eval()
     on_stage(protocol_stages(attack_cfg, None)[0])
     images, labels = data.pixels(), torch.from_numpy(data.labels)  # one client's test split, as floats
-    with torch.no_grad():
-        logits = (
-            torch.cat(
-                [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(labels), batch_size)]
-            )
-            if len(labels)
-            else torch.zeros(0)
-        )
+    logits = logits_of(model, images, batch_size, device)
     clean = _correct(logits, labels)
     limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
     attack = build_attack(attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
@@ -443,8 +470,20 @@ def _evaluate(
         )
         result.pgd_on_sanity = _rate(robust[:n]) if n <= limit else None
         result.num_sanity = n
-    if protocol.autoattack:  # without AutoAttack the figure would only restate PGD's
+    if transfer:
+        result.transfer_acc = {}
+        whitebox, survived = survived, survived.clone()
+        for label, adversarial in transfer.items():
+            if len(adversarial) != limit:
+                raise ValueError(f"transfer attack {label!r}: {len(adversarial)} images for a subset of {limit}")
+            hits = _correct(logits_of(model, adversarial, batch_size, device), labels[:limit])
+            result.transfer_acc[label] = _rate(hits)
+            survived = _combine(survived, hits)
+        result.strongest_whitebox_acc = _rate(whitebox)
         result.strongest_attack_acc, result.num_strongest = _rate(survived), len(survived)
+    elif protocol.autoattack:  # without AutoAttack (or transfer) the figure would only restate PGD's
+        result.strongest_attack_acc, result.num_strongest = _rate(survived), len(survived)
+        result.strongest_whitebox_acc = result.strongest_attack_acc
     return result
 
 

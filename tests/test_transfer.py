@@ -136,11 +136,13 @@ def test_the_strongest_figure_is_never_above_any_single_attack(digits_models):
     assert "transfer_acc" not in result.as_dict()  # a table of its own, not a scalar figure
 
 
-def _rows(victim_model, source_model, test, clients=4):
-    """Per-client rows and transfer rows for ``clients`` shares of the test set, as a run writes them."""
+def _rows(victim_model, source_model, test, clients=4, victims=None):
+    """Per-client rows and transfer rows for ``clients`` shares of the test set, as a run writes them
+    (``victims``: a victim model per client, else ``victim_model`` for all)."""
     rows, transfer = [], []
     for client, share in enumerate(np.array_split(np.arange(len(test)), clients)):
         data = test.subset(share)
+        victim_model = victims[client] if victims else victim_model
         crafted = _crafted(source_model, data, ["pgd", "mifgsm"], seed=client)
         result = evaluate(
             victim_model,
@@ -164,6 +166,12 @@ def test_the_masking_rule_fires_on_a_masked_model_and_is_silent_on_a_normal_one(
     assert fired and "clients [0, 1, 2, 3]" in fired[0] and "SANITY CHECK FAILED" in caplog.text
     normal_rows, normal_transfer = _rows(model, other, test)
     assert transfer_warnings(normal_rows, normal_transfer, PLAIN, "normal") == []
+    # one masked client among eight is named by itself, though the pooled figures barely move
+    victims = [_Masked(model)] + [model] * 7
+    rows, transfer = _rows(None, other, test, clients=8, victims=victims)
+    one = transfer_warnings(rows, transfer, PLAIN, "one masked")
+    assert len(one) == 2  # pgd and mifgsm: each names client 0 and nobody else
+    assert all("client 0:" in w or "clients [0] most" in w for w in one)
 
 
 def test_plan_sources_names_one_attacker_per_victim_and_skips_what_cannot_exist():
@@ -184,6 +192,11 @@ def test_final_models_round_trip_through_one_payload():
     models = decode_models(encode_models(personal, tuned))
     assert torch.equal(models.personal[5]["head.weight"], personal[5]["head.weight"])
     assert torch.equal(models.tuned[5]["blocks.0.weight"], torch.full((2,), 3.0)) and 0 not in models.tuned
+    # full-model algorithms have no personal tensors: the participants are known all the same
+    full = decode_models(encode_models({0: {}, 1: {}}))
+    assert full.personal_of(1) == {} and sorted(full.personal) == [0, 1]
+    with pytest.raises(KeyError, match="client 7"):
+        full.personal_of(7)
 
 
 def test_victim_figures_take_each_sources_stronger_attack_and_name_the_worst():
@@ -244,6 +257,7 @@ def transfer_runs(ray_cluster, tmp_path_factory):
         ("phase2-2", ["runtime.num_actors=2"]),
         ("fedavg", ["algorithm.name=fedavg_lora_at", "layer_selection.enabled=false", "runtime.num_actors=2"]),
         ("local", ["algorithm.name=local_at", "layer_selection.enabled=false", "runtime.num_actors=2"]),
+        ("fat", ["algorithm.name=fat", "layer_selection.enabled=false", "runtime.num_actors=2"]),
     ):
         run_dir = folder / name
         run_dir.mkdir()
@@ -296,6 +310,25 @@ def test_phase1_final_models_are_attacked_too_and_local_training_has_no_global_s
     assert set(local["kind"]) == {"public", "peers"}
     metrics = pd.read_csv(transfer_runs["local"][0] / "metrics.csv")
     assert metrics["transfer_worst_acc"].notna().sum() == 4  # the final evaluation's rows only
+
+
+def test_full_model_insiders_hold_the_victims_model_so_their_transfer_is_the_white_box_attack(transfer_runs):
+    run_dir, summary = transfer_runs["fat"]
+    table = pd.read_csv(run_dir / "transfer.csv")
+    assert set(table["kind"]) == {"public", "global", "peers"}
+    for row in summary["per_client"]:
+        inside = table[(table["victim"] == row["client"]) & (table["kind"] != "public")]
+        # one model for everyone: an insider's PGD differs from the white-box PGD by its random start only
+        pgd = inside.loc[inside["attack"] == "pgd", "accuracy"]
+        assert (pgd - row["robust_acc"]).abs().max() <= 2 / row["num_robust"] + 1e-9
+
+
+def test_phase2_on_a_protocol_scored_phase1_run_reports_only_its_own_protocol_figures(transfer_runs):
+    from sylva_ray.distributed.launcher import phase2_only
+
+    _, summary = phase2_only(transfer_runs["fedavg"][0], ["evaluation.transfer=[]", "algorithm.name=sylva"])
+    for row in summary["per_client"]:
+        assert not any(k.startswith("transfer_") for k in row) and "strongest_whitebox_acc" not in row
 
 
 @pytest.mark.slow

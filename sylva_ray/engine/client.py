@@ -230,7 +230,7 @@ class ClientWorker:
         if source.kind == "public":
             return self.public_model(source.attacker)
         attacker = int(source.attacker)  # type: ignore[arg-type]
-        state = ClientState(personal=models.personal[attacker])
+        state = ClientState(personal=models.personal_of(attacker))
         if not tailored:
             self._load(adapter, state)
             what = "the global adapter with" if source.kind == "global" else "the final model:"
@@ -253,6 +253,11 @@ class ClientWorker:
             return self._public, "the pre-trained model and its pre-training head (public share)"
         public = self.source.public
         key = None if public is not None and len(public) else attacker
+        if key is None and (public is None or not len(public)):
+            raise ValueError(
+                "evaluation.transfer=public: the data has no public share (data.public_fraction=0) and there is no "
+                "other participant to fit the public model's head on; add a public share or drop 'public'"
+            )
         if key not in self._public_heads:
             head = self._public.backbone.get_classifier()
             if not isinstance(head, nn.Linear):

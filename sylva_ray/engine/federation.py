@@ -47,7 +47,7 @@ from sylva_ray.engine.rundir import (
 )
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.engine.tracking import RunTracker
-from sylva_ray.engine.transfer import encode_models, plan_sources
+from sylva_ray.engine.transfer import encode_models, needs_models, plan_sources
 from sylva_ray.engine.transfer_report import victim_figures, write_transfer_outputs
 from sylva_ray.method.aggregation import aggregate
 from sylva_ray.method.algorithms import algorithm_for
@@ -527,7 +527,7 @@ class Federation:
             for c in clients
         ]
         payload = encode_state(st.global_adapter)
-        if kinds:  # every participant's final model, broadcast once: the transfer sources
+        if needs_models(kinds):  # every participant's final model, broadcast once: the transfer sources
             models = encode_models({c: state.personal for c, state in st.client_states.items()})
             outcomes = self.executor.evaluate(jobs, payload, models_payload=models)
         else:

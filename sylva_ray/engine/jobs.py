@@ -171,7 +171,7 @@ def _craft(
     """The job's transfer attacks, crafted on the victim's attacked subset (nothing without sources)."""
     if not job.transfer:
         return {}, {}
-    if models is None:
+    if models is None and any(source.kind != "public" for source in job.transfer):
         raise ValueError(f"client {job.client_id}: transfer sources without the final models' payload")
     on_stage(TRANSFER_STAGE)
     test = worker.data(job.client_id).test  # kept here: building a source may load another client's data
@@ -181,7 +181,8 @@ def _craft(
     details: dict[str, str] = {}
 
     def source_model(source: TransferSource) -> torch.nn.Module:
-        model, details[source.label] = worker.source_model(source, models, adapter, adapter_key, tailored)
+        final = models or FinalModels({}, {})  # the public source needs no participant's model
+        model, details[source.label] = worker.source_model(source, final, adapter, adapter_key, tailored)
         return model
 
     cfg, classes = worker.cfg, worker.source.num_classes

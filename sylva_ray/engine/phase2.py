@@ -37,12 +37,12 @@ from sylva_ray.engine.client import ClientState
 from sylva_ray.engine.jobs import Job, Outcome
 from sylva_ray.engine.rundir import write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
-from sylva_ray.engine.transfer import encode_models, plan_sources
+from sylva_ray.engine.transfer import encode_models, needs_models, plan_sources
 from sylva_ray.engine.transfer_report import victim_figures, write_transfer_outputs
 from sylva_ray.method.models import encode_state
 from sylva_ray.method.sanity import sanity_warnings, transfer_warnings
 from sylva_ray.method.shapley import ShapleyResult, flatness, make_estimator, select_players, ties_at_cut
-from sylva_ray.method.training import protocol_stages
+from sylva_ray.method.training import is_protocol_figure, protocol_stages
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,9 @@ def run_phase2(
     ]
     # Every tailored model, broadcast once: the transfer sources (the peers among them).
     models = (
-        encode_models({c: states[c].personal for c in ready}, {c: tailored[c].upload for c in ready}) if kinds else None
+        encode_models({c: states[c].personal for c in ready}, {c: tailored[c].upload for c in ready})
+        if needs_models(kinds)
+        else None
     )
     scored = _with_bar(
         progress,
@@ -300,7 +302,7 @@ def run_phase2(
         protocol_jobs,
         lambda on_done: (
             executor.protocol(protocol_jobs, payload, on_done, models_payload=models)
-            if kinds
+            if models is not None
             else executor.protocol(protocol_jobs, payload, on_done)
         ),
     )
@@ -312,7 +314,9 @@ def run_phase2(
 
     per_client, shapley_rows = [], []
     for client in clients:
-        row = dict(before[client])
+        # Phase 1's plain evaluation; the protocol's figures come from Phase 2's protocol only (a
+        # Phase-1 run scored with the protocol must not lend its figures to a Phase 2 that skips them).
+        row = {k: v for k, v in before[client].items() if not is_protocol_figure(k)}
         row.update(phase1_clean_acc=row["clean_acc"], phase1_robust_acc=row["robust_acc"])
         if client in results:
             outcome = scored.get(client) or tailored[client]

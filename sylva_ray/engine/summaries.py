@@ -18,6 +18,7 @@ ACCURACY_COUNTS = {
     "transfer_public_acc": "num_transfer",
     "transfer_global_acc": "num_transfer",
     "transfer_peers_acc": "num_transfer",
+    "transfer_worst_peer_acc": "num_transfer",
     "transfer_worst_acc": "num_transfer",
 }
 

@@ -58,13 +58,20 @@ def plan_sources(
     return sources
 
 
-PERSONAL, TUNED = "personal", "tuned"
+PERSONAL, TUNED, PARTICIPANTS = "personal", "tuned", "participants"
+
+
+def needs_models(kinds: Sequence[str]) -> bool:
+    """Whether the sources need the participants' final models (the public one needs none)."""
+    return any(kind in kinds for kind in ("global", "peers"))
 
 
 def encode_models(personal: Mapping[int, State], tuned: Optional[Mapping[int, bytes]] = None) -> bytes:
     """Every participant's final model on top of the broadcast adapter, as one payload: its personal
-    tensors (Phase 1) and, after Phase 2, its tailored ones."""
+    tensors (Phase 1; none for full-model algorithms, whose one model is the adapter) and, after
+    Phase 2, its tailored ones. Who the participants are is recorded apart from their tensors."""
     flat = {f"{PERSONAL}/{c}/{k}": v for c, state in personal.items() for k, v in state.items()}
+    flat[PARTICIPANTS] = torch.tensor(sorted(personal), dtype=torch.int64)
     for client, payload in (tuned or {}).items():
         flat.update({f"{TUNED}/{client}/{k}": v for k, v in decode_state(payload).items()})
     return encode_state(flat)
@@ -77,10 +84,18 @@ class FinalModels:
     personal: dict[int, State]
     tuned: dict[int, State]
 
+    def personal_of(self, client: int) -> State:
+        """A participant's personal tensors (empty for full-model algorithms); an unknown client is a bug."""
+        if client not in self.personal:
+            raise KeyError(f"client {client} is not among the final models' participants {sorted(self.personal)}")
+        return self.personal[client]
+
 
 def decode_models(payload: bytes) -> FinalModels:
-    models = FinalModels({}, {})
-    for key, tensor in decode_state(payload).items():
+    decoded = decode_state(payload)
+    participants = decoded.pop(PARTICIPANTS).tolist()
+    models = FinalModels({int(c): {} for c in participants}, {})
+    for key, tensor in decoded.items():
         part, client, name = key.split("/", 2)
         target = models.personal if part == PERSONAL else models.tuned
         target.setdefault(int(client), {})[name] = tensor

@@ -7,7 +7,7 @@ Columns of ``comparison.csv`` (one row per algorithm x seed), accuracies in [0, 
     global_clean_acc, global_robust_acc, global_autoattack_acc   global model on the global test set
     strongest_whitebox_acc, transfer_public_acc, transfer_global_acc, transfer_peers_acc, transfer_worst_acc
                                                       with evaluation.transfer (docs explanation/threat-model.md);
-                                                      each with *_unweighted and *_se (of the client mean)
+                                                      each with *_unweighted and *_se (of the weighted figure)
     upload_mb_per_round, upload_mb_per_client_round, total_upload_mb, total_mb (up + down), wall_s
     majority_rate                                     the constant majority-class predictor's accuracy
     sanity_warnings                                   count of failed gradient-masking checks
@@ -106,7 +106,7 @@ def summary_row(spec: RunSpec, summary: Optional[dict[str, Any]], error: Optiona
         if metric in final:
             row[metric] = final.get(f"{metric}_weighted", np.nan)
             row[f"{metric}_unweighted"] = final[metric]
-            row[f"{metric}_se"] = final.get(f"{metric}_se", np.nan)
+            row[f"{metric}_se"] = final.get(f"{metric}_weighted_se", np.nan)  # of the weighted figure beside it
     comm = summary["communication"]
     rounds = max(1, int(comm["rounds"]))
     clients = max(1, len(summary.get("per_client", [])))

@@ -318,6 +318,30 @@ class EvalResult:
         return {f"{prefix}{k}": v for k, v in self.__dict__.items() if v is not None and not isinstance(v, dict)}
 
 
+#: ``EvalResult`` fields only the final-model protocol fills (a plain evaluation leaves them None).
+PROTOCOL_FIELDS = frozenset(
+    {
+        "autoattack_acc",
+        "num_autoattack",
+        "autoattack_se",
+        "pgd_on_autoattack",
+        "long_pgd_acc",
+        "large_eps_acc",
+        "pgd_on_sanity",
+        "num_sanity",
+        "strongest_attack_acc",
+        "num_strongest",
+        "strongest_whitebox_acc",
+    }
+)
+
+
+def is_protocol_figure(name: str) -> bool:
+    """A per-client figure only the final protocol produces: its own fields and the transfer
+    attacks' (``transfer_*``, ``num_transfer``)."""
+    return name in PROTOCOL_FIELDS or name.startswith("transfer_") or name == "num_transfer"
+
+
 def _correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample correctness of ``logits`` (empty for no samples)."""
     return logits.argmax(1) == labels if len(labels) else torch.zeros(0, dtype=torch.bool)

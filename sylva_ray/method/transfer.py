@@ -92,7 +92,8 @@ def fit_linear_head(
     from sklearn.linear_model import LogisticRegression
 
     model.eval()
-    features = classifier_inputs(model, head, data.pixels(), batch_size, device).double().numpy()
+    with fp32_evaluation(device):  # the head must not depend on the run's training precision
+        features = classifier_inputs(model, head, data.pixels(), batch_size, device).double().numpy()
     labels = np.asarray(data.labels)
     weight = np.zeros((head.out_features, head.in_features))
     bias = np.full(head.out_features, ABSENT_CLASS_BIAS)

@@ -6,7 +6,7 @@ sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a
 sylva-ray config [same options]          print the resolved configuration as YAML
 sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
     [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking|pretrain
+sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking|pretrain|transfer
 sylva-ray partition [config options]     the split among clients (sizes, classes, label skew), without training
 sylva-ray room [--seeds N] [config options]   pooled vs local-only training: does the data leave room to help?
 sylva-ray study [--settings iid,alpha0.1,shift,...] [--algorithms ...] [--seeds N]   compare over heterogeneity kinds

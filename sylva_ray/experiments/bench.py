@@ -397,12 +397,17 @@ def bench_phase2(cfg: ExperimentConfig, out: Path) -> pd.DataFrame:
     phase1_dir.mkdir(parents=True, exist_ok=True)
     # Phase 1 without its own protocol: the "phase 1 only" variant scores the same model with it.
     run(
-        _with(cfg, layer_selection={"enabled": False}, evaluation={"autoattack": False, "sanity_checks": False}),
+        _with(
+            cfg,
+            layer_selection={"enabled": False},
+            evaluation={"autoattack": False, "sanity_checks": False, "transfer": []},
+        ),
         phase1_dir,
     )
     protocol = [
         f"evaluation.autoattack={str(cfg.evaluation.autoattack).lower()}",
         f"evaluation.sanity_checks={str(cfg.evaluation.sanity_checks).lower()}",
+        "evaluation.transfer=[" + ",".join(cfg.evaluation.transfer) + "]",
     ]
     rows, clients = [], []
     for label, overrides in PHASE2_VARIANTS:

@@ -24,7 +24,7 @@ from sylva_ray.engine.transfer import FinalModels, TransferSource, craft_for_vic
 from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
 from sylva_ray.method.models import decode_state, encode_state
-from sylva_ray.method.training import TRANSFER_STAGE, protocol_stages
+from sylva_ray.method.training import TRANSFER_STAGE, attacked_subset_size, protocol_stages
 
 State = dict[str, torch.Tensor]
 
@@ -175,8 +175,7 @@ def _craft(
         raise ValueError(f"client {job.client_id}: transfer sources without the final models' payload")
     on_stage(TRANSFER_STAGE)
     test = worker.data(job.client_id).test  # kept here: building a source may load another client's data
-    most = worker.cfg.attack.eval_max_samples
-    limit = len(test) if most is None else min(len(test), most)  # the evaluation attack's subset
+    limit = attacked_subset_size(len(test), worker.cfg.attack)
     images, labels = test.pixels(slice(0, limit)), torch.from_numpy(test.labels[:limit])
     details: dict[str, str] = {}
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from sylva_ray.base.plots import pyplot, save_figure
 from sylva_ray.engine.rundir import write_table
-from sylva_ray.method.transfer import transfer_label
+from sylva_ray.method.transfer import transfer_label, worst_transfer
 
 TRANSFER_FILE, MATRIX_FILE = "transfer.csv", "transfer_matrix.png"
 #: transfer.csv's columns, in order (an empty table keeps them).
@@ -33,9 +33,8 @@ def victim_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         figures[f"transfer_{kind}_acc"] = float(group["accuracy"].mean())
         if kind == "peers":
             figures["transfer_worst_peer_acc"] = float(group["accuracy"].min())
-    worst = frame.sort_values(["accuracy", "source", "attack"]).iloc[0]
-    figures["transfer_worst_acc"] = float(worst["accuracy"])
-    figures["transfer_worst_source"] = transfer_label(str(worst["source"]), str(worst["attack"]))
+    accuracies = {transfer_label(str(r.source), str(r.attack)): float(r.accuracy) for r in frame.itertuples()}
+    figures["transfer_worst_source"], figures["transfer_worst_acc"] = worst_transfer(accuracies)
     return figures
 
 

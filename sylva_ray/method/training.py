@@ -386,6 +386,11 @@ def _attacked_logits(
     return logits_of(model, adversarial, batch_size, device)
 
 
+def attacked_subset_size(samples: int, attack_cfg: AttackConfig) -> int:
+    """How many of a split's first images the evaluation attack (and every transfer attack) sees."""
+    return samples if attack_cfg.eval_max_samples is None else min(samples, attack_cfg.eval_max_samples)
+
+
 def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
     return float(F.cross_entropy(logits, labels)) if len(labels) else None
 
@@ -451,7 +456,7 @@ def _evaluate(
     images, labels = data.pixels(), torch.from_numpy(data.labels)  # one client's test split, as floats
     logits = logits_of(model, images, batch_size, device)
     clean = _correct(logits, labels)
-    limit = len(data) if attack_cfg.eval_max_samples is None else min(len(data), attack_cfg.eval_max_samples)
+    limit = attacked_subset_size(len(data), attack_cfg)
     attack = build_attack(attack_cfg.eval_attack, model, attack_cfg, "eval", data.num_classes, seed)
     adversarial_logits = _attacked_logits(model, attack, images[:limit], labels[:limit], batch_size, seed, device)
     robust = _correct(adversarial_logits, labels[:limit])

@@ -1,19 +1,8 @@
-"""``sylva-ray`` entry point: parse -> config -> run. Nothing else lives here.
-
-sylva-ray run [--preset smoke|default|paper] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--address A]
-sylva-ray resume RUN_DIR [--address A]   continue an interrupted run from its checkpoint
-sylva-ray phase2 RUN_DIR [--set ...]     Phase 2 alone on a finished run, into a new sub-folder
-sylva-ray config [same options]          print the resolved configuration as YAML
-sylva-ray compare --algorithms sylva,fat,... [--seeds N] [--reference fat] [config options] [--out DIR]
-    [--aggregations fedavg,krum,... --behaviours alie,... --fractions 0,0.1,...]   threat sweep
-sylva-ray bench comm|engine|scale|phase2|estimator|memory|clock|startup|autoattack|data|tracking|pretrain|transfer
-sylva-ray partition [config options]     the split among clients (sizes, classes, label skew), without training
-sylva-ray room [--seeds N] [config options]   pooled vs local-only training: does the data leave room to help?
-sylva-ray study [--settings iid,alpha0.1,shift,...] [--algorithms ...] [--seeds N]   compare over heterogeneity kinds
-sylva-ray doctor [--address A] [--against RUN]   can a run of this configuration start here?
+"""The ``sylva-ray`` entry point: parse the command line, resolve the configuration, run the command.
 
 Each command imports what it runs when it runs (``sylva-ray config`` loads neither Ray nor the
-launcher); that is the only reason for the imports inside the functions below.
+launcher); that is the only reason for the imports inside the functions below. The text users
+read (``sylva-ray --help`` and each command's) is in ``build_parser``.
 """
 
 from __future__ import annotations
@@ -27,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from sylva_ray.base.config import PRESETS, ExperimentConfig
 from sylva_ray.base.errors import USER_ERRORS, named_user_error
+from sylva_ray.experiments.bench import BENCHES
 
 if TYPE_CHECKING:
     from sylva_ray.experiments.compare import ThreatGrid
@@ -55,12 +45,6 @@ def _config_from(
     return load_config(
         args.preset, args.config_file, args.overrides if overrides is None else overrides, check_paths=check_paths
     )
-
-
-#: Benches that cost a configuration without reading its data or weights (``--preset paper`` works here).
-PATH_FREE_BENCHES = frozenset({"memory", "clock"})
-#: Benches that take ``--repeats`` (besides ``startup``, which runs apart).
-REPEATED_BENCHES = frozenset({"tracking", "transfer"})
 
 
 def _launch_overrides(args: argparse.Namespace) -> list[str]:
@@ -107,11 +91,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _interrupted_run(run_dir: Path) -> str:
     """Where an interrupted run stands, read from what it wrote (its last checkpoint is whole)."""
-    from sylva_ray.engine.federation import CHECKPOINT_NAME, FederationState
+    from sylva_ray.engine.checkpoint import FederationState, checkpoint_path
 
     if (Path(run_dir) / "summary.json").is_file():
         return f"interrupted after {run_dir} was complete; its results are whole"
-    checkpoint = Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
+    checkpoint = checkpoint_path(run_dir)
     try:
         state = FederationState.load(checkpoint) if checkpoint.is_file() else None
     except Exception:  # a damaged checkpoint is resume's to name, not this message's
@@ -121,10 +105,10 @@ def _interrupted_run(run_dir: Path) -> str:
 
 
 def _cmd_phase2(args: argparse.Namespace) -> int:
-    from sylva_ray.distributed.launcher import phase2_only
+    from sylva_ray.distributed.launcher import run_phase2
 
     args.interrupted = lambda: f"interrupted; {args.run_dir} is untouched: run `sylva-ray phase2` again"
-    out, summary = phase2_only(args.run_dir, args.overrides, args.address)
+    out, summary = run_phase2(args.run_dir, args.overrides, args.address)
     return _report(out, summary)
 
 
@@ -213,7 +197,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The issue's threat grid: no attack, then 10, 20 and 30% malicious clients.
+#: The default threat grid: no attack, then 10, 20 and 30% malicious clients.
 DEFAULT_THREAT_FRACTIONS = (0.0, 0.1, 0.2, 0.3)
 
 
@@ -250,17 +234,18 @@ def _threat_grid(args: argparse.Namespace, raw: dict[str, Any]) -> Optional["Thr
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sylva_ray.base.config import ConfigError
-
-    if args.run is not None and args.which != "autoattack":
-        raise ConfigError(f"--run is read by `sylva-ray bench autoattack` only, not by `bench {args.which}`")
-    if args.which == "startup":  # measures fresh processes from a parent that imports no torch
-        from sylva_ray.experiments.startup import bench_startup
-
-        frame = bench_startup(args.preset, args.config_file, args.overrides, args.out, args.repeats)
-        sys.stdout.write(frame.to_string(index=False) + "\n")
-        return 0
     from sylva_ray.experiments.bench import run_bench
 
+    bench = BENCHES.get(args.which)
+    if args.run is not None and not bench.takes_run:
+        readers = " or ".join(
+            f"`sylva-ray bench {name}`" for name in BENCHES.registered() if BENCHES.get(name).takes_run
+        )
+        raise ConfigError(f"--run is read by {readers} only, not by `bench {args.which}`")
+    if bench.fresh_processes:  # measures fresh processes from a parent that imports no torch
+        frame = bench(args.preset, args.config_file, args.overrides, args.out, args.repeats)
+        sys.stdout.write(frame.to_string(index=False) + "\n")
+        return 0
     if args.run is not None:
         if args.preset != "default" or args.config_file or args.overrides:
             raise ConfigError(
@@ -270,8 +255,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_dir, cfg = _finished_run(Path(args.run))
         frame = run_bench(args.which, cfg, args.out, run_dir=run_dir)
     else:
-        cfg = _config_from(args, check_paths=args.which not in PATH_FREE_BENCHES)
-        options = {"repeats": args.repeats} if args.which in REPEATED_BENCHES else {}
+        cfg = _config_from(args, check_paths=not bench.path_free)
+        options = {"repeats": args.repeats} if bench.repeated else {}
         frame = run_bench(args.which, cfg, args.out, **options)
     sys.stdout.write(frame.to_string(index=False) + "\n")
     return 0
@@ -304,32 +289,123 @@ def _finished_run(run_dir: Path) -> tuple[Path, ExperimentConfig]:
     return run_dir, cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sylva-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+#: ``sylva-ray --help``: what the tool does, then the commands a researcher runs first.
+DESCRIPTION = """\
+Simulate personalized federated adversarial fine-tuning of pre-trained vision models on Ray:
+Sylva (CCS 2025) and the baselines it is judged against, from a laptop to a GPU cluster.
 
-    run = sub.add_parser("run", help="run one experiment into a new run directory")
+Phase 1 fine-tunes LoRA adapters adversarially across clients; Phase 2 scores each client's layers
+by Shapley values and tailors one model per client. Every command that takes --preset, --config
+and --set resolves the configuration the same way: the preset, then the file, then each --set."""
+
+EXAMPLES = """\
+examples:
+  - sylva-ray run --preset smoke                  # a complete run on a laptop, in under a minute
+  - sylva-ray run                                 # the default run: digits, 10 clients, a pico ViT
+  - sylva-ray run --set federation.rounds=5 --out runs/five-rounds
+  - sylva-ray config --preset paper               # the resolved configuration; nothing runs
+  - sylva-ray doctor --preset paper --address HEAD:6379   # can this cluster run the paper preset?
+  - sylva-ray resume RUN_DIR                      # continue an interrupted run from its checkpoint
+  - sylva-ray phase2 RUN_DIR --set layer_selection.top_k=1   # Phase 2 again, into a new folder
+  - sylva-ray compare --algorithms sylva,fat,fedtrades,local_at --seeds 3 --reference fat
+  - sylva-ray compare --algorithms sylva-no_phase2 --aggregations fedavg,krum --behaviours alie
+  - sylva-ray study --seeds 3 --out runs/study    # the comparison over kinds of heterogeneity
+  - sylva-ray partition --preset shift            # the split among clients, without training
+  - sylva-ray bench comm                          # a benchmark; sylva-ray bench --help lists them
+  - python sweeps/rank_eps.py                     # a Ray Tune sweep (a script, not a command)
+
+Each command's own options and examples: sylva-ray COMMAND --help."""
+
+ADDRESS_HELP = "join a running Ray cluster (host:port, ray://host:port or auto)"
+DASHBOARD_HELP = "start Ray's dashboard with the local cluster (off by default)"
+
+
+def _command(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    name: str,
+    summary: str,
+    description: str,
+    examples: Sequence[str] = (),
+) -> argparse.ArgumentParser:
+    """A subcommand with its one-line ``summary`` (in ``sylva-ray --help``), its ``description``
+    and examples (in ``sylva-ray NAME --help``), laid out as written."""
+    epilog = "examples:\n" + "\n".join(f"  - {line}" for line in examples) if examples else None
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def bench_list() -> str:
+    """Every registered bench with its one-line help, in the registry's order."""
+    width = max(len(name) for name in BENCHES.registered())
+    return "\n".join(f"  - {name:<{width}}  {BENCHES.get(name).help}" for name in BENCHES.registered())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sylva-ray",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log (default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(
+        sub,
+        "run",
+        "run one experiment into a new run directory",
+        "Run one experiment: Phase 1 (federated adversarial fine-tuning of LoRA adapters), Phase 2\n"
+        "(each client's layers chosen by a Shapley game, then tailored) and the final evaluation.\n"
+        "Writes a new run directory (summary.json, per-round tables, plots, models, checkpoints) and\n"
+        "prints the run directory and the final client means as one line of JSON.",
+        [
+            "sylva-ray run --preset smoke",
+            "sylva-ray run --config my.yaml --set federation.rounds=5 --out runs/five-rounds",
+            "sylva-ray run --preset paper --address auto",
+        ],
+    )
     _add_config_options(run)
     run.add_argument("--out", help="run directory (must be new or empty); default runs/<timestamp>-<name>")
-    run.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
-    run.add_argument(
-        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
-    )
+    run.add_argument("--address", help=ADDRESS_HELP)
+    run.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
     run.set_defaults(handler=_cmd_run)
 
-    again = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
-    again.add_argument("run_dir", type=Path)
-    again.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
-    again.add_argument(
-        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
+    again = _command(
+        sub,
+        "resume",
+        "continue an interrupted run from its last checkpoint",
+        "Continue an interrupted run from its last checkpoint, with the configuration it was started\n"
+        "with. A run interrupted with Ctrl-C names this command.",
+        ["sylva-ray resume RUN_DIR", "sylva-ray resume RUN_DIR --address HEAD:6379   # on another cluster"],
     )
+    again.add_argument("run_dir", type=Path, help="the interrupted run's directory")
+    again.add_argument("--address", help=ADDRESS_HELP)
+    again.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
     again.set_defaults(handler=_cmd_resume)
 
-    tailor = sub.add_parser(
-        "phase2", help="run Phase 2 alone on a finished Phase-1 run, into RUN_DIR/phase2-<timestamp>/"
+    tailor = _command(
+        sub,
+        "phase2",
+        "run Phase 2 alone on a finished Phase-1 run, into RUN_DIR/phase2-<timestamp>/",
+        "Run Phase 2 alone (the layer game, tailoring and the final evaluation) on the Phase-1 models\n"
+        "of a finished run, into a new folder RUN_DIR/phase2-<timestamp>/; the run itself is left as\n"
+        "it is. --set changes Phase 2's settings for this time, e.g. the layers kept or the estimator.",
+        [
+            "sylva-ray phase2 RUN_DIR --set layer_selection.top_k=1",
+            "sylva-ray phase2 RUN_DIR --set layer_selection.selection=random",
+        ],
     )
-    tailor.add_argument("run_dir", type=Path)
+    tailor.add_argument("run_dir", type=Path, help="a finished run's directory")
     tailor.add_argument(
         "--set",
         dest="overrides",
@@ -341,20 +417,42 @@ def build_parser() -> argparse.ArgumentParser:
     tailor.add_argument("--address", help="join a running Ray cluster")
     tailor.set_defaults(handler=_cmd_phase2)
 
-    show = sub.add_parser("config", help="print the resolved configuration")
+    show = _command(
+        sub,
+        "config",
+        "print the resolved configuration",
+        "Print the configuration a run would use, resolved from --preset, --config and --set, as YAML.\n"
+        "Nothing runs and no data is read.",
+        ["sylva-ray config --preset paper", "sylva-ray config --set data.alpha=0.5 > my.yaml"],
+    )
     _add_config_options(show)
     show.set_defaults(handler=_cmd_config)
 
-    split = sub.add_parser(
+    split = _command(
+        sub,
         "partition",
-        help="show how a configuration splits the data among clients (sizes, classes, label skew), without training",
+        "show how a configuration splits the data among clients (sizes, classes, label skew), without training",
+        "Show how a configuration splits the data among clients (sizes, classes, label skew) without\n"
+        "training: a table on the terminal, and partition.json/.csv/.png under --out.",
+        ["sylva-ray partition --preset shift", "sylva-ray partition --set data.alpha=0.1 --out runs/split-alpha0.1"],
     )
     _add_config_options(split)
     split.add_argument("--out", help="folder for partition.json/.csv/.png (default runs/partition-<timestamp>-<name>)")
     split.set_defaults(handler=_cmd_partition)
 
-    compare = sub.add_parser(
-        "compare", help="run algorithms x seeds on the same partitions; write comparison.csv/.md and plots"
+    compare = _command(
+        sub,
+        "compare",
+        "run algorithms x seeds on the same partitions; write comparison.csv/.md and plots",
+        "Run algorithms x seeds on the same partitions, in parallel as the cluster allows, and write\n"
+        "comparison.csv/.md and plots. Finished runs are kept: the same command with the same --out\n"
+        "goes on where an interrupted comparison stopped. Any of --aggregations, --behaviours and\n"
+        "--fractions makes it a threat sweep against malicious clients instead (threat.csv/.md/.png).",
+        [
+            "sylva-ray compare --algorithms sylva,fat,fedtrades,local_at --seeds 3 --reference fat --out runs/cmp",
+            "sylva-ray compare --algorithms sylva-no_phase2 --aggregations fedavg,balltree,median,krum "
+            "--behaviours sign_flip,alie",
+        ],
     )
     _add_config_options(compare)
     compare.add_argument(
@@ -367,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--out", help="comparison folder (new, or an earlier comparison to resume); default runs/compare-<timestamp>"
     )
-    compare.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    compare.add_argument("--address", help=ADDRESS_HELP)
     compare.add_argument(
         "--actors-per-run",
         type=int,
@@ -377,13 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--max-parallel", type=int, help="cap on runs at once (default: as many as the cluster's resources hold)"
     )
-    compare.add_argument(
-        "--dashboard", action="store_true", help="start Ray's dashboard with the local cluster (off by default)"
-    )
-    room = sub.add_parser(
+    compare.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
+    room = _command(
+        sub,
         "room",
-        help="pooled vs local-only adversarial training on a configuration's split: does the data leave "
+        "pooled vs local-only adversarial training on a configuration's split: does the data leave "
         "collaboration room to help? (no federated method is run)",
+        "Train adversarially on all clients' data pooled and on each client's data alone, on a\n"
+        "configuration's split, and say whether pooling gains --threshold robust points: whether the\n"
+        "data leaves collaboration room to help. No federated method is run. Writes room.csv/.json.",
+        ["sylva-ray room --preset shift --lrs 0.05,0.01", "sylva-ray room --seeds 3"],
     )
     _add_config_options(room)
     room.add_argument("--seeds", type=int, default=1, help="seeds: runtime.seed, +1, ... (default 1)")
@@ -396,8 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     room.add_argument("--out", help="folder for room.csv/.json (new; default runs/room-<timestamp>-<name>)")
     room.set_defaults(handler=_cmd_room, preset="shift")
 
-    study = sub.add_parser(
-        "study", help="compare the same algorithms and seeds over kinds of heterogeneity; write study.csv/.md/.png"
+    study = _command(
+        sub,
+        "study",
+        "compare the same algorithms and seeds over kinds of heterogeneity; write study.csv/.md/.png",
+        "Compare the same algorithms and seeds over several kinds of heterogeneity (iid, Dirichlet\n"
+        "label skew alpha<A>, domain shift, and '+'-joined combinations of them), with paired\n"
+        "differences against a baseline; writes study.csv/.md/.png. Resumable like compare.",
+        ["sylva-ray study --seeds 3 --out runs/study", "sylva-ray study --settings iid,alpha0.1,shift --seeds 1"],
     )
     _add_config_options(study)
     study.add_argument(
@@ -418,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--out", help="study folder (new, or an earlier study to resume); default runs/study-<timestamp>"
     )
-    study.add_argument("--address", help="join a running Ray cluster (host:port, ray://host:port or auto)")
+    study.add_argument("--address", help=ADDRESS_HELP)
     study.add_argument("--actors-per-run", type=int, default=1, help="client actors per run")
     study.add_argument("--max-parallel", type=int, help="cap on runs at once")
     study.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the local cluster")
@@ -432,26 +539,27 @@ def build_parser() -> argparse.ArgumentParser:
     threat.add_argument("--fractions", help="comma-separated malicious fractions (default 0,0.1,0.2,0.3)")
     compare.set_defaults(handler=_cmd_compare)
 
-    bench = sub.add_parser("bench", help="measured side-by-side benchmarks")
+    bench = _command(
+        sub,
+        "bench",
+        "measured side-by-side benchmarks",
+        "Measure figures side by side in one session and report them as ratios. Each bench's table\n"
+        "is printed and written as CSV under --out. The benches:\n\n" + bench_list(),
+        [
+            "sylva-ray bench comm",
+            "sylva-ray bench memory --preset paper",
+            "sylva-ray bench phase2 --set runtime.seed=1 --set evaluation.autoattack=false",
+            "sylva-ray bench startup --repeats 3 --out runs/startup",
+            "sylva-ray bench autoattack --run RUN_DIR",
+        ],
+    )
     bench.add_argument(
         "which",
         nargs="?",
         default="comm",
-        choices=[
-            "comm",
-            "engine",
-            "scale",
-            "phase2",
-            "estimator",
-            "memory",
-            "clock",
-            "startup",
-            "autoattack",
-            "data",
-            "tracking",
-            "pretrain",
-            "transfer",
-        ],
+        choices=BENCHES.registered(),
+        metavar="BENCH",
+        help="the bench to run, one of those listed above (default comm)",
     )
     bench.add_argument("--out", help="folder for the bench CSV (default runs/bench-<which>-<timestamp>)")
     bench.add_argument(
@@ -468,8 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(bench)
     bench.set_defaults(handler=_cmd_bench)
 
-    doctor = sub.add_parser(
-        "doctor", help="check that a run of this configuration can start here: libraries, cache, disk, Ray, GPUs"
+    doctor = _command(
+        sub,
+        "doctor",
+        "check that a run of this configuration can start here: libraries, cache, disk, Ray, GPUs",
+        "Check that a run of this configuration can start here (libraries, cache, disk, Ray, GPUs)\n"
+        "before paying for the machines; with --against, whether a run's figures should repeat here.\n"
+        "Exits non-zero when a check fails.",
+        [
+            "sylva-ray doctor --preset smoke",
+            "sylva-ray doctor --preset paper --address HEAD:6379",
+            "sylva-ray doctor --against RUN_DIR",
+        ],
     )
     _add_config_options(doctor)
     doctor.add_argument(

@@ -14,6 +14,7 @@ that sees the GPUs (the acceptance run: ``pytest -q && pytest -q -m gpu``).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -31,6 +32,15 @@ GPU_SESSION_MARKERS = "gpu"
 
 def is_gpu_session(config: pytest.Config) -> bool:
     return (config.getoption("markexpr") or "").strip() == GPU_SESSION_MARKERS
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--perf",
+        action="store_true",
+        help="the perf check: also time each refusal of bad input against a fresh process's imports "
+        "(wall-time ratios, not part of the default run: a loaded machine can miss them)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,14 +92,29 @@ def ray_cluster(pytestconfig: pytest.Config):
     ray.shutdown()
 
 
-#: Fixtures that run whole (small) experiments: a test using one is ``slow`` like the fixture.
-EXPERIMENT_FIXTURES = frozenset(
-    {"runs", "smoke_run", "two_actor_run", "interrupted_run", "scenarios", "shift_runs", "transfer_runs"}
-)
+@pytest.fixture(scope="session")
+def refusal_budget(pytestconfig: pytest.Config) -> float | None:
+    """With ``--perf``: the seconds a fresh process takes to import what a run trains with, which a
+    refusal of bad input must beat (``tests/helpers/refusals.py``); without it, ``None``: no timing."""
+    if not pytestconfig.getoption("perf"):
+        return None
+    from tests.helpers.refusals import import_seconds
+
+    return import_seconds()
+
+
+#: The folder of end-to-end tests: each runs whole (small) experiments, so each is ``slow``.
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def is_slow(item: pytest.Item) -> bool:
+    """A test that starts Ray (it uses ``ray_cluster``, directly or through another fixture:
+    ``fixturenames`` is the closure) or lives in ``tests/e2e/``."""
+    return "ray_cluster" in getattr(item, "fixturenames", ()) or E2E_DIR in item.path.resolve().parents
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests on an experiment fixture are ``slow`` (``pytest -m "not slow"`` for a quick pass);
+    """Tests that start Ray or run whole experiments are ``slow`` (``pytest -m "not slow"`` for a quick pass);
     ``gpu`` tests run only in a GPU session on a host with CUDA."""
     if not is_gpu_session(config):
         skip = pytest.mark.skip(reason="a gpu test: run `pytest -m gpu` (a session of its own, where CUDA is seen)")
@@ -98,7 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     else:
         skip = None
     for item in items:
-        if EXPERIMENT_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if is_slow(item):
             item.add_marker(pytest.mark.slow)
         if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from cli_capture import run_captured
 
 from sylva_ray.base.config import RuntimeConfig, config_field_docs
 from sylva_ray.cli import build_parser
 from sylva_ray.cli import main as cli_main
+from tests.helpers.cli_capture import run_captured
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -152,11 +152,82 @@ def test_the_extension_example_registers_and_runs_a_round_of_each(ray_cluster, t
     assert summary["algorithm"]["name"] == "fedprox_lora_at"
 
 
-def tutorial_commands(page: Path) -> list[str]:
-    """The shell commands of a tutorial's runnable block (the first ```bash block after '## Walk-through')."""
-    section = page.read_text().split("## Walk-through", 1)[1]
+def tutorial_commands(page: Path, heading: str = "## Walk-through") -> list[str]:
+    """The shell commands of a tutorial's runnable block (the first ```bash block after ``heading``)."""
+    section = page.read_text().split(heading, 1)[1]
     block = section.split("```bash", 1)[1].split("```", 1)[0]
     return [line.strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_the_reference_lists_the_names_each_registry_holds():
+    """A field that names a registered entry lists the registry's names, not names typed by hand."""
+    from sylva_ray.base.config import registry_fields
+    from sylva_ray.engine.resolve import REGISTRIES
+
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        from sylva_reference import configuration_page
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    rows = {
+        line.split("|")[1].strip(" `"): line for line in configuration_page().splitlines() if line.startswith("| `")
+    }
+    for dotted, kind in registry_fields():
+        assert all(f"`{name}`" in rows[dotted].split("|")[4] for name in REGISTRIES[kind].names()), dotted
+
+
+def test_the_dataset_and_rule_tutorial_registers_both_and_its_run_resolves(tmp_path, monkeypatch):
+    """docs/examples/my_dataset.py and my_rule.py through `runtime.plugins`, with the page's own
+    commands: the data file it makes, the run's settings resolved; the data loads and splits, and
+    the rule gives the hand-computed answer."""
+    import runpy
+
+    import torch
+
+    from sylva_ray.engine.preflight import data_problems
+    from sylva_ray.engine.resolve import load_config
+    from sylva_ray.method.aggregation import AGGREGATORS, aggregate, is_selecting
+    from sylva_ray.method.data import DATASETS, load_source, make_partition
+    from sylva_ray.method.robust_aggregation import aggregation_problem
+    from sylva_ray.method.update_space import RoundContext
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").symlink_to(DOCS)  # the page's relative paths, from a folder of the test's own
+    make, run = tutorial_commands(DOCS / "tutorials" / "dataset-and-rule.md", "## Run it")
+    assert shlex.split(make)[0] == "python"
+    runpy.run_path(shlex.split(make)[1], run_name="__main__")
+    words = shlex.split(run)
+    assert words[:2] == ["sylva-ray", "run"]
+    settings = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    cfg = load_config(words[words.index("--preset") + 1], overrides=settings)
+    assert [Path(p).name for p in cfg.runtime.plugins] == ["my_dataset.py", "my_rule.py"]
+    assert cfg.data.name == "npz" and cfg.federation.aggregation == "nearest_to_median"
+    assert DATASETS.get("npz").reads_root and is_selecting("nearest_to_median")
+    assert not AGGREGATORS.get("nearest_to_median").sample_weighted
+
+    source = load_source(cfg.data)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert source.private.images.shape == (len(digits.target), 3, 8, 8) and source.private.images.dtype == np.uint8
+    assert source.num_classes == 10 and (source.private.labels == digits.target).all()
+    assert np.allclose(source.private.pixels()[:, 0].numpy(), digits.images / 16, atol=1 / 16)
+    partition = make_partition(source, cfg.data, cfg.runtime.seed)
+    pooled = np.concatenate([*partition.train, *partition.test])
+    assert partition.num_clients == cfg.data.num_clients and sorted(pooled.tolist()) == list(range(len(source.private)))
+    assert data_problems(cfg) == []
+
+    # updates (0,0), (1,0), (0,1), (10,10), f = 1: the median is (0.5, 0.5); the three nearest are kept
+    reference = {"w": torch.tensor([2.0, -1.0])}
+    uploads = [{"w": reference["w"] + torch.tensor(u)} for u in ([0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0])]
+    merged, weights = aggregate(
+        "nearest_to_median", uploads, [5, 1, 1, 1], cfg.federation, RoundContext(reference, byzantine_f=1)
+    )
+    assert merged["w"].tolist() == pytest.approx([2.0 + 1 / 3, -1.0 + 1 / 3])
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    assert aggregation_problem("nearest_to_median", cfg.federation, 2, 2) == (
+        "nearest_to_median needs n > f updates (f = 2) and gets n = 2"
+    )
 
 
 def write_image_folder(root: Path, classes: int = 4, per_class: int = 30) -> None:

@@ -2,7 +2,9 @@
 
 Every field of ``sylva_ray.base.config.ExperimentConfig`` under the name a user writes after
 ``--set`` (``attack.eps``), with its type, default, allowed values and the description the schema
-holds, and what each preset sets. Generated when the build starts, into
+holds, and what each preset sets. A field that names a registered entry (``data.name``,
+``federation.aggregation``, ...) lists the names its registry holds
+(``engine.resolve.REGISTRIES``). Generated when the build starts, into
 ``reference/configuration.md`` (not kept in git), so it cannot go stale; a field without a
 description stops the build.
 """
@@ -37,8 +39,11 @@ def type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
-def allowed(annotation: Any, metadata: list[Any]) -> str:
-    """The values a field accepts, where the schema says: a Literal's choices, numeric bounds."""
+def allowed(annotation: Any, metadata: list[Any], registry: Any = None) -> str:
+    """The values a field accepts, where the schema says: a Literal's choices, numeric bounds, or
+    the names its registry holds (and any a plug-in registers)."""
+    if registry is not None:
+        return ", ".join(f"`{name}`" for name in registry.names()) + ", or your own (`runtime.plugins`)"
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union:
         literal = next((a for a in args if typing.get_origin(a) is typing.Literal), None)
@@ -74,7 +79,8 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def configuration_page() -> str:
     """The whole page, as Markdown."""
-    from sylva_ray.base.config import PRESETS, ExperimentConfig
+    from sylva_ray.base.config import PRESETS, ExperimentConfig, registry_kind
+    from sylva_ray.engine.resolve import REGISTRIES
 
     defaults = ExperimentConfig()
     lines = [
@@ -114,9 +120,13 @@ def configuration_page() -> str:
             dotted = f"{section.name}.{name}"
             if not (info.description or "").strip():
                 missing.append(dotted)
+            kind = registry_kind(info)
+            if kind is not None and kind not in REGISTRIES:
+                raise ExtensionError(f"{dotted} names the {kind!r} registry, which engine.resolve.REGISTRIES lacks")
+            registry = REGISTRIES[kind] if kind is not None else None
             lines.append(
                 f"| `{dotted}` | {cell(type_name(info.annotation))} | {cell(default_text(getattr(sub, name)))} "
-                f"| {cell(allowed(info.annotation, info.metadata))} | {cell(info.description or '')} |"
+                f"| {cell(allowed(info.annotation, info.metadata, registry))} | {cell(info.description or '')} |"
             )
     scalars = [
         f for f in dataclasses.fields(ExperimentConfig) if not dataclasses.is_dataclass(getattr(defaults, f.name))

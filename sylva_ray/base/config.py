@@ -28,6 +28,15 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
 
 #: L-inf radius used for CIFAR in CalFAT / SFAT: 8 grey levels out of 255.
 CIFAR_EPS = 8 / 255
+#: The key of a field's schema extra that names the registry its value is looked up in.
+REGISTRY_KEY = "registry"
+
+
+def registry_name(kind: str, description: str) -> Any:
+    """A field whose value names an entry of the ``kind`` registry (``base.registry.Registry.kind``).
+    The registered names are not written here: whatever describes or checks the field lists them
+    from the registry (the configuration reference, ``engine.resolve``'s checks)."""
+    return Field(description=description, json_schema_extra={REGISTRY_KEY: kind})
 
 
 class ConfigError(ValueError):
@@ -38,9 +47,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data, and how it is split among clients."""
 
-    name: Annotated[
-        str, Field(description="dataset registry name: digits, cifar10, cifar100, imagefolder, hf, synthetic")
-    ] = "digits"
+    name: Annotated[str, registry_name("dataset", "the dataset, by its registered name")] = "digits"
     root: Annotated[
         Optional[str],
         Field(
@@ -48,9 +55,9 @@ class DataConfig:
         ),
     ] = None
     num_clients: Annotated[int, Field(ge=1, description="number of clients the private data is split among")] = 10
-    partition: Annotated[str, Field(description="partitioner registry name: iid, dirichlet, shards, quantity")] = (
-        "dirichlet"
-    )
+    partition: Annotated[
+        str, registry_name("partitioner", "how the private pool is split among clients, by the partitioner's name")
+    ] = "dirichlet"
     alpha: Annotated[
         float,
         Field(
@@ -201,12 +208,12 @@ class AttackConfig:
         float, Field(gt=0, le=1, description="L-inf radius in [0,1] pixel space; 0.05 for 8x8 digits, 8/255 for CIFAR")
     ] = 0.05
     train_attack: Annotated[
-        str, Field(description="attack registry name used to make training examples: pgd, trades_kl")
+        str, registry_name("attack", "the attack that makes the training examples, by its registered name")
     ] = "pgd"
     train_steps: Annotated[int, Field(ge=1, description="attack iterations during training")] = 5
     train_step_size: Annotated[Optional[float], Field(gt=0, description="training step; default eps/4")] = None
     random_start: Annotated[bool, Field(description="PGD random start inside the eps ball")] = True
-    eval_attack: Annotated[str, Field(description="attack registry name for evaluation: pgd, autoattack")] = "pgd"
+    eval_attack: Annotated[str, registry_name("attack", "the attack of the evaluation, by its registered name")] = "pgd"
     eval_steps: Annotated[int, Field(ge=1, description="PGD iterations at evaluation (PGD-20 convention)")] = 20
     eval_step_size: Annotated[
         Optional[float], Field(gt=0, description="evaluation step; default eps/4 (2/255 at eps 8/255)")
@@ -308,9 +315,10 @@ class FederationConfig:
     )
     aggregation: Annotated[
         str,
-        Field(
-            description="aggregator registry name: balltree (Sylva), fedavg, or a Byzantine-robust rule (ByzFL): "
-            "median, trimmed_mean, geometric_median, krum, multi_krum, centered_clipping"
+        registry_name(
+            "aggregator",
+            "the aggregation rule, by its registered name: balltree is Sylva's, fedavg sample-weighted FedAvg, "
+            "the others ByzFL's Byzantine-robust rules",
         ),
     ] = "balltree"
     balltree_k: Annotated[int, Field(ge=1, description="neighbours per client in the ball-tree density weighting")] = 3
@@ -385,7 +393,7 @@ class AdversaryConfig:
     ] = 0.0
     behaviour: Annotated[
         str,
-        Field(description="behaviour registry name: sign_flip, scale, gaussian, alie, ipm, label_flip, free_rider"),
+        registry_name("behaviour", "what a malicious client does, by the behaviour's registered name"),
     ] = "sign_flip"
     start_round: Annotated[
         int, Field(ge=0, description="first round (0-based, as in metrics.csv) in which the malicious clients attack")
@@ -503,7 +511,7 @@ class AlgorithmConfig:
 
     name: Annotated[
         str,
-        Field(description="algorithm registry name: sylva, fat, fedtrades, fedmart, calfat, local_at, fedavg_lora_at"),
+        registry_name("algorithm", "Sylva or a baseline, by the algorithm's registered name"),
     ] = "sylva"
     ablations: Annotated[
         list[str],
@@ -801,8 +809,8 @@ class ExperimentConfig:
 #: Named starting points; ``--config`` and ``--set`` apply on top. Values are overrides of the
 #: defaults above, so each preset reads as "what differs from the embedded default".
 PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded-default main job, with the transfer attacks in its final protocol: +30 s (+6.6%)
-    # of a 455 s protocol, measured by `sylva-ray bench transfer` (docs results/transfer.md).
+    # The embedded-default main job, with the transfer attacks in its final protocol (what they
+    # cost: `sylva-ray bench transfer`, docs results/transfer.md).
     "default": {"evaluation": {"transfer": ["public", "global", "peers"]}},
     # A complete run in seconds: few clients, milder skew, short pre-training, weak attacks.
     "smoke": {
@@ -923,6 +931,25 @@ def validate_schema(raw: dict[str, Any]) -> ExperimentConfig:
         return TypeAdapter(ExperimentConfig).validate_python(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+def registry_kind(info: Any) -> Optional[str]:
+    """The registry a field's value names (a pydantic ``FieldInfo`` made by ``registry_name``), or None."""
+    extra = info.json_schema_extra
+    return extra.get(REGISTRY_KEY) if isinstance(extra, dict) else None
+
+
+def registry_fields() -> list[tuple[str, str]]:
+    """(dotted name, registry kind) of every field that names a registered entry, in schema order."""
+    found = []
+    defaults = ExperimentConfig()
+    for section in dataclasses.fields(ExperimentConfig):
+        sub = getattr(defaults, section.name)
+        for name, info in (type(sub).__pydantic_fields__ if dataclasses.is_dataclass(sub) else {}).items():
+            kind = registry_kind(info)
+            if kind is not None:
+                found.append((f"{section.name}.{name}", kind))
+    return found
 
 
 def config_field_docs() -> list[tuple[str, str, Any, str]]:

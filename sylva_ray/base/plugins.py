@@ -1,8 +1,8 @@
-"""Your own algorithms, aggregation rules and adversary behaviours, from one file of your own.
+"""Your own algorithms, datasets, aggregation rules and adversary behaviours, from files of your own.
 
 ``runtime.plugins`` lists modules (``my_package.my_algorithm``) or Python files
 (``extensions/my_algorithm.py``) that register things with the package's registries
-(``ALGORITHMS``, ``AGGREGATORS``, ``BEHAVIOURS``) when imported. Every process that looks a name
+(``ALGORITHMS``, ``DATASETS``, ``AGGREGATORS``, ``BEHAVIOURS``, ...) when imported. Every process that looks a name
 up imports them first: the main process when it resolves the config, each client actor when it
 builds its worker, the driver actor when it starts the federation. A file is imported once per
 process (the registries refuse a second registration of a name).

@@ -14,6 +14,7 @@ for the whole run); the actors' processes import what they run in their construc
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,11 +25,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sylva_ray.base.config import ExperimentConfig, ModelConfig
 from sylva_ray.distributed.actor_common import ACTOR_LOG_FORMAT, BYTES_PER_MB
-from sylva_ray.distributed.client_actor import ClientActor
+from sylva_ray.distributed.client_actor import RemoteClientActor
 from sylva_ray.distributed.gpu_visibility import hide_unreserved_gpus
 from sylva_ray.distributed.placement import PoolPlan, threads_for
 
 if TYPE_CHECKING:
+    from sylva_ray.engine.checkpoint import FederationState
     from sylva_ray.method.data import DataSource, Partition
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ def start_client_actors(
     backbone_ref: Optional[ray.ObjectRef],
     placement_group: Any = None,
     log_level: int = logging.INFO,
+    *,
+    actor_class: Any = RemoteClientActor,
 ) -> list[Any]:
     """Start the pool's client actors; each imports torch and the method as soon as it runs, then
     waits for ``backbone_ref`` (handed over one level deep, so Ray does not hold the actor back until
@@ -56,12 +60,13 @@ def start_client_actors(
     no pre-trained weights (``model.pretrained=none``), each actor draws the same seeded init.
 
     The caller keeps ``source_ref`` and ``backbone_ref`` alive for the run: a restarted actor re-reads
-    its constructor arguments from the object store.
+    its constructor arguments from the object store. ``actor_class``: the Ray actor class to start
+    (a test's ``ray.remote`` subclass of ``ClientActor``; a run's is ``RemoteClientActor``).
     """
     threads = threads_for(cfg.runtime.client_resources, cfg.runtime.torch_threads)
     options = dict(plan.actor_options, max_restarts=cfg.runtime.max_actor_restarts, max_task_retries=0)
     actors = [
-        ClientActor.options(**options, **_bundle(placement_group, 1 + i)).remote(
+        actor_class.options(**options, **_bundle(placement_group, 1 + i)).remote(
             cfg, source_ref, partition, [backbone_ref], threads, plan.gpu_fraction, log_level
         )
         for i in range(plan.size)
@@ -85,30 +90,32 @@ def _bundle(placement_group: Any, index: int) -> dict[str, Any]:
     }
 
 
-@ray.remote(num_cpus=0)
 class DriverActor:
     """Owns the federation: the round loop, the run directory, and the client actors' work.
 
     Started before the client actors, in two steps: ``stage_backbone`` gets the pre-trained weights
     (pre-training on the public slice, a checkpoint, hub weights) while the clients import torch,
     and ``start`` takes the client actors over once they exist. The driver reads no data folder;
-    the launcher put the data in the object store.
+    the launcher put the data in the object store. ``RemoteDriverActor`` is this class as a Ray
+    actor class (the one a run starts); a test subclasses this one (its fault drills).
     """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
         run_dir: str,
-        resume: bool,
+        state: Optional[FederationState],
         log_level: int = logging.INFO,
         progress: bool = True,
         track: bool = True,
     ) -> None:
-        """``log_level``: the main process's, so ``--log-level`` reaches every actor; ``progress``:
-        Phase 2's bars on or off, as the launcher's; ``track``: live figures into ``run_dir``."""
+        """``state``: the checkpoint a resume continues from (read once, by the launcher; it arrives
+        through the object store), None for a new run; ``log_level``: the main process's, so
+        ``--log-level`` reaches every actor; ``progress``: Phase 2's bars on or off, as the
+        launcher's; ``track``: live figures into ``run_dir``."""
         hide_unreserved_gpus()  # the driver reserves no GPU: it aggregates on the CPU
         logging.basicConfig(level=log_level, format=ACTOR_LOG_FORMAT)
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg, self.run_dir, self.state = cfg, Path(run_dir), state
         self.progress, self.track = progress, track
         self.plan: Optional[PoolPlan] = None
 
@@ -124,18 +131,22 @@ class DriverActor:
     def start(self, actors: list[Any], plan: PoolPlan, pretraining_seconds: float = 0.0) -> None:
         """Take over the client actors (``start_client_actors``) and build the federation;
         ``pretraining_seconds``: the time to get the weights (``summary.json`` ``seconds_by_stage``)."""
-        from sylva_ray.distributed.executor import FaultPlan, RayExecutor
         from sylva_ray.engine.federation import Federation
-        from sylva_ray.engine.phase2 import SilentBar
+        from sylva_ray.engine.progress import SilentBar
 
-        self.faults = FaultPlan()
         self.plan = plan
         self.federation = Federation(
-            self.cfg, self.run_dir, RayExecutor(self.cfg, actors, self.faults), resume=self.resume, track=self.track
+            self.cfg, self.run_dir, self.make_executor(actors), state=self.state, track=self.track
         )
         self.federation.pretraining_seconds = pretraining_seconds
         # Phase 2's bars are drawn in the main process (Ray forwards tqdm_ray's updates to it).
         self.federation.progress_bar = tqdm_ray.tqdm if self.progress else SilentBar
+
+    def make_executor(self, actors: list[Any]) -> Any:
+        """The executor that fans the federation's jobs out to ``actors``."""
+        from sylva_ray.distributed.executor import RayExecutor
+
+        return RayExecutor(self.cfg, actors)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -145,27 +156,13 @@ class DriverActor:
             "done": self.federation.done,
         }
 
-    def inject_faults(
-        self,
-        kills: dict[tuple[int, int], int],
-        raises: dict[tuple[int, int], int],
-        ooms: Optional[dict[tuple[int, int], int]] = None,
-    ) -> None:
-        """Fault drill: kill the actor running (round, client), make the job raise, or run out of GPU
-        memory, n times."""
-        self.faults.kills.update(kills)
-        self.faults.raises.update(raises)
-        self.faults.ooms.update(ooms or {})
-
     def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
         summary = self.federation.run_round(evaluate=evaluate)
         summary["driver_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
         return summary
 
-    def phase2(self, out_dir: str) -> dict[str, Any]:
-        from sylva_ray.engine.runner import phase2_of
-
-        return phase2_of(self.federation, Path(out_dir))
+    def run_phase2(self, out_dir: str) -> dict[str, Any]:
+        return self.federation.run_phase2(Path(out_dir))
 
     def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         try:
@@ -178,6 +175,19 @@ class DriverActor:
             return
         self.federation.close()
         self.federation.executor.shutdown()
+
+
+#: The driver actor as Ray starts it (``launcher.remote_federation``): on the launching node, holding no CPU.
+RemoteDriverActor = ray.remote(num_cpus=0)(DriverActor)
+
+
+@dataclass(frozen=True)
+class ActorClasses:
+    """The Ray actor classes a run starts: a run's are these; a test passes ``ray.remote``
+    subclasses of ``DriverActor`` and ``ClientActor`` (its fault drills)."""
+
+    driver: Any = RemoteDriverActor
+    client: Any = RemoteClientActor
 
 
 class DriverHandle:
@@ -197,8 +207,5 @@ class DriverHandle:
     def finish(self, phase2: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         return self._ray.get(self._driver.finish.remote(phase2))
 
-    def phase2(self, out_dir: Path) -> dict[str, Any]:
-        return self._ray.get(self._driver.phase2.remote(str(out_dir)))
-
-    def inject_faults(self, kills: dict, raises: dict, ooms: Optional[dict] = None) -> None:
-        self._ray.get(self._driver.inject_faults.remote(kills, raises, ooms or {}))
+    def run_phase2(self, out_dir: Path) -> dict[str, Any]:
+        return self._ray.get(self._driver.run_phase2.remote(str(out_dir)))

@@ -4,6 +4,10 @@ The process that launches a Ray run names this class to start the actors and mus
 for it (~600 MiB and seconds of CPU, for the whole run); so this module imports no torch, and the
 actor's own process imports the host -- torch, the model, the method -- in its constructor. Every
 method hands its call to the host.
+
+``ClientActor`` is the plain class (Ray names the actor after it); ``RemoteClientActor`` is it as a
+Ray actor class, the one a run starts. A test subclasses ``ClientActor`` and wraps its subclass with
+``ray.remote`` (its fault drills).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ if TYPE_CHECKING:
     from sylva_ray.method.data import DataSource, Partition
 
 
-@ray.remote
 class ClientActor:
     """Hosts one ``ClientWorker`` (model built once) and runs jobs for any client."""
 
@@ -53,8 +56,8 @@ class ClientActor:
     def ping(self) -> int:
         return self.host.ping()
 
-    def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
-        return self.host.train(job, global_payload, round_index, fault)
+    def train(self, job: Job, global_payload: bytes, round_index: int) -> Outcome:
+        return self.host.train(job, global_payload, round_index)
 
     def evaluate(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
         return self.host.evaluate(job, adapter_payload, models_payload)
@@ -67,3 +70,7 @@ class ClientActor:
 
     def protocol(self, job: Job, adapter_payload: bytes, models_payload: Optional[bytes] = None) -> Outcome:
         return self.host.protocol(job, adapter_payload, models_payload)
+
+
+#: The client actor as Ray starts it (``start_client_actors``).
+RemoteClientActor = ray.remote(ClientActor)

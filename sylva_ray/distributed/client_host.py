@@ -41,16 +41,12 @@ from sylva_ray.engine.jobs import (
 )
 from sylva_ray.engine.transfer import FinalModels, decode_models
 from sylva_ray.method.data import DataSource, Partition
-from sylva_ray.method.models import decode_state
+from sylva_ray.method.wire import decode_state
 
 log = logging.getLogger(__name__)
 
 #: Texts of CUDA allocation failures that torch raises as a plain RuntimeError, not OutOfMemoryError.
 CUDA_OOM_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-class InjectedFault(RuntimeError):
-    """Raised inside a client job on purpose (fault drills and tests)."""
 
 
 def gpu_memory_message(
@@ -198,18 +194,10 @@ class ClientHost:
     def ping(self) -> int:
         return os.getpid()
 
-    def train(self, job: Job, global_payload: bytes, round_index: int, fault: Optional[str] = None) -> Outcome:
-        if fault == "raise":
-            raise InjectedFault(f"injected fault in client {job.client_id}, round {round_index + 1}")
-
-        def work() -> Outcome:
-            if fault == "oom":
-                raise torch.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by a fault drill)"
-                )
-            return run_train_job(self.worker, job, self._adapter(global_payload), round_index)
-
-        outcome = self._measured(job.client_id, "train", work)
+    def train(self, job: Job, global_payload: bytes, round_index: int) -> Outcome:
+        outcome = self._measured(
+            job.client_id, "train", lambda: run_train_job(self.worker, job, self._adapter(global_payload), round_index)
+        )
         outcome.metrics["actor_rss_mb"] = psutil.Process().memory_info().rss / BYTES_PER_MB
         outcome.metrics["actor_pid"] = os.getpid()
         outcome.metrics["actor_node"] = ray.get_runtime_context().get_node_id()

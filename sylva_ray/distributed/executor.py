@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import ray
@@ -30,15 +29,6 @@ log = logging.getLogger(__name__)
 
 #: While waiting for a restarted actor: each ping waits at most this long, with this pause between.
 RESTART_PING_TIMEOUT_S, RESTART_PING_PAUSE_S = 5.0, 0.5
-
-
-@dataclass
-class FaultPlan:
-    """Faults to inject, for drills and tests: (round, client) -> what to do and how many times."""
-
-    kills: dict[tuple[int, int], int] = field(default_factory=dict)
-    raises: dict[tuple[int, int], int] = field(default_factory=dict)
-    ooms: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def gpu_memory_cause(exc: BaseException) -> Optional[GPUMemoryError]:
@@ -70,11 +60,10 @@ class RayExecutor:
     the pool, and its clients move to the remaining actors. CUDA out-of-memory is not retried.
     """
 
-    def __init__(self, cfg: ExperimentConfig, actors: Sequence[Any], faults: Optional[FaultPlan] = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, actors: Sequence[Any]) -> None:
         """``actors``: client-actor handles (``start_client_actors``), started by whoever had the
         inputs first, so that they build their models while the driver starts."""
         self.cfg = cfg
-        self.faults = faults or FaultPlan()
         self.actors = list(actors)
         self.retired: set[int] = set()
         #: Peak GPU memory (MiB) of any job of each stage this session: the sizing figure for a share.
@@ -110,20 +99,7 @@ class RayExecutor:
         payload_ref = ray.put(global_payload)  # one copy in the object store for every client this round
 
         def submit(actor: Any, job: Job) -> ray.ObjectRef:
-            fault = (
-                "raise"
-                if self._take(self.faults.raises, round_index, job.client_id)
-                else "oom"
-                if self._take(self.faults.ooms, round_index, job.client_id)
-                else None
-            )
-            ref = actor.train.remote(job, payload_ref, round_index, fault)
-            if self._take(self.faults.kills, round_index, job.client_id):
-                log.warning(
-                    "fault drill: killing the actor running client %d in round %d", job.client_id, round_index + 1
-                )
-                ray.kill(actor, no_restart=False)
-            return ref
+            return actor.train.remote(job, payload_ref, round_index)
 
         return self._run(jobs, submit, self.cfg.federation.round_timeout_s, stage="train")
 
@@ -166,14 +142,6 @@ class RayExecutor:
     def home_actor(self, client_id: int) -> int:
         """The actor a client's Phase 2 jobs go to: a fixed spread of clients over the pool."""
         return client_id % len(self.actors)
-
-    @staticmethod
-    def _take(budget: dict[tuple[int, int], int], round_index: int, client_id: int) -> bool:
-        key = (round_index, client_id)
-        if budget.get(key, 0) > 0:
-            budget[key] -= 1
-            return True
-        return False
 
     def _next_job(self, pending: deque[int], jobs: Sequence[Job], actor_index: int, affinity: bool) -> Optional[int]:
         """The first pending job this actor should run: any job, or with affinity one of its own

@@ -3,7 +3,7 @@ actor, drive it.
 
     run(cfg, run_dir)             a new run (the run directory is new or empty)
     resume(run_dir)               continue from the run's last checkpoint, with the run's own config
-    phase2_only(run_dir, ...)     Phase 2 alone on a finished run, into a new sub-folder
+    run_phase2(run_dir, ...)      Phase 2 alone on a finished run, into a new sub-folder
 
 A Ray run's launching process holds no torch, timm or peft: configuration, the checks that need
 none, the data (numpy), the partition and the run directory stay here; the model checks run in a
@@ -48,12 +48,13 @@ from sylva_ray.engine.rundir import (
     write_config,
     write_json,
 )
-from sylva_ray.engine.runner import check_resumable, drive, restore_tables
+from sylva_ray.engine.runner import drive
 from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.method.data import DataSource, load_source
 
 if TYPE_CHECKING:  # imported when a Ray run starts: an in-process run never loads Ray
-    from sylva_ray.distributed.actors import DriverHandle
+    from sylva_ray.distributed.actors import ActorClasses, DriverHandle
+    from sylva_ray.engine.checkpoint import FederationState
     from sylva_ray.engine.federation import Federation
 
 log = logging.getLogger(__name__)
@@ -67,24 +68,30 @@ def run(
     run_dir: Path,
     *,
     resume: bool = False,
+    state: Optional[FederationState] = None,
     stop_after: Optional[int] = None,
-    faults: Optional[dict[str, Any]] = None,
     progress: bool = True,
+    actor_classes: Optional[ActorClasses] = None,
 ) -> Optional[dict[str, Any]]:
     """Run (or continue) Phase 1 into ``run_dir``; returns the summary, or None if stopped early.
 
     ``stop_after`` ends the session after that many rounds in total, as an interruption would
-    (the checkpoint is written after every round); ``faults`` is a fault drill for the Ray engine.
+    (the checkpoint is written after every round); ``actor_classes``: the Ray engine's actor classes
+    (None: a run's own; a test passes its subclasses).
     """
     if not resume:
         write_config(run_dir, cfg)
+    elif state is None:  # the caller has not read the checkpoint: read (and check) it here, once
+        from sylva_ray.engine.checkpoint import check_resumable
+
+        state = check_resumable(run_dir, cfg)
     if cfg.runtime.engine == "inprocess":
         from sylva_ray.engine.runner import LocalSession
 
         check_local_device(cfg)
-        federation = local_federation(cfg, run_dir, resume, record_in=run_dir)
+        federation = local_federation(cfg, run_dir, resume, state, record_in=run_dir)
         if not progress:
-            from sylva_ray.engine.phase2 import SilentBar
+            from sylva_ray.engine.progress import SilentBar
 
             federation.progress_bar = SilentBar
         try:
@@ -92,15 +99,18 @@ def run(
         finally:
             federation.close()
 
-    with remote_federation(cfg, run_dir, resume, progress=progress) as federation:
-        if faults:
-            federation.inject_faults(faults.get("kills", {}), faults.get("raises", {}), faults.get("ooms", {}))
+    with remote_federation(cfg, run_dir, resume, state, progress=progress, actor_classes=actor_classes) as federation:
         log.info("driver ready: %d client actors for %d clients", federation.status["actors"], cfg.data.num_clients)
         return drive(federation, cfg, run_dir, stop_after, progress)
 
 
 def local_federation(
-    cfg: ExperimentConfig, run_dir: Path, resume: bool, record_in: Path, track: bool = True
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    resume: bool,
+    state: Optional[FederationState],
+    record_in: Path,
+    track: bool = True,
 ) -> Federation:
     """The in-process engine's federation (torch in this process): data, weights and clients here."""
     from sylva_ray.engine.federation import Federation
@@ -110,7 +120,7 @@ def local_federation(
     executor = InProcessExecutor(cfg, source, partition)
     record_environment(record_in, lambda: environment_record(str(executor.worker.device)))
     log.info("pre-trained weights ready in %.1fs", executor.worker.pretraining_seconds)
-    federation = Federation(cfg, run_dir, executor, resume=resume, track=track)
+    federation = Federation(cfg, run_dir, executor, state=state, track=track)
     federation.pretraining_seconds = executor.worker.pretraining_seconds
     return federation
 
@@ -143,10 +153,12 @@ def remote_federation(
     cfg: ExperimentConfig,
     run_dir: Path,
     resume: bool = False,
+    state: Optional[FederationState] = None,
     staged: Optional[StagedInputs] = None,
     progress: bool = True,
     track: bool = True,
     record_in: Optional[Path] = None,
+    actor_classes: Optional[ActorClasses] = None,
 ) -> Iterator[DriverHandle]:
     """A driver actor on this node (or in bundle 0 of a Tune trial's placement group), torn down
     with its client actors on exit.
@@ -158,7 +170,8 @@ def remote_federation(
     an autoscaler if the cluster can grow: GPU nodes cost from here on) and the client actors start
     and import torch; last, the driver takes the actors over. ``track``: the run's live figures and
     ``environment.json`` go into ``run_dir`` (off when the federation only serves a Phase 2
-    re-run); ``record_in``: where ``environment.json`` goes instead (a Phase 2 re-run's own folder).
+    re-run); ``record_in``: where ``environment.json`` goes instead (a Phase 2 re-run's own folder);
+    ``actor_classes``: the driver's and the client actors' Ray classes (None: ``ActorClasses()``).
     """
     import ray
     from ray.util.placement_group import get_current_placement_group
@@ -168,7 +181,7 @@ def remote_federation(
     )
 
     from sylva_ray.distributed.actors import (
-        DriverActor,
+        ActorClasses,
         DriverHandle,
         main_process_log_level,
         start_client_actors,
@@ -198,10 +211,11 @@ def remote_federation(
     else:
         where = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     log_level = main_process_log_level()
+    classes = actor_classes or ActorClasses()
     driver, actors, requested = None, [], False
     try:
-        driver = DriverActor.options(scheduling_strategy=where).remote(
-            cfg, str(run_dir), resume, log_level, progress, track
+        driver = classes.driver.options(scheduling_strategy=where).remote(
+            cfg, str(run_dir), state, log_level, progress, track
         )
         if staged is not None:
             backbone_ref, pretraining_seconds = staged.backbone, staged.pretraining_seconds
@@ -219,7 +233,9 @@ def remote_federation(
             check_trial_gpus(cfg, plan, group)  # the sweep checked the GPUs alive at its start; these are where it runs
         else:
             plan, requested = acquire_pool(cfg, cluster_can_grow(), progress=progress)
-        actors = start_client_actors(cfg, plan, source_ref, partition, backbone_ref, group, log_level)
+        actors = start_client_actors(
+            cfg, plan, source_ref, partition, backbone_ref, group, log_level, actor_class=classes.client
+        )
         # The driver and its actors are up here, or the first error (the weights', an actor's) surfaces.
         ray.get(driver.start.remote(actors, plan, pretraining_seconds))
         federation = DriverHandle(driver)
@@ -261,6 +277,8 @@ def resume(
         cfg.runtime.address = address
     if dashboard is not None:
         cfg.runtime.dashboard = dashboard
+    from sylva_ray.engine.checkpoint import check_resumable, restore_tables
+
     state = check_resumable(run_dir, cfg)
     for orphan in remove_orphaned_temp_files(run_dir):
         log.info("removed %s, left by a write that was killed", orphan)
@@ -272,10 +290,10 @@ def resume(
     check_before_start(cfg)
     if state is None:
         log.info("%s has no checkpoint yet: starting it from round 1", run_dir)
-    return run(cfg, run_dir, resume=True, stop_after=stop_after, progress=progress)
+    return run(cfg, run_dir, resume=True, state=state, stop_after=stop_after, progress=progress)
 
 
-def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
+def run_phase2(run_dir: Path, overrides: list[str], address: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
     """Phase 2 alone on a finished Phase-1 run, with its own overrides, into a *new* folder
     ``RUN_DIR/phase2-<UTC timestamp>/`` (config.yaml, shapley.csv, summary.json, plots, models);
     the original results are never touched."""
@@ -291,17 +309,17 @@ def phase2_only(run_dir: Path, overrides: list[str], address: Optional[str] = No
         raise ConfigError(
             f"{run_dir}: Phase 1 has not finished here (no summary.json/checkpoint); run or resume it first"
         )
-    check_resumable(run_dir, base)
+    from sylva_ray.engine.checkpoint import check_resumable
+
+    state = check_resumable(run_dir, base)
     out = new_unique_dir(run_dir, f"phase2-{utc_stamp()}")
     write_config(out, cfg)
     (out / "phase1_run.txt").write_text(str(run_dir.resolve()) + "\n")
     if cfg.runtime.engine == "inprocess":
-        from sylva_ray.engine.runner import phase2_of
-
-        result = phase2_of(local_federation(cfg, run_dir, resume=True, record_in=out, track=False), out)
+        result = local_federation(cfg, run_dir, True, state, record_in=out, track=False).run_phase2(out)
     else:
-        with remote_federation(cfg, run_dir, resume=True, track=False, record_in=out) as federation:
-            result = federation.phase2(out)
+        with remote_federation(cfg, run_dir, resume=True, state=state, track=False, record_in=out) as federation:
+            result = federation.run_phase2(out)
     phase1 = read_json(run_dir / "summary.json")["phase1"]
     summary = {
         "phase1_run": str(run_dir.resolve()),

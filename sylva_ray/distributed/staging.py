@@ -14,7 +14,7 @@ import torch
 
 from sylva_ray.base.config import ExperimentConfig, ModelConfig
 from sylva_ray.method.data import DataSource
-from sylva_ray.method.models import pretrained_backbone_state
+from sylva_ray.method.pretrained import pretrained_backbone_state
 
 log = logging.getLogger(__name__)
 

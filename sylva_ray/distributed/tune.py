@@ -93,7 +93,7 @@ def trial_resources(cfg: ExperimentConfig, gpus_available: bool = True) -> Any:
 
 
 def _checkpoint_dir(run_dir: Path) -> Path:
-    """What a Tune checkpoint of a run holds: enough for ``Federation(resume=True)``."""
+    """What a Tune checkpoint of a run holds: enough to resume it (``engine.checkpoint``)."""
     staging = Path(tempfile.mkdtemp(prefix="sylva-ckpt-"))
     for name in ("config.yaml", "partition.json"):
         shutil.copy2(run_dir / name, staging / name)
@@ -114,14 +114,17 @@ def federated_trainable(config: dict[str, Any], staged: Optional[dict[str, Any]]
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = tune.get_checkpoint()
-    resume = checkpoint is not None
+    resume, state = checkpoint is not None, None
     if resume:
+        from sylva_ray.engine.checkpoint import check_resumable
+
         with checkpoint.as_directory() as saved:
             shutil.copytree(saved, run_dir, dirs_exist_ok=True)
+        state = check_resumable(run_dir, cfg)
     else:
         write_config(run_dir, cfg)
     cumulative_up = 0
-    with remote_federation(cfg, run_dir, resume=resume, staged=inputs, progress=False) as federation:
+    with remote_federation(cfg, run_dir, resume=resume, state=state, staged=inputs, progress=False) as federation:
         status = federation.status
         for done in range(status["next_round"] + 1, status["rounds"] + 1):
             summary = federation.run_round()

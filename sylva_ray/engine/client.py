@@ -23,7 +23,7 @@ from sylva_ray.base.plugins import load_plugins
 from sylva_ray.base.precision import configure_runtime
 from sylva_ray.base.seeding import derive_seed, torch_seeded
 from sylva_ray.method.algorithms import algorithm_for
-from sylva_ray.method.byzantine import BEHAVIOURS, DATA, OWN, attack_context, craft_own_upload, flip_labels
+from sylva_ray.method.byzantine import BEHAVIOURS, OWN, attack_context, craft_own_upload, poisoned_data
 from sylva_ray.method.data import (
     ArrayDataset,
     ClientData,
@@ -34,20 +34,11 @@ from sylva_ray.method.data import (
     global_test_set,
     majority_class_rate,
 )
+from sylva_ray.method.evaluation import EvalResult, evaluate
 from sylva_ray.method.layer_selection import LayerGame, fuse, player_prefixes
-from sylva_ray.method.models import (
-    PixelSpaceModel,
-    build_pretrained_model,
-    full_model_nbytes,
-    resolve_device,
-    state_digest,
-)
-from sylva_ray.method.training import (
-    EvalResult,
-    RoundMetrics,
-    adversarial_round,
-    evaluate,
-)
+from sylva_ray.method.models import PixelSpaceModel, full_model_nbytes, resolve_device
+from sylva_ray.method.pretrained import build_pretrained_model, state_digest
+from sylva_ray.method.training import RoundMetrics, adversarial_round
 from sylva_ray.method.transfer import fit_linear_head
 
 if TYPE_CHECKING:
@@ -162,17 +153,16 @@ class ClientWorker:
     ) -> ClientUpdate:
         """Start from the received shared tensors and the client's own personal ones; train one round.
 
-        ``malicious``: the client attacks this round (``adversary.behaviour``): it trains on flipped
-        labels (``label_flip``), or trains honestly and uploads what its behaviour makes of its own
-        update (``own`` behaviours); colluding behaviours are crafted by the driver after collection.
+        ``malicious``: the client attacks this round (``adversary.behaviour``): it trains on what its
+        behaviour's data hook makes of its training split (``data`` behaviours), or trains honestly
+        and uploads what its behaviour makes of its own update (``own`` behaviours); colluding
+        behaviours are crafted by the driver after collection.
         """
         self._load(global_adapter, state)
         data = self.data(client_id).train
         behaviour = BEHAVIOURS.get(self.cfg.adversary.behaviour) if malicious else None
-        if behaviour is not None and behaviour.kind == DATA:
-            data = ArrayDataset(
-                data.images, flip_labels(data.labels, data.num_classes), data.num_classes, data.pixel_scale
-            )
+        if behaviour is not None:
+            data = poisoned_data(data, self.cfg, round_index, client_id)
         metrics = adversarial_round(
             self.model,
             data,

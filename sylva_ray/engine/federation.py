@@ -5,7 +5,8 @@ metrics so far) and runs one round at a time. *Where* client work runs is an exe
 (``engine.jobs``): ``InProcessExecutor`` calls one ``ClientWorker`` in turn; the Ray engine
 (``distributed.actors.RayExecutor``) fans jobs out to client actors and copes with failures. Updates
 are ordered by client id before aggregation, so results never depend on completion order.
-Phase 2 is not called from here: the runner (``engine.runner``) calls it after the last round.
+Phase 2 runs on the federation once its last round is done (``Federation.run_phase2``, called by
+the runner, ``engine.runner``).
 
 One round, as data:
     driver --(global adapter as safetensors bytes, one copy)--> clients
@@ -15,11 +16,8 @@ One round, as data:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -28,28 +26,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from sylva_ray.base.config import ConfigError, ExperimentConfig
+from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.plugins import load_plugins
 from sylva_ray.base.seeding import derive_seed, numpy_rng
-from sylva_ray.base.storage import atomic_write_bytes, atomic_write_with
+from sylva_ray.base.storage import atomic_write_bytes
+from sylva_ray.engine.checkpoint import FederationState, check_inputs, checkpoint_path, run_fingerprint
 from sylva_ray.engine.client import GLOBAL_TEST_CLIENT, ClientState
 from sylva_ray.engine.clock import DEVICES_FILE, RoundPlan, SimulatedClock, clock_summary, plot_clock
 from sylva_ray.engine.environment import ENVIRONMENT_FILE
-from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome, WorkerInfo
+from sylva_ray.engine.jobs import ClientExecutor, Job, Outcome
+from sylva_ray.engine.phase2 import run_phase2
 from sylva_ray.engine.robustbench import ROBUSTBENCH_FILE, robustbench_record
-from sylva_ray.engine.rundir import (
-    CHECKPOINT_NAME,
-    partition_summary,
-    plot_accuracy,
-    write_bookkeeping,
-    write_json,
-    write_table,
-)
+from sylva_ray.engine.round_records import absent_rows, outcome_row, record_weights, round_summary
+from sylva_ray.engine.rundir import partition_summary, plot_accuracy, write_bookkeeping, write_json, write_table
 from sylva_ray.engine.summaries import client_means, split_by_malicious
 from sylva_ray.engine.tracking import RunTracker
 from sylva_ray.engine.transfer import encode_models, needs_models, plan_sources
 from sylva_ray.engine.transfer_report import victim_figures, write_transfer_outputs
-from sylva_ray.method.aggregation import aggregate
+from sylva_ray.method.aggregation import aggregate, is_selecting
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.byzantine import (
     BEHAVIOURS,
@@ -60,10 +54,10 @@ from sylva_ray.method.byzantine import (
     malicious_clients,
     tolerated_f,
 )
-from sylva_ray.method.models import damaged_file_message, decode_state, encode_state
-from sylva_ray.method.robust_aggregation import SELECTING, aggregation_problem
+from sylva_ray.method.robust_aggregation import aggregation_problem
 from sylva_ray.method.sanity import sanity_warnings, transfer_warnings
 from sylva_ray.method.update_space import RoundContext
+from sylva_ray.method.wire import decode_state, encode_state
 
 log = logging.getLogger(__name__)
 
@@ -96,162 +90,21 @@ def is_eval_round(round_index: int, cfg: ExperimentConfig) -> bool:
 
 
 # --- the federation -------------------------------------------------------------------------------
-@dataclass
-class FederationState:
-    """Everything needed to continue a run: what a checkpoint holds."""
-
-    next_round: int
-    global_adapter: State
-    client_states: dict[int, ClientState]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    round_rows: list[dict[str, Any]] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    last_eval: list[dict[str, Any]] = field(default_factory=list)
-    initial: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    protocol_seconds: float = 0.0  # of ``seconds``: the final-model protocol, when Phase 1's models are final
-    global_eval: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    fingerprint: dict[str, Any] = field(default_factory=dict)  # the experiment this state belongs to
-
-    def save(self, path: Path) -> None:
-        """One file, written atomically; loadable with ``torch.load(weights_only=True)``."""
-        payload = {
-            "next_round": self.next_round,
-            "global_adapter": self.global_adapter,
-            "personal": {str(c): s.personal for c, s in self.client_states.items()},
-            "rounds_trained": {str(c): s.rounds_trained for c, s in self.client_states.items()},
-            "tables": json.dumps(
-                {
-                    "rows": self.rows,
-                    "round_rows": self.round_rows,
-                    "last_eval": self.last_eval,
-                    "initial": self.initial,
-                    "global_eval": self.global_eval,
-                    "warnings": self.warnings,
-                }
-            ),
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "seconds": self.seconds,
-            "protocol_seconds": self.protocol_seconds,
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-        }
-        atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
-
-    @classmethod
-    def load(cls, path: Path) -> "FederationState":
-        """Read a checkpoint (``weights_only``: never arbitrary pickles); a damaged one is a
-        ``ConfigError`` naming the file."""
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            tables = json.loads(payload["tables"])
-            return cls._from_payload(payload, tables)
-        except Exception as exc:  # zip, pickle, torch, JSON and key errors all mean the same here
-            raise ConfigError(
-                damaged_file_message(f"checkpoint {path}", exc) + "; resume cannot continue from it"
-            ) from None
-
-    @classmethod
-    def _from_payload(cls, payload: dict[str, Any], tables: dict[str, Any]) -> "FederationState":
-        global_adapter = payload["global_adapter"]
-        if "personal" in payload:
-            personal = payload["personal"]
-        else:  # checkpoints before the "local" scope: heads, and a local client's own adapter beside them
-            adapters = payload.get("adapters", {})
-            personal = {c: {**adapters.get(c, {}), **head} for c, head in payload["heads"].items()}
-            if any(adapters.values()):  # a client that trained alone: nothing was shared, nothing is sent
-                global_adapter = {}
-        return cls(
-            next_round=int(payload["next_round"]),
-            global_adapter=global_adapter,
-            client_states={
-                int(c): ClientState(personal=p, rounds_trained=int(payload["rounds_trained"][c]))
-                for c, p in personal.items()
-            },
-            rows=tables["rows"],
-            round_rows=tables["round_rows"],
-            last_eval=tables["last_eval"],
-            initial=tables["initial"],
-            global_eval=tables.get("global_eval", {}),
-            warnings=tables.get("warnings", []),
-            bytes_up=int(payload["bytes_up"]),
-            bytes_down=int(payload["bytes_down"]),
-            seconds=float(payload["seconds"]),
-            protocol_seconds=float(payload.get("protocol_seconds", 0.0)),
-            fingerprint=json.loads(payload.get("fingerprint", "{}")),
-        )
-
-
-#: Fields a resume may change (``sylva-ray resume --address/--dashboard``, the trackers): where the
-#: run executes and who watches it, not what it computes; every other resolved field in config.yaml
-#: must be what the checkpoint was made with.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "runtime.address",
-        "runtime.dashboard",
-        "tracking.tensorboard",
-        "tracking.mlflow_uri",
-        "tracking.mlflow_experiment",
-    }
-)
-#: Dict-valued fields compared whole, as values.
-_OPAQUE = frozenset({"kwargs", "client_resources", "devices", "device_classes", "network_classes"})
-
-
-def config_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved configuration as ``{dotted field: value}`` (JSON values), less RESUMABLE_FIELDS."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and prefix.rsplit(".", 1)[-1] not in _OPAQUE:
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            flat[prefix] = value
-
-    walk("", cfg.to_dict())
-    return {k: v for k, v in json.loads(json.dumps(flat, default=str)).items() if k not in RESUMABLE_FIELDS}
-
-
-INPUTS_PREFIX = "inputs."
-
-
-def partition_fingerprint(run_dir: Path) -> dict[str, str]:
-    """The partition file's digest ("" before the run wrote one)."""
-    partition = Path(run_dir) / "partition.json"
-    digest = hashlib.sha256(partition.read_bytes()).hexdigest() if partition.is_file() else ""
-    return {f"{INPUTS_PREFIX}partition_sha256": digest}
-
-
-def inputs_fingerprint(run_dir: Path, info: WorkerInfo) -> dict[str, str]:
-    """The run's inputs beyond its config: the partition file and the pre-trained weights."""
-    return {**partition_fingerprint(run_dir), f"{INPUTS_PREFIX}weights_sha256": info.backbone_digest}
-
-
-def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``field: value at the checkpoint -> value now`` for every field that differs.
-
-    A field the checkpoint does not know (added to the schema after it was made) at its default
-    is not a difference: the default is what the code that made it did (e.g. no adversary)."""
-    defaults = config_fingerprint(ExperimentConfig())
-    return [
-        f"{key}: {saved.get(key)!r} when the checkpoint was made, {current.get(key)!r} now"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-        and not (key not in saved and key in defaults and current.get(key) == defaults[key])
-    ]
-
-
 class Federation:
     """Phase 1 on any executor: one call per round, a checkpoint after each."""
 
     def __init__(
-        self, cfg: ExperimentConfig, run_dir: Path, executor: ClientExecutor, resume: bool = False, track: bool = True
+        self,
+        cfg: ExperimentConfig,
+        run_dir: Path,
+        executor: ClientExecutor,
+        state: Optional[FederationState] = None,
+        track: bool = True,
     ) -> None:
-        """``track``: write the run's live figures (``engine.tracking``) into ``run_dir``; off when
-        the federation only serves a Phase 2 re-run, whose figures go to its own folder."""
+        """``state``: the checkpoint a resume continues from (``engine.checkpoint.check_resumable``
+        read it); None starts the run. ``track``: write the run's live figures (``engine.tracking``)
+        into ``run_dir``; off when the federation only serves a Phase 2 re-run, whose figures go to
+        its own folder."""
         load_plugins(cfg.runtime.plugins)  # the driver actor's process looks up your names too
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -266,7 +119,7 @@ class Federation:
         self.byzantine_f = tolerated_f(cfg)
         #: Set by whoever resolved the pre-trained weights (the launcher, or the in-process worker).
         self.pretraining_seconds = 0.0
-        #: Phase 2's progress bars (``engine.phase2.ProgressFactory``); the Ray driver actor sets Ray's.
+        #: Phase 2's progress bars (``engine.progress.ProgressFactory``); the Ray driver actor sets Ray's.
         self.progress_bar: Any = tqdm
         # Simulated seconds on the clients' devices (engine.clock): decided from the config, the
         # partition and one FLOP count, never from this machine's wall clock.
@@ -275,26 +128,11 @@ class Federation:
             if cfg.system.clock
             else None
         )
-        checkpoint = self.run_dir / "checkpoints" / CHECKPOINT_NAME
-        identity = {**config_fingerprint(cfg), **inputs_fingerprint(self.run_dir, self.info)}
-        if resume and checkpoint.is_file():
-            self.state = FederationState.load(checkpoint)
-            if self.state.fingerprint:  # checkpoints from before fingerprints cannot be checked
-                # The config was checked where the run was resumed (Phase 2 alone may change its own
-                # fields); here, what only a built worker knows: the weights, and the partition.
-                saved = {k: v for k, v in self.state.fingerprint.items() if k.startswith(INPUTS_PREFIX)}
-                differences = fingerprint_differences(
-                    saved, {k: v for k, v in identity.items() if k.startswith(INPUTS_PREFIX)}
-                )
-                if differences:
-                    raise ConfigError(
-                        f"{checkpoint} was made with other inputs than this resume has, so it would mix two "
-                        "experiments: " + "; ".join(differences)
-                    )
-            log.info("resuming %s at round %d", self.run_dir, self.state.next_round + 1)
-            if self.clock is not None and self.state.round_rows and "sim_round_s" not in self.state.round_rows[0]:
-                log.warning("%s predates the simulated clock: this resume runs without it", checkpoint)
-                self.clock = None
+        identity = run_fingerprint(cfg, self.run_dir, self.info.backbone_digest)
+        if state is not None:
+            check_inputs(state, identity, self.run_dir)
+            log.info("resuming %s at round %d", self.run_dir, state.next_round + 1)
+            self.state = state
         else:
             self.state = FederationState(
                 next_round=0,
@@ -338,37 +176,51 @@ class Federation:
         return self.state.next_round >= self.cfg.federation.rounds
 
     def run_round(self, evaluate: Optional[bool] = None) -> dict[str, Any]:
-        """The next communication round; returns its client means (the progress line)."""
-        r = self.state.next_round
-        started = time.perf_counter()
-        cfg, st = self.cfg, self.state
+        """The next communication round; returns its client means (the progress line).
+
+        ``evaluate``: force the evaluation on (True) or off (False); None evaluates every
+        ``federation.eval_every`` rounds and after the last one."""
+        r, st, started = self.state.next_round, self.state, time.perf_counter()
         if r == 0 and not st.initial and (evaluate is None or evaluate):
             # The reference a run must beat: the pre-trained model (LoRA B = 0) with its pre-trained head.
             st.initial = client_means(split_by_malicious(pd.DataFrame(self._evaluate_all({}, r)))[0])
+        cfg = self.cfg
         participants = sample_participants(cfg.data.num_clients, cfg.federation.participation, cfg.runtime.seed, r)
         # One copy per round, whatever the number of clients (a scope that shares nothing sends b"").
         payload = encode_state(st.global_adapter)
-        sent = len(payload)
-        attacking = self.malicious if active(cfg.adversary, r) else frozenset()
         # Offline clients and stragglers (known before the round) do no work in the simulation.
-        plan = self.clock.plan(r, participants, sent) if self.clock is not None else None
-        takers = plan.takers if plan is not None else participants
-        outcomes = sorted(
-            self.executor.train(
-                [
-                    Job(c, st.client_states[c], malicious=c in attacking)
-                    for c in largest_first(takers, self.info.num_train)
-                ],
-                payload,
-                r,
-            ),
-            key=lambda o: o.client_id,
-        )
+        plan = self.clock.plan(r, participants, len(payload)) if self.clock is not None else None
+        outcomes = self._train(plan.takers if plan is not None else participants, payload, r)
         done = [o for o in outcomes if o.ok]
+        weights = self._aggregate(done, r)
+        rows = self._record_outcomes(outcomes, len(payload), plan, r)
+        record_weights(rows, done, weights, selecting=is_selecting(cfg.federation.aggregation))
+        if evaluate if evaluate is not None else is_eval_round(r, cfg):
+            self._evaluate_round(rows, r)
+        return self._close_round(r, rows, plan, len(participants), started)
+
+    def _attacking(self, r: int) -> frozenset[int]:
+        """The malicious clients that attack in round ``r`` (none before ``adversary.start_round``)."""
+        return self.malicious if active(self.cfg.adversary, r) else frozenset()
+
+    def _train(self, clients: Sequence[int], payload: bytes, r: int) -> list[Outcome]:
+        """Local training of ``clients`` from the broadcast; outcomes in client-id order, so nothing
+        downstream depends on which job finished first."""
+        attacking = self._attacking(r)
+        jobs = [
+            Job(c, self.state.client_states[c], malicious=c in attacking)
+            for c in largest_first(clients, self.info.num_train)
+        ]
+        return sorted(self.executor.train(jobs, payload, r), key=lambda o: o.client_id)
+
+    def _aggregate(self, done: list[Outcome], r: int) -> np.ndarray:
+        """The new global adapter from the uploads of the clients that finished (in client-id
+        order); returns each one's aggregation weight (empty when nothing was aggregated)."""
+        cfg, st = self.cfg, self.state
         uploads = [decode_state(o.upload or b"") for o in done]
+        attacking = self._attacking(r)
         if attacking and BEHAVIOURS.get(cfg.adversary.behaviour).kind == COLLUDING:
             self._collude(done, uploads, attacking, r)
-        weights = np.zeros(0)
         too_few = aggregation_problem(cfg.federation.aggregation, cfg.federation, self.byzantine_f, len(done))
         if not done:
             log.warning("round %d: every participant dropped; the global adapter is unchanged", r + 1)
@@ -383,51 +235,52 @@ class Federation:
             st.global_adapter, weights = aggregate(
                 cfg.federation.aggregation, uploads, [o.num_samples for o in done], cfg.federation, context
             )
-        rows: dict[int, dict[str, Any]] = {}
+            return weights
+        return np.zeros(0)
+
+    def _record_outcomes(
+        self, outcomes: list[Outcome], sent: int, plan: Optional[RoundPlan], r: int
+    ) -> dict[int, dict[str, Any]]:
+        """Each trained client's new state and row; the absent clients' rows; the traffic counted."""
+        st, rows = self.state, {}
         for outcome in outcomes:
-            row: dict[str, Any] = {
-                "round": r,
-                "client": outcome.client_id,
-                "participated": True,
-                "dropped": not outcome.ok,
-                "attempts": outcome.attempts,
-                "bytes_down": sent,
-                "bytes_up": len(outcome.upload or b""),
-            }
+            row = outcome_row(outcome, r, sent)
             if outcome.ok:
                 st.client_states[outcome.client_id] = outcome.state  # type: ignore[assignment]
-                row.update(outcome.metrics)
-            else:
-                row["error"] = (outcome.error or "").strip().splitlines()[-1][:200] if outcome.error else ""
             if self.clock is not None:
                 row.update(online=True, straggler=False, **self.clock.times(outcome.client_id, sent, row["bytes_up"]))
             st.bytes_up += row["bytes_up"]
             st.bytes_down += sent
             rows[outcome.client_id] = row
         if plan is not None:
-            rows.update(self._absent_rows(plan, r, sent))
+            rows.update(absent_rows(plan, r, sent))
             st.bytes_down += sent * len(plan.stragglers)  # stragglers received the broadcast
-        for outcome, weight in zip(done, weights):
-            rows[outcome.client_id]["agg_weight"] = float(weight)
-            if cfg.federation.aggregation in SELECTING:  # unknown (None) after a mixing pre-step
-                rows[outcome.client_id]["agg_selected"] = None if np.isnan(weight) else bool(weight > 0)
+        return rows
 
-        final = r == cfg.federation.rounds - 1
-        if evaluate if evaluate is not None else is_eval_round(r, cfg):
-            # Phase 1's models are the final ones unless Phase 2 follows: they get the full protocol.
-            protocol = final and not cfg.layer_selection.enabled
-            eval_started = time.perf_counter()
-            st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
-            # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
-            st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
-            if protocol and cfg.evaluation.transfer:
-                st.warnings += transfer_warnings(st.last_eval, self.transfer_rows, cfg.evaluation, "final (transfer)")
-            if protocol and self.algorithm.scope.global_form and cfg.evaluation.global_test:
-                st.global_eval = self._evaluate_global()
-                st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
-            if protocol:
-                st.protocol_seconds = time.perf_counter() - eval_started
-                log.info("final protocol done in %.1fs", st.protocol_seconds)
+    def _evaluate_round(self, rows: dict[int, dict[str, Any]], r: int) -> None:
+        """Every client's model on its own test split, with the sanity checks; after the last round
+        of a run without Phase 2, the full protocol (Phase 1's models are then the final ones)."""
+        cfg, st = self.cfg, self.state
+        protocol = r == cfg.federation.rounds - 1 and not cfg.layer_selection.enabled
+        eval_started = time.perf_counter()
+        st.last_eval = self._evaluate_all(rows, r, protocol=protocol)
+        # robust <= clean is checked on every evaluation; the protocol adds the attack-based checks.
+        st.warnings += sanity_warnings(st.last_eval, cfg.evaluation, f"round {r + 1}")
+        if not protocol:
+            return
+        if cfg.evaluation.transfer:
+            st.warnings += transfer_warnings(st.last_eval, self.transfer_rows, cfg.evaluation, "final (transfer)")
+        if self.algorithm.scope.global_form and cfg.evaluation.global_test:
+            st.global_eval = self._evaluate_global()
+            st.warnings += sanity_warnings([st.global_eval], cfg.evaluation, "global test set")
+        st.protocol_seconds = time.perf_counter() - eval_started
+        log.info("final protocol done in %.1fs", st.protocol_seconds)
+
+    def _close_round(
+        self, r: int, rows: dict[int, dict[str, Any]], plan: Optional[RoundPlan], participants: int, started: float
+    ) -> dict[str, Any]:
+        """The round's rows and line on disk, the checkpoint written, the next round set."""
+        cfg, st = self.cfg, self.state
         for client, row in rows.items():
             row["malicious"] = client in self.malicious
             if self.clock is not None:
@@ -435,15 +288,9 @@ class Federation:
         st.rows.extend(rows[c] for c in sorted(rows))
         seconds = time.perf_counter() - started
         st.seconds += seconds
-        summary = self._round_summary(r, rows, seconds, len(participants))
+        summary = round_summary(r, rows, seconds, participants)
         if plan is not None and self.clock is not None:
-            took = {c: rows[c]["sim_total_s"] for c in plan.takers}
-            summary["sim_round_s"] = self.clock.round_seconds(plan, took)
-            summary["sim_clock_s"] = (st.round_rows[-1].get("sim_clock_s", 0.0) if st.round_rows else 0.0) + summary[
-                "sim_round_s"
-            ]
-            summary["stragglers"] = len(plan.stragglers)
-            summary["offline"] = len(plan.offline)
+            summary.update(self._simulated_round(plan, rows))
         st.round_rows.append(summary)
         st.next_round = r + 1
         if self.tracker is not None:  # before the checkpoint: a resume then purges, never misses, it
@@ -453,7 +300,7 @@ class Federation:
             "round %d/%d clients=%d dropped=%d loss=%.4f clean=%.4f robust=%.4f up=%dB %.1fs",
             r + 1,
             cfg.federation.rounds,
-            len(participants),
+            participants,
             summary["dropped"],
             summary.get("train_loss", float("nan")),
             summary.get("clean_acc", float("nan")),
@@ -463,32 +310,18 @@ class Federation:
         )
         return summary
 
-    def _absent_rows(self, plan: RoundPlan, r: int, sent: int) -> dict[int, dict[str, Any]]:
-        """Rows of the sampled clients that did not train: stragglers downloaded the broadcast and
-        would have taken ``sim_total_s``; offline clients received nothing."""
-        rows: dict[int, dict[str, Any]] = {}
-        for client in plan.stragglers:
-            rows[client] = {
-                "round": r,
-                "client": client,
-                "participated": False,
-                "online": True,
-                "straggler": True,
-                "bytes_down": sent,
-                "bytes_up": 0,
-                **plan.times[client],
-            }
-        for client in plan.offline:
-            rows[client] = {
-                "round": r,
-                "client": client,
-                "participated": False,
-                "online": False,
-                "straggler": False,
-                "bytes_down": 0,
-                "bytes_up": 0,
-            }
-        return rows
+    def _simulated_round(self, plan: RoundPlan, rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The round on the simulated clock: its length, the clock after it, who was late or away."""
+        assert self.clock is not None
+        took = {c: rows[c]["sim_total_s"] for c in plan.takers}
+        round_s = self.clock.round_seconds(plan, took)
+        before = self.state.round_rows[-1].get("sim_clock_s", 0.0) if self.state.round_rows else 0.0
+        return {
+            "sim_round_s": round_s,
+            "sim_clock_s": before + round_s,
+            "stragglers": len(plan.stragglers),
+            "offline": len(plan.offline),
+        }
 
     def _collude(self, done: list[Outcome], uploads: list[State], attacking: frozenset[int], r: int) -> None:
         """Colluding, omniscient attackers: every colluder's upload becomes the vector crafted from
@@ -557,41 +390,27 @@ class Federation:
             )
         return evaluation
 
-    def _round_summary(
-        self, r: int, rows: dict[int, dict[str, Any]], seconds: float, participants: int
-    ) -> dict[str, Any]:
-        frame = pd.DataFrame(list(rows.values()))
-        honest = split_by_malicious(frame)[0]
-        summary: dict[str, Any] = {
-            "round": r,
-            "participants": participants,
-            "dropped": int(frame.get("dropped", pd.Series(dtype=bool)).fillna(False).sum()),
-            "bytes_up": int(frame["bytes_up"].fillna(0).sum()),
-            "bytes_down": int(frame["bytes_down"].fillna(0).sum()) if "bytes_down" in frame else 0,
-            "seconds": seconds,
-        }
-        for column in (
-            "train_loss",
-            "train_adversarial",
-            "train_benign",
-            "train_similarity",
-            "train_proximal",
-            "clean_acc",
-            "robust_acc",
-            "majority_rate",
-        ):  # honest clients only: the progress line and rounds.csv follow the defence, not the attack
-            if column in honest and honest[column].notna().any():
-                summary[column] = float(honest[column].mean())
-        for column in ("actor_rss_mb", "gpu_peak_mb"):  # gpu_peak_mb: torch.cuda.max_memory_allocated, GPU runs only
-            if column in frame and frame[column].notna().any():
-                summary[f"{column}_max"] = float(frame[column].max())
-        return summary
-
     def _persist(self) -> None:
         """Checkpoint and tables after every round: an interruption loses at most one round."""
-        self.state.save(self.run_dir / "checkpoints" / CHECKPOINT_NAME)
+        self.state.save(checkpoint_path(self.run_dir))
         write_table(self.run_dir / "metrics.csv", pd.DataFrame(self.state.rows))
         write_table(self.run_dir / "rounds.csv", pd.DataFrame(self.state.round_rows))
+
+    def run_phase2(self, out_dir: Path) -> dict[str, Any]:
+        """Phase 2 on the final global adapter and client states, results into ``out_dir``."""
+        st = self.state
+        if not st.last_eval:
+            raise RuntimeError("Phase 2 needs a finished Phase 1 (no evaluation recorded yet)")
+        return run_phase2(
+            self.cfg,
+            self.executor,
+            self.info.players,
+            st.global_adapter,
+            st.client_states,
+            st.last_eval,
+            out_dir,
+            progress=self.progress_bar,
+        )
 
     def seconds_by_stage(self, phase2: Mapping[str, Any]) -> dict[str, float]:
         """Wall seconds of each stage of the main job (this session's pre-training; Phase 1 over all

@@ -23,8 +23,8 @@ from sylva_ray.engine.client import ClientState, ClientWorker
 from sylva_ray.engine.transfer import FinalModels, TransferSource, craft_for_victim, decode_models, transfer_rows
 from sylva_ray.method.cost import algorithm_needs_benign, batch_sizes_of, estimate_actor_memory, step_flops_by_batch
 from sylva_ray.method.data import DataSource, Partition
-from sylva_ray.method.models import decode_state, encode_state
-from sylva_ray.method.training import TRANSFER_STAGE, attacked_subset_size, protocol_stages
+from sylva_ray.method.evaluation import TRANSFER_STAGE, attacked_subset_size, protocol_stages
+from sylva_ray.method.wire import decode_state, encode_state
 
 State = dict[str, torch.Tensor]
 
@@ -48,11 +48,13 @@ class Job:
 
 @dataclass
 class Outcome:
-    """A job's result. ``upload`` is the client's adapter exactly as serialised for the wire."""
+    """A job's result. ``upload``: Phase 1's upload, the client's adapter exactly as serialised for the
+    wire; ``tuned``: Phase 2's tailored tensors (layers + head), serialised, which stay with the client."""
 
     client_id: int
     attempts: int = 1
     upload: Optional[bytes] = None
+    tuned: Optional[bytes] = None
     state: Optional[ClientState] = None
     num_samples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -202,10 +204,10 @@ def run_coalition_job(worker: ClientWorker, job: Job, adapter: State, adapter_ke
 
 
 def run_tailor_job(worker: ClientWorker, job: Job, adapter: State, adapter_key: str) -> Outcome:
-    """Phase 2: fine-tune the selected layers + head; the tuned tensors come back as the upload."""
+    """Phase 2: fine-tune the selected layers + head; the tuned tensors come back, serialised."""
     game = worker.game(job.client_id, job.state, adapter, adapter_key)
     tuned = game.tailor(None if job.no_tuning else list(job.players or []))
-    return Outcome(client_id=job.client_id, upload=encode_state(tuned))
+    return Outcome(client_id=job.client_id, tuned=encode_state(tuned))
 
 
 def run_protocol_job(

@@ -27,13 +27,8 @@ from torch import nn
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.method.layer_selection import player_prefixes
-from sylva_ray.method.models import (
-    ModelSourceError,
-    _pixel_model,
-    matched_modules,
-    read_checkpoint,
-    timm_library,
-)
+from sylva_ray.method.models import matched_modules, pixel_space_model, timm_library
+from sylva_ray.method.pretrained import ModelSourceError, read_checkpoint
 
 #: Layers whose CUDA backward torch has no deterministic kernel for: with
 #: ``torch.use_deterministic_algorithms(True)`` their first backward on a GPU raises (torch docs,
@@ -88,7 +83,7 @@ def meta_model(cfg: ExperimentConfig) -> tuple[Optional[nn.Module], list[str]]:
             f"model.kwargs = {cfg.model.kwargs!r}: timm.create_model({cfg.model.name!r}) refuses them "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
         ]
-    return _pixel_model(backbone, cfg.model), []
+    return pixel_space_model(backbone, cfg.model), []
 
 
 def model_problems(cfg: ExperimentConfig) -> list[str]:

@@ -21,9 +21,8 @@ from typing import Optional
 
 from sylva_ray.base.config import ConfigError, ExperimentConfig
 from sylva_ray.method.cifar import UnsafeDataFile
-from sylva_ray.method.data import PartitionError, load_source, make_partition
-from sylva_ray.method.hf_data import read_table
-from sylva_ray.method.image_folder import CHANNELS, DamagedImage, index_folder
+from sylva_ray.method.data import DATASETS, PartitionError, load_source, make_partition
+from sylva_ray.method.image_folder import DamagedImage
 
 #: Characters of a failed model-check process's stderr kept in the error (its traceback's end).
 CHILD_ERROR_TAIL = 3000
@@ -91,11 +90,9 @@ def data_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str
     An image folder is first sized from its file list: a pool that cannot fit is refused before a
     single file is decoded. ``local_memory``: the run's Ray cluster is this machine's, so its
     object store (where the pool is put once) is checked too."""
-    sized = {"imagefolder": imagefolder_problems, "hf": hf_problems}.get(cfg.data.name)
-    if sized is not None:
-        problems = sized(cfg, local_memory)
-        if problems:
-            return problems
+    problems = pool_problems(cfg, local_memory)
+    if problems:
+        return problems
     try:
         source = load_source(cfg.data)
         make_partition(source, cfg.data, cfg.runtime.seed, describe=False)
@@ -135,35 +132,17 @@ def pool_memory_problems(what: str, pool_bytes: int, local_memory: bool) -> list
     return problems
 
 
-def hf_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
-    """A Hugging Face dataset's files, columns and rows, and the memory its decoded pool will take,
-    before any image is decoded."""
-    data = cfg.data
-    try:
-        rows = len(read_table(data.root or "", data.hf_split, (data.image_column, data.label_column)))
-    except (FileNotFoundError, DamagedImage) as exc:
-        return [str(exc)]
-    used = min(rows, data.max_samples or rows)
-    what = f"data.root = {data.root!r} ({used:,} images at data.image_size={data.image_size})"
-    return pool_memory_problems(what, used * CHANNELS * data.image_size * data.image_size, local_memory)
-
-
-def imagefolder_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
-    """An ImageFolder's index (class folders and image files) and the memory its decoded pool
-    will take, before any image is decoded."""
-    index = index_folder(cfg.data.root or "")
-    if len(index) == 0:
-        return [f"data.root = {cfg.data.root!r}: no images in class subfolders (expected root/<class>/<image>)"]
-    used = min(len(index), cfg.data.max_samples or len(index))
-    need = cfg.data.num_clients * cfg.data.min_samples_per_client
-    if used < need:
-        return [
-            f"data.num_clients={cfg.data.num_clients} x data.min_samples_per_client={cfg.data.min_samples_per_client} "
-            f"= {need} samples needed, but {cfg.data.root} holds {len(index)} images"
-            + (f" (data.max_samples={cfg.data.max_samples} kept)" if used < len(index) else "")
-        ]
-    what = f"data.root = {cfg.data.root!r} ({used:,} images at data.image_size={cfg.data.image_size})"
-    return pool_memory_problems(what, index.decoded_bytes(cfg.data.image_size) * used // len(index), local_memory)
+def pool_problems(cfg: ExperimentConfig, local_memory: bool = False) -> list[str]:
+    """The pool a dataset that sizes itself from an index (``DatasetSpec.pool_size``: its files,
+    columns and rows) will decode, against the memory it will take, before any image is decoded."""
+    spec = DATASETS.find(cfg.data.name)
+    if spec is None or spec.pool_size is None:
+        return []
+    pool = spec.pool_size(cfg.data)
+    if isinstance(pool, str):
+        return [pool]
+    what = f"data.root = {cfg.data.root!r} ({pool.images:,} images at data.image_size={cfg.data.image_size})"
+    return pool_memory_problems(what, pool.decoded_bytes, local_memory)
 
 
 def resource_problems(cfg: ExperimentConfig, local_cpus: Optional[int]) -> list[str]:

@@ -4,8 +4,10 @@
     -> schema validation (``base.config``) -> the algorithm's implied settings -> registry and
     cross-field checks                                                          (``build_config``)
 
-It sits above the registries (datasets, partitioners, attacks, aggregators, algorithms) because it
-checks names against them; ``base.config`` below stays the schema alone.
+It sits above the registries (datasets, partitioners, attacks, aggregators, behaviours,
+algorithms) because it checks names against them and asks their entries' facts (a dataset reads
+``data.root``; a rule weighs by sample counts); ``base.config`` below stays the schema alone, its
+fields naming the registry they look up (``REGISTRIES``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from sylva_ray.base.config import (
     ExperimentConfig,
     apply_overrides,
     merge_layers,
+    registry_fields,
     validate_schema,
 )
 from sylva_ray.base.plugins import is_file_entry, load_plugins
-from sylva_ray.method.aggregation import AGGREGATORS
+from sylva_ray.base.registry import Registry
+from sylva_ray.method.aggregation import AGGREGATORS, is_sample_weighted
 from sylva_ray.method.algorithms import ALGORITHMS
 from sylva_ray.method.attacks import ATTACKS
 from sylva_ray.method.byzantine import BEHAVIOURS, malicious_count, tolerated_f
@@ -39,14 +43,12 @@ from sylva_ray.method.update_space import MIXING, PRE_AGGREGATIONS
 
 log = logging.getLogger(__name__)
 
-#: Datasets read from ``data.root`` (nothing is downloaded).
-LOCAL_DATASETS = frozenset({"cifar10", "cifar100", "imagefolder", "hf"})
-#: Datasets the embedded pre-training can take its public slice from.
-EMBEDDED_PRETRAINING_DATASETS = frozenset({"digits", "synthetic"})
+#: The registries configuration fields name, by kind (``base.config.registry_name``).
+REGISTRIES: dict[str, Registry[Any]] = {
+    registry.kind: registry for registry in (DATASETS, PARTITIONERS, ATTACKS, AGGREGATORS, BEHAVIOURS, ALGORITHMS)
+}
 #: Module-name suffixes that are ambiguous without their parent (``proj`` is also ``patch_embed.proj``).
 BARE_SUFFIXES = frozenset({"proj", "qkv", "fc1", "fc2"})
-#: Aggregation rules that weigh each upload by its sample count (one weight per client).
-SAMPLE_WEIGHTED = frozenset({"fedavg", "balltree"})
 #: Resource names a client actor may ask for, besides ``custom:NAME``.
 ACTOR_RESOURCES = frozenset({"num_cpus", "num_gpus", "memory"})
 _HOST_PORT = re.compile(r"^(ray://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -102,9 +104,7 @@ def build_config(raw: dict[str, Any], check_paths: bool = True) -> ExperimentCon
     cfg.runtime.plugins = [str(Path(e).expanduser().resolve()) if is_file_entry(e) else e for e in cfg.runtime.plugins]
     load_plugins(cfg.runtime.plugins)
     if cfg.algorithm.name not in ALGORITHMS:
-        raise ConfigError(
-            f"algorithm.name = {cfg.algorithm.name!r}: unknown; choose one of {sorted(ALGORITHMS.names())}"
-        )
+        raise ConfigError(ALGORITHMS.unknown("algorithm.name", cfg.algorithm.name))
     implied = ALGORITHMS.get(cfg.algorithm.name).implied_settings(cfg.algorithm)
     if implied:
         warn_overridden(cfg.algorithm.name, raw, implied)
@@ -176,19 +176,21 @@ def address_problem(address: str) -> Optional[str]:
     return None
 
 
+def field_value(cfg: ExperimentConfig, dotted: str) -> Any:
+    """The value of a field by the name ``--set`` gives it (``data.name``)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def semantic_problems(cfg: ExperimentConfig, check_paths: bool = True) -> list[str]:
     """Checks that span fields or need the registries; each message names the field and the fix."""
-    problems: list[str] = []
-
-    def check_name(where: str, value: str, registry: Any) -> None:
-        if value not in registry:
-            problems.append(f"{where} = {value!r}: unknown; choose one of {sorted(registry.names())}")
-
-    check_name("data.name", cfg.data.name, DATASETS)
-    check_name("data.partition", cfg.data.partition, PARTITIONERS)
-    check_name("attack.train_attack", cfg.attack.train_attack, ATTACKS)
-    check_name("attack.eval_attack", cfg.attack.eval_attack, ATTACKS)
-    check_name("federation.aggregation", cfg.federation.aggregation, AGGREGATORS)
+    problems = [
+        REGISTRIES[kind].unknown(where, value)
+        for where, kind in registry_fields()
+        if (value := field_value(cfg, where)) not in REGISTRIES[kind]
+    ]
     accepted = ALGORITHMS.get(cfg.algorithm.name).accepted_ablations
     for ablation in cfg.algorithm.ablations:
         if ablation not in accepted:
@@ -208,8 +210,6 @@ def _adversary_problems(cfg: ExperimentConfig) -> list[str]:
     """The threat and the rule must be possible together, for the number of updates a round gets."""
     problems: list[str] = []
     adversary, federation = cfg.adversary, cfg.federation
-    if adversary.behaviour not in BEHAVIOURS:
-        problems.append(f"adversary.behaviour = {adversary.behaviour!r}: unknown; choose one of {BEHAVIOURS.names()}")
     count = malicious_count(cfg.data.num_clients, adversary.fraction)
     if adversary.fraction > 0 and count == 0:
         problems.append(
@@ -231,7 +231,7 @@ def _adversary_problems(cfg: ExperimentConfig) -> list[str]:
             problems.append(f"federation.pre_aggregation entry {step!r}: unknown; choose from {list(PRE_AGGREGATIONS)}")
     if len(set(federation.pre_aggregation)) < len(federation.pre_aggregation):
         problems.append(f"federation.pre_aggregation = {federation.pre_aggregation}: lists a step twice")
-    if MIXING.intersection(federation.pre_aggregation) and federation.aggregation in SAMPLE_WEIGHTED:
+    if MIXING.intersection(federation.pre_aggregation) and is_sample_weighted(federation.aggregation):
         problems.append(
             f"federation.pre_aggregation = {federation.pre_aggregation} with federation.aggregation = "
             f"{federation.aggregation!r}: nnm and bucketing mix updates, so per-client sample counts no longer "
@@ -256,7 +256,8 @@ def _adversary_problems(cfg: ExperimentConfig) -> list[str]:
 
 def _path_problems(cfg: ExperimentConfig, check_paths: bool) -> list[str]:
     problems = []
-    if cfg.data.name in LOCAL_DATASETS:
+    dataset = DATASETS.find(cfg.data.name)
+    if dataset is not None and dataset.reads_root:
         if not cfg.data.root:
             problems.append(
                 f"data.root is required for data.name={cfg.data.name!r}: set --set data.root=/path/to/folder"
@@ -284,9 +285,11 @@ def _model_problems(cfg: ExperimentConfig) -> list[str]:
             "data.public_fraction = 0 leaves no public slice for model.pretrained='embedded': "
             "set it > 0 or use another source"
         )
-    if cfg.model.pretrained == "embedded" and cfg.data.name not in EMBEDDED_PRETRAINING_DATASETS:
+    dataset = DATASETS.find(cfg.data.name)
+    if cfg.model.pretrained == "embedded" and (dataset is None or not dataset.public_slice):
+        sliced = "/".join(name for name in DATASETS.registered() if DATASETS.get(name).public_slice)
         problems.append(
-            f"model.pretrained='embedded' pre-trains on a public slice of digits/synthetic only, "
+            f"model.pretrained='embedded' pre-trains on a public slice of {sliced} only, "
             f"not {cfg.data.name!r}: use timm or checkpoint"
         )
     if (cfg.model.mean is None) != (cfg.model.std is None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sylva_ray.method.training import binomial_se
+from sylva_ray.method.evaluation import binomial_se
 
 #: accuracy column -> the column holding how many samples it was measured on
 ACCURACY_COUNTS = {

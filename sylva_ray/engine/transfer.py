@@ -4,7 +4,7 @@ need, and the crafting a victim's protocol job does before the victim is scored.
 Data flow: the driver plans each victim's sources (``plan_sources``) and broadcasts every client's
 final model once (``encode_models``); a protocol job crafts on each source for the victim's attacked
 subset (``craft_for_victim``), then scores the victim on them with its white-box protocol
-(``training.evaluate(transfer=...)``); its rows (``transfer_rows``) come back with the outcome.
+(``evaluation.evaluate(transfer=...)``); its rows (``transfer_rows``) come back with the outcome.
 Seeds come from (run seed, source, victim), so no figure depends on which actor ran the job.
 """
 
@@ -18,9 +18,9 @@ from torch import nn
 
 from sylva_ray.base.config import ExperimentConfig
 from sylva_ray.base.seeding import derive_seed
-from sylva_ray.method.models import decode_state, encode_state
-from sylva_ray.method.training import EvalResult, binomial_se
+from sylva_ray.method.evaluation import EvalResult, binomial_se
 from sylva_ray.method.transfer import craft_transfer, transfer_label
+from sylva_ray.method.wire import decode_state, encode_state
 
 State = dict[str, torch.Tensor]
 

@@ -20,7 +20,7 @@ from torch import nn
 from sylva_ray.engine.rundir import load_run_config
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.data import ArrayDataset, DataSource, Partition, client_data, load_source
-from sylva_ray.method.models import build_pretrained_model
+from sylva_ray.method.pretrained import build_pretrained_model
 
 SPLITS = ("train", "test")
 

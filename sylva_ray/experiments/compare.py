@@ -39,7 +39,7 @@ from sylva_ray.distributed.capacity import (
 from sylva_ray.distributed.connect import check_before_start, cluster_can_grow, connect
 from sylva_ray.distributed.launcher import resume, run
 from sylva_ray.distributed.placement import actor_request, capacity
-from sylva_ray.engine.federation import RESUMABLE_FIELDS
+from sylva_ray.engine.checkpoint import RESUMABLE_FIELDS
 from sylva_ray.engine.resolve import build_config
 from sylva_ray.engine.rundir import read_json
 from sylva_ray.experiments.comparison_report import RunSpec, ThreatCell, write_report

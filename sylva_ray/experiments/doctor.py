@@ -432,9 +432,10 @@ def step_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def step_inputs(cfg: ExperimentConfig) -> tuple[tuple[int, int, int], int]:
     """Image shape and classes of the step: the dataset's when known without reading it, else CIFAR-10's."""
-    from sylva_ray.experiments.bench import KNOWN_INPUTS
+    from sylva_ray.method.data import known_inputs
 
-    return KNOWN_INPUTS.get(cfg.data.name, KNOWN_INPUTS[PAPER_DATASET])
+    known = known_inputs(cfg.data.name) or known_inputs(PAPER_DATASET)
+    return known.image_shape, known.num_classes  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from sylva_ray.experiments.comparison_report import write_report
 log = logging.getLogger(__name__)
 
 MANIFEST = "study.yaml"
-#: The issue's five settings: no skew, mild and extreme label skew, feature shift, both.
+#: The study's five settings: no skew, mild and extreme label skew, feature shift, both.
 DEFAULT_SETTINGS = ("iid", "alpha1.0", "alpha0.1", "shift", "shift+alpha0.5")
 DEFAULT_ALGORITHMS = ("sylva", "sylva-no_phase2", "fedavg_lora_at", "local_at", "fat")
 #: The feature shift a ``shift`` part turns on when the base configuration has none.

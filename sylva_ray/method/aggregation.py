@@ -17,17 +17,27 @@ so clients in a dense, agreeing region weigh more and an outlier (a poisoned or 
 weighs exponentially less; the kernel is scale-free because d is measured in units of h. When all
 updates coincide (h = 0) the weights reduce to sample counts. The paper's exact formula is not
 public; this one is our documented choice (``federation.balltree_k`` sets k).
+
+Both are registered in ``AGGREGATORS`` (``method.rules``: a rule's function and its facts); this
+module imports ByzFL's rules too, so the registry imported from here holds every built-in rule.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from sylva_ray.base.config import FederationConfig
-from sylva_ray.base.registry import Registry
-from sylva_ray.method.robust_aggregation import ROBUST_RULES
+from sylva_ray.method import robust_aggregation  # noqa: F401 -- ByzFL's rules register themselves on import
+from sylva_ray.method.rules import (  # noqa: F401 -- the registry's names, importable from here
+    AGGREGATORS,
+    Aggregator,
+    RuleSpec,
+    is_sample_weighted,
+    is_selecting,
+    update_rule,
+)
 from sylva_ray.method.update_space import (
     NO_CONTEXT,
     RoundContext,
@@ -39,13 +49,6 @@ from sylva_ray.method.update_space import (
 
 if TYPE_CHECKING:  # torch loads where tensors are handled: checking a config never needs it
     import torch
-
-
-#: (client states, sample counts, config, round context) -> (aggregate, each client's weight in it)
-Aggregator = Callable[
-    [Sequence[State], Sequence[int], FederationConfig, RoundContext], tuple[dict[str, "torch.Tensor"], np.ndarray]
-]
-AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -90,7 +93,7 @@ def balltree_weights(vectors: np.ndarray, num_samples: Sequence[int], k: int) ->
     return weights / weights.sum()
 
 
-@AGGREGATORS.register("fedavg")
+@AGGREGATORS.register("fedavg", sample_weighted=True)
 def aggregate_fedavg(
     states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -101,7 +104,7 @@ def aggregate_fedavg(
     return weighted_average(states, weights), weights
 
 
-@AGGREGATORS.register("balltree")
+@AGGREGATORS.register("balltree", sample_weighted=True)
 def aggregate_balltree(
     states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -130,7 +133,7 @@ def aggregate(
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """The named rule's aggregate and each upload's weight in it (``robust_aggregation`` says what
     "weight" means for rules that are not weighted means)."""
-    return AGGREGATORS.get(name)(states, num_samples, cfg, context)
+    return AGGREGATORS.get(name).aggregate(states, num_samples, cfg, context)
 
 
 def product_gap(states: Sequence[State], weights: Sequence[float], aggregate_state: State) -> float:
@@ -147,21 +150,3 @@ def product_gap(states: Sequence[State], weights: Sequence[float], aggregate_sta
         num += float((exact - approx).pow(2).sum())
         den += float(exact.pow(2).sum())
     return (num / den) ** 0.5 if den > 0 else 0.0
-
-
-def _robust_aggregator(name: str) -> Aggregator:
-    """A ByzFL rule on vectors as an aggregator of uploads (``update_space.on_updates``)."""
-    rule = ROBUST_RULES[name]
-
-    def aggregator(
-        states: Sequence[State], num_samples: Sequence[int], cfg: FederationConfig, context: RoundContext = NO_CONTEXT
-    ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-        return on_updates(states, cfg, context, lambda updates: rule(updates, cfg, context))
-
-    aggregator.__doc__ = rule.__doc__
-    aggregator.__name__ = f"aggregate_{name}"
-    return aggregator
-
-
-for _name in ROBUST_RULES:
-    AGGREGATORS.register(_name)(_robust_aggregator(_name))

@@ -68,7 +68,7 @@ class Algorithm:
 
     @property
     def scope(self) -> ModelScope:
-        return SCOPES[self.scope_name]
+        return SCOPES.get(self.scope_name)
 
     def objective(self, data: ArrayDataset) -> Objective:
         from sylva_ray.method.objectives import SylvaObjective
@@ -81,7 +81,7 @@ def registered(cls: type[Algorithm]) -> type[Algorithm]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute name = '...' to be registered")
     if cls.scope_name not in SCOPES:
-        raise ValueError(f"{cls.__name__}.scope_name = {cls.scope_name!r}: choose one of {sorted(SCOPES)}")
+        raise ValueError(f"{cls.__name__}.scope_name = {cls.scope_name!r}: {SCOPES.choices()}")
     return ALGORITHMS.register(cls.name)(cls)
 
 
@@ -224,7 +224,7 @@ def default_comparison() -> list[str]:
     every other registered algorithm -- LoRA before full-model, federated before local, otherwise in
     registration order -- so a newly registered baseline joins the comparison without a list to edit."""
     others = [ALGORITHMS.get(name) for name in ALGORITHMS.registered() if name != Sylva.name]
-    others.sort(key=lambda cls: (SCOPES[cls.scope_name].global_form, cls.scope_name == "local"))  # stable sort
+    others.sort(key=lambda cls: (SCOPES.get(cls.scope_name).global_form, cls.scope_name == "local"))  # stable sort
     return [
         Sylva.name,
         *(f"{Sylva.name}-{ablation}" for ablation in Sylva.ABLATION_SETTINGS),

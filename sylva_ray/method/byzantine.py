@@ -12,8 +12,9 @@ Three kinds, by what the attacker knows:
     colluding  omniscient and colluding (alie, ipm): the malicious clients train like everyone
                else; after collection the driver hands the round's honest updates to the attack,
                and every colluder uploads the one crafted vector (the published threat model)
-    data       label_flip: the client trains on flipped labels, through the normal loop, and
-               uploads what that training gives
+    data       label_flip: the behaviour's ``poison`` hook turns the client's training data into
+               what it trains on (flipped labels), through the normal loop, and it uploads what
+               that training gives
 
 The standard attacks are ByzFL's (LPD-EPFL): ``SignFlipping``, ``Gaussian``, ``ALittleIsEnough``,
 ``InnerProductManipulation``; labels are flipped by ByzFL's convention ``y -> C - 1 - y``.
@@ -21,6 +22,7 @@ The standard attacks are ByzFL's (LPD-EPFL): ``SignFlipping``, ``Gaussian``, ``A
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
@@ -35,21 +37,34 @@ from sylva_ray.method.update_space import flatten_state, numpy_global_seed, unfl
 if TYPE_CHECKING:  # torch loads where tensors are handled: checking a config never needs it
     import torch
 
+    from sylva_ray.method.data import ArrayDataset
+
 State = Mapping[str, "torch.Tensor"]
 OWN, COLLUDING, DATA = "own", "colluding", "data"
 
 
 @dataclass(frozen=True)
 class Behaviour:
-    """A registered behaviour: its kind, and for update attacks the vector it uploads.
+    """A registered behaviour: its kind, and what it does to the upload or to the data.
 
-    ``craft(updates, cfg, context)``: ``updates`` is one row per vector the attacker sees (its own
-    update for ``own``, the honest updates of the round for ``colluding``); returns the update to
-    upload. ``context`` carries n (participants) and f (colluders) for the attacks that use them.
+    ``craft(updates, cfg, context)`` (``own``, ``colluding``): ``updates`` is one row per vector the
+    attacker sees (its own update for ``own``, the honest updates of the round for ``colluding``);
+    returns the update to upload. ``context`` carries n (participants) and f (colluders) for the
+    attacks that use them, and the seed of this client and round.
+    ``poison(data, cfg, context)`` (``data``): the client's training split -> what it trains on
+    instead (labels and/or images), before its local training.
     """
 
     kind: str
     craft: Optional[Callable[[np.ndarray, AdversaryConfig, "AttackContext"], np.ndarray]] = None
+    poison: Optional[Callable[["ArrayDataset", AdversaryConfig, "AttackContext"], "ArrayDataset"]] = None
+
+    def __post_init__(self) -> None:
+        needs = {OWN: "craft", COLLUDING: "craft", DATA: "poison"}
+        if self.kind not in needs:
+            raise ValueError(f"a behaviour's kind is one of {sorted(needs)}, got {self.kind!r}")
+        if getattr(self, needs[self.kind]) is None:
+            raise ValueError(f"a {self.kind} behaviour needs its {needs[self.kind]} function")
 
 
 @dataclass(frozen=True)
@@ -60,11 +75,7 @@ class AttackContext:
     seed: int
 
 
-BEHAVIOURS: Registry[Behaviour] = Registry("behaviour")  # type: ignore[type-var]
-
-
-def _register(name: str, behaviour: Behaviour) -> None:
-    BEHAVIOURS.register(name)(behaviour)  # type: ignore[arg-type]
+BEHAVIOURS: Registry[Behaviour] = Registry("behaviour", Behaviour)
 
 
 def _sign_flip(updates: np.ndarray, cfg: AdversaryConfig, context: AttackContext) -> np.ndarray:
@@ -119,13 +130,23 @@ def _ipm(updates: np.ndarray, cfg: AdversaryConfig, context: AttackContext) -> n
     return np.asarray(InnerProductManipulation(tau=float(cfg.ipm_tau))(updates), dtype=np.float64)
 
 
-_register("sign_flip", Behaviour(OWN, _sign_flip))
-_register("scale", Behaviour(OWN, _scale))
-_register("gaussian", Behaviour(OWN, _gaussian))
-_register("free_rider", Behaviour(OWN, _free_rider))
-_register("alie", Behaviour(COLLUDING, _alie))
-_register("ipm", Behaviour(COLLUDING, _ipm))
-_register("label_flip", Behaviour(DATA))
+def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """ByzFL's label flipping: class y becomes C - 1 - y."""
+    return (num_classes - 1 - np.asarray(labels)).astype(np.asarray(labels).dtype)
+
+
+def _label_flip(data: ArrayDataset, cfg: AdversaryConfig, context: AttackContext) -> ArrayDataset:
+    """The same images under flipped labels."""
+    return dataclasses.replace(data, labels=flip_labels(data.labels, data.num_classes))
+
+
+BEHAVIOURS.add("sign_flip", Behaviour(OWN, _sign_flip))
+BEHAVIOURS.add("scale", Behaviour(OWN, _scale))
+BEHAVIOURS.add("gaussian", Behaviour(OWN, _gaussian))
+BEHAVIOURS.add("free_rider", Behaviour(OWN, _free_rider))
+BEHAVIOURS.add("alie", Behaviour(COLLUDING, _alie))
+BEHAVIOURS.add("ipm", Behaviour(COLLUDING, _ipm))
+BEHAVIOURS.add("label_flip", Behaviour(DATA, poison=_label_flip))
 
 
 def attack_context(
@@ -169,9 +190,13 @@ def active(cfg: AdversaryConfig, round_index: int) -> bool:
     return cfg.fraction > 0 and round_index >= cfg.start_round
 
 
-def flip_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """ByzFL's label flipping: class y becomes C - 1 - y."""
-    return (num_classes - 1 - np.asarray(labels)).astype(np.asarray(labels).dtype)
+def poisoned_data(data: ArrayDataset, cfg: ExperimentConfig, round_index: int, client_id: int) -> ArrayDataset:
+    """What a malicious client trains on this round: its behaviour's ``poison`` of its training
+    split, or the split itself (behaviours that act on the upload)."""
+    behaviour = BEHAVIOURS.get(cfg.adversary.behaviour)
+    if behaviour.poison is None:
+        return data
+    return behaviour.poison(data, cfg.adversary, attack_context(cfg, round_index, client_id))
 
 
 def update_vector(upload: State, reference: State) -> np.ndarray:

@@ -44,7 +44,8 @@ from sylva_ray.base.config import ExperimentConfig, TrainConfig
 from sylva_ray.base.precision import training_precision
 from sylva_ray.method.algorithms import algorithm_for
 from sylva_ray.method.data import ArrayDataset
-from sylva_ray.method.models import _pixel_model, create_backbone
+from sylva_ray.method.models import pixel_space_model
+from sylva_ray.method.pretrained import create_backbone
 from sylva_ray.method.training import LocalStep, local_step, make_optimizer, shared_parameters
 
 GIB = 1024**3
@@ -207,7 +208,7 @@ def client_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:
     """``cfg``'s model as a client trains it (the algorithm's scope: LoRA, or the full model),
     without pre-trained weights: for costing shapes, FLOPs and bytes, never for results."""
     blank = dataclasses.replace(cfg.model, pretrained="none")
-    return algorithm_for(cfg).scope.wrap(_pixel_model(create_backbone(blank, num_classes), blank), cfg.lora)
+    return algorithm_for(cfg).scope.wrap(pixel_space_model(create_backbone(blank, num_classes), blank), cfg.lora)
 
 
 def meta_model(cfg: ExperimentConfig, num_classes: int) -> torch.nn.Module:

@@ -8,6 +8,10 @@ eps in that [0, 1] space; the model resizes and normalises internally. Nothing i
 ``digits`` ships with scikit-learn, ``cifar10``/``cifar100``/``imagefolder`` read a local folder,
 ``synthetic`` is generated.
 
+A dataset is one decorated loader, ``@DATASETS.register(name, **facts)``: the facts
+(``DatasetSpec``) say whether it reads ``data.root``, carves a public slice for the embedded
+pre-training, its inputs when its files are elsewhere, and how to size its pool before decoding.
+
 Data flow: ``load_source(cfg)`` -> ``DataSource`` (public slice for pre-training, private pool,
 optional official test set) -> ``make_partition(labels, cfg, seed)`` -> ``Partition`` (per-client
 train/test indices into the private pool, saved as JSON in the run directory) ->
@@ -129,7 +133,53 @@ class DataSource:
 
 
 DatasetLoader = Callable[[DataConfig], DataSource]
-DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class KnownInputs:
+    """What a dataset's files would say, known without them: the memory and clock estimates use it
+    on a machine that does not hold the files."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    #: training images (classes balanced)
+    train_size: int
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """The private pool a loader will decode: images kept and their bytes as uint8."""
+
+    images: int
+    decoded_bytes: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its loader and what the checks and estimates ask about it.
+
+    ``reads_root``: it reads a local folder or file, ``data.root`` (required; nothing is downloaded).
+    ``public_slice``: the loader carves the seeded public slice (``data.public_fraction``) that
+    ``model.pretrained='embedded'`` pre-trains on.
+    ``known``: its inputs when its files are not on this machine (None: load it to know).
+    ``pool_size``: sizes the pool from an index before any image is decoded (the pre-start check
+    refuses a pool that cannot fit); returns a ``PoolSize`` or a problem naming the field to change.
+    """
+
+    load: DatasetLoader
+    reads_root: bool = False
+    public_slice: bool = False
+    known: Optional[KnownInputs] = None
+    pool_size: Optional[Callable[[DataConfig], Union[PoolSize, str]]] = None
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset", DatasetSpec)
+
+
+def known_inputs(name: str) -> Optional[KnownInputs]:
+    """The dataset's inputs known without its files (None: an unknown name, or load it to know)."""
+    spec = DATASETS.find(name)
+    return spec.known if spec is not None else None
 
 
 def _split_public(
@@ -149,7 +199,7 @@ def _split_public(
     )
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", public_slice=True)
 def load_digits_source(cfg: DataConfig) -> DataSource:
     """scikit-learn's 1,797 handwritten digits, kept at 8x8, grey repeated to 3 channels."""
     from sklearn.datasets import load_digits
@@ -160,7 +210,7 @@ def load_digits_source(cfg: DataConfig) -> DataSource:
     return _split_public(images, bunch.target, 10, cfg, "digits", pixel_scale=DIGITS_MAX_LEVEL)
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register("synthetic", public_slice=True)
 def load_synthetic_source(cfg: DataConfig) -> DataSource:
     """Class prototypes plus noise: learnable in seconds, for tests and benchmarks."""
     rng = np.random.default_rng(cfg.public_seed)
@@ -189,17 +239,35 @@ def _cifar_source(cfg: DataConfig, which: str) -> DataSource:
     return DataSource(name=which, private=to_arrays(True), official_test=to_arrays(False))
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", reads_root=True, known=KnownInputs((3, 32, 32), 10, 50_000))
 def load_cifar10_source(cfg: DataConfig) -> DataSource:
     return _cifar_source(cfg, "cifar10")
 
 
-@DATASETS.register("cifar100")
+@DATASETS.register("cifar100", reads_root=True, known=KnownInputs((3, 32, 32), 100, 50_000))
 def load_cifar100_source(cfg: DataConfig) -> DataSource:
     return _cifar_source(cfg, "cifar100")
 
 
-@DATASETS.register("imagefolder")
+def _imagefolder_pool(cfg: DataConfig) -> Union[PoolSize, str]:
+    """An ImageFolder's pool from its index (class folders and image files)."""
+    from sylva_ray.method.image_folder import index_folder
+
+    index = index_folder(cfg.root or "")
+    if len(index) == 0:
+        return f"data.root = {cfg.root!r}: no images in class subfolders (expected root/<class>/<image>)"
+    used = min(len(index), cfg.max_samples or len(index))
+    need = cfg.num_clients * cfg.min_samples_per_client
+    if used < need:
+        return (
+            f"data.num_clients={cfg.num_clients} x data.min_samples_per_client={cfg.min_samples_per_client} "
+            f"= {need} samples needed, but {cfg.root} holds {len(index)} images"
+            + (f" (data.max_samples={cfg.max_samples} kept)" if used < len(index) else "")
+        )
+    return PoolSize(used, index.decoded_bytes(cfg.image_size) * used // len(index))
+
+
+@DATASETS.register("imagefolder", reads_root=True, pool_size=_imagefolder_pool)
 def load_imagefolder_source(cfg: DataConfig) -> DataSource:
     """Any ``root/<class>/<image>`` tree, resized to ``data.image_size``, held as uint8
     (``method.image_folder``: parallel decoding, damaged files named, a cache of the arrays).
@@ -215,7 +283,20 @@ def load_imagefolder_source(cfg: DataConfig) -> DataSource:
     return DataSource(name="imagefolder", private=ArrayDataset(images, labels, len(classes), UINT8_MAX))
 
 
-@DATASETS.register("hf")
+def _hf_pool(cfg: DataConfig) -> Union[PoolSize, str]:
+    """A Hugging Face dataset's pool from its table's rows (its files and columns checked)."""
+    from sylva_ray.method.hf_data import read_table
+    from sylva_ray.method.image_folder import CHANNELS, DamagedImage
+
+    try:
+        rows = len(read_table(cfg.root or "", cfg.hf_split, (cfg.image_column, cfg.label_column)))
+    except (FileNotFoundError, DamagedImage) as exc:
+        return str(exc)
+    used = min(rows, cfg.max_samples or rows)
+    return PoolSize(used, used * CHANNELS * cfg.image_size * cfg.image_size)
+
+
+@DATASETS.register("hf", reads_root=True, pool_size=_hf_pool)
 def load_hf_source(cfg: DataConfig) -> DataSource:
     """A Hugging Face dataset saved to disk or as parquet (``method.hf_data``), held as uint8."""
     from sylva_ray.method.hf_data import load_hf
@@ -251,7 +332,7 @@ def load_source(cfg: DataConfig) -> DataSource:
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     if key in _LOADED:
         return _LOADED[key]
-    source = DATASETS.get(cfg.name)(cfg)
+    source = DATASETS.get(cfg.name).load(cfg)
     keep = max_samples_keep(len(source.private), cfg)
     if keep is not None:
         source.private = source.private.subset(keep)

@@ -31,9 +31,10 @@ from torch import nn
 from sylva_ray.base.config import ExperimentConfig, LayerSelectionConfig
 from sylva_ray.base.seeding import derive_seed, numpy_rng
 from sylva_ray.method.data import ArrayDataset
+from sylva_ray.method.evaluation import EvalResult, evaluate
 from sylva_ray.method.models import classifier_name, load_adapter_state
 from sylva_ray.method.shapley import mask_members
-from sylva_ray.method.training import EvalResult, benign_finetune, evaluate
+from sylva_ray.method.training import benign_finetune
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class LayerGame:
     ) -> EvalResult:
         """The final-model protocol on the test split for the fused model with ``tuned`` loaded
         (``on_stage``: told which attack starts, for a progress bar; ``transfer``: images crafted
-        on other models for it to score, ``training.evaluate``)."""
+        on other models for it to score, ``evaluation.evaluate``)."""
         return evaluate(
             self.load_tailored(tuned),
             test,

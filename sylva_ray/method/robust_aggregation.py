@@ -2,8 +2,9 @@
 
 Every rule here works on updates: each upload minus the global tensors the round started from
 (``RoundContext.reference``), flattened exactly as the ball tree flattens adapters
-(``flatten_state``). The pipeline around a rule (pre-aggregation, adding the result back to
-the reference, cutting it into tensors) is ``update_space.on_updates``. The rules are ByzFL's
+(``flatten_state``), and registers itself as an aggregator with ``rules.update_rule``. The
+pipeline around a rule (pre-aggregation, adding the result back to the reference, cutting it
+into tensors) is ``update_space.on_updates``. The rules are ByzFL's
 (LPD-EPFL): ``Median``, ``TrMean``, ``GeometricMedian``, ``Krum``, ``MultiKrum``,
 ``CenteredClipping``. They weigh every upload equally (sample counts are a claim a Byzantine
 client can inflate).
@@ -25,17 +26,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from sylva_ray.base.config import FederationConfig
+from sylva_ray.method.rules import AGGREGATORS, update_rule
 from sylva_ray.method.update_space import RoundContext, median_norm
 
 log = logging.getLogger(__name__)
-
-#: rules whose record is a selection, not a weighting
-SELECTING = frozenset({"krum", "multi_krum"})
 
 
 def coordinate_shares(updates: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -56,21 +55,12 @@ def krum_scores(updates: np.ndarray, f: int) -> np.ndarray:
     return np.sort(squared, axis=1)[:, 1 : n - f].mean(axis=1)
 
 
-#: (updates n x d, config, round context) -> (aggregated update, each row's weight)
-Rule = Callable[[np.ndarray, FederationConfig, RoundContext], tuple[np.ndarray, np.ndarray]]
-#: name -> rule; ``method.aggregation`` registers each as an aggregator of uploads
-ROBUST_RULES: dict[str, Rule] = {}
+def krum_too_few(n: int, f: int) -> Optional[str]:
+    """Krum's scores need more than 2f + 2 updates (Blanchard et al. 2017)."""
+    return f"needs n > 2f + 2 updates (f = {f}) and gets n = {n}" if n <= 2 * f + 2 else None
 
 
-def _register(name: str) -> Callable[[Rule], Rule]:
-    def decorator(fn: Rule) -> Rule:
-        ROBUST_RULES[name] = fn
-        return fn
-
-    return decorator
-
-
-@_register("median")
+@update_rule("median")
 def median(updates: np.ndarray, cfg: FederationConfig, context: RoundContext) -> tuple[np.ndarray, np.ndarray]:
     """Coordinate-wise median (Yin et al. 2018)."""
     import byzfl
@@ -84,7 +74,7 @@ def trim_count(cfg: FederationConfig, n: int) -> int:
     return int(np.floor(cfg.trim_fraction * n))
 
 
-@_register("trimmed_mean")
+@update_rule("trimmed_mean")
 def trimmed_mean(updates: np.ndarray, cfg: FederationConfig, context: RoundContext) -> tuple[np.ndarray, np.ndarray]:
     """Coordinate-wise trimmed mean (Yin et al. 2018): drop floor(trim_fraction x n) at each end."""
     import byzfl
@@ -94,7 +84,7 @@ def trimmed_mean(updates: np.ndarray, cfg: FederationConfig, context: RoundConte
     return np.asarray(byzfl.TrMean(f=f)(updates)), coordinate_shares(updates, f, n - f)
 
 
-@_register("geometric_median")
+@update_rule("geometric_median")
 def geometric_median(
     updates: np.ndarray, cfg: FederationConfig, context: RoundContext
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +103,7 @@ def _selected_mean_check(updates: np.ndarray, chosen: np.ndarray, result: np.nda
         log.warning("%s: the recorded selection does not reproduce ByzFL's result (tied scores?)", rule)
 
 
-@_register("krum")
+@update_rule("krum", selecting=True, too_few=krum_too_few)
 def krum(updates: np.ndarray, cfg: FederationConfig, context: RoundContext) -> tuple[np.ndarray, np.ndarray]:
     """Krum (Blanchard et al. 2017): the one update closest to its n - f - 1 nearest others."""
     import byzfl
@@ -126,7 +116,7 @@ def krum(updates: np.ndarray, cfg: FederationConfig, context: RoundContext) -> t
     return result, weights
 
 
-@_register("multi_krum")
+@update_rule("multi_krum", selecting=True, too_few=krum_too_few)
 def multi_krum(updates: np.ndarray, cfg: FederationConfig, context: RoundContext) -> tuple[np.ndarray, np.ndarray]:
     """Multi-Krum (El Mhamdi et al. 2018): the mean of the n - f updates with the best Krum scores."""
     import byzfl
@@ -141,7 +131,7 @@ def multi_krum(updates: np.ndarray, cfg: FederationConfig, context: RoundContext
     return result, weights
 
 
-@_register("centered_clipping")
+@update_rule("centered_clipping")
 def centered_clipping(
     updates: np.ndarray, cfg: FederationConfig, context: RoundContext
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +161,6 @@ def aggregation_problem(name: str, cfg: FederationConfig, f: int, updates: int) 
             rows, after = math.ceil(rows / cfg.bucket_size), f" (after bucketing by {cfg.bucket_size})"
     if rows < 1:
         return "there is no update to aggregate"
-    if name in SELECTING and rows <= 2 * f + 2:
-        return f"{name} needs n > 2f + 2 updates (f = {f}) and gets n = {rows}{after}"
-    return None
+    spec = AGGREGATORS.find(name)
+    problem = spec.too_few(rows, f) if spec is not None and spec.too_few is not None else None
+    return f"{name} {problem}{after}" if problem else None

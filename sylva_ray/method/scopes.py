@@ -8,7 +8,7 @@ the local scope (every client alone).
            nothing is uploaded, downloaded or aggregated (an empty state costs no bytes).
 
 Both start from the same pre-trained weights, and both uploads are safetensors bytes of a state
-dict (``models.encode_state``), so communication is counted the same way.
+dict (``wire.encode_state``), so communication is counted the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Protocol
 
 from sylva_ray.base.config import LoRAConfig
+from sylva_ray.base.registry import Registry
 
 if TYPE_CHECKING:  # the model code (torch, peft) loads where a model is built: naming a scope needs none
     import torch
@@ -97,4 +98,7 @@ class LocalScope(LoRAScope):
         return {**shared_state(model), **personal_state(model)}  # type: ignore[arg-type]
 
 
-SCOPES: dict[str, ModelScope] = {"lora": LoRAScope(), "full": FullScope(), "local": LocalScope()}
+SCOPES: Registry[ModelScope] = Registry("scope")
+SCOPES.add("lora", LoRAScope())
+SCOPES.add("full", FullScope())
+SCOPES.add("local", LocalScope())

@@ -3,7 +3,7 @@
 Sylva's premise is a public pre-trained model that every client fine-tunes and a global adapter
 every participant receives, so an attacker needs no access to a victim's personalised model: they
 can craft on the public model, on the global one, or on their own (docs explanation/threat-model.md).
-Here only the source is differentiated; the victim scores the images (``training.evaluate(transfer=...)``),
+Here only the source is differentiated; the victim scores the images (``evaluation.evaluate(transfer=...)``),
 under ``torch.no_grad``.
 
 The attacks are the registry's (``method.attacks``): PGD at the evaluation's strength, and MI-FGSM,
@@ -22,7 +22,7 @@ from sylva_ray.base.config import AttackConfig
 from sylva_ray.base.precision import fp32_evaluation
 from sylva_ray.method.attacks import build_attack
 from sylva_ray.method.data import ArrayDataset
-from sylva_ray.method.training import adversarial_images
+from sylva_ray.method.evaluation import adversarial_images
 
 #: Where the attacker crafts (``evaluation.transfer``).
 TRANSFER_KINDS = ("public", "global", "peers")

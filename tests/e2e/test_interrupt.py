@@ -42,6 +42,13 @@ def raylets() -> int:
     return sum(1 for p in processes if "raylet/raylet" in p and str(Path(sys.executable).parent.parent) in p)
 
 
+def default_ctrl_c() -> None:
+    """In the child, before it starts: Ctrl-C as a terminal's process has it. A suite started in
+    the background by a shell without job control ignores SIGINT, the child would inherit that,
+    and Python then installs no KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_resume_finishes_with_the_same_figures(ray_cluster, tmp_path):
     run_dir = tmp_path / "interrupted"
     before = raylets()
@@ -53,6 +60,7 @@ def test_ctrl_c_is_one_line_and_resume_finishes_with_the_same_figures(ray_cluste
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_ctrl_c,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     started = time.monotonic()
